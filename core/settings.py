@@ -1,0 +1,230 @@
+"""The one settings object (env prefix PERSONABOT_) read by `up`, the workers, the bot and the UI."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_GENERAL_DATA = (
+    "AI-ModelScope/alpaca-gpt4-data-zh#500",
+    "AI-ModelScope/alpaca-gpt4-data-en#500",
+)
+DEFAULT_BASE_IDENTITY_TERMS = ("通义千问", "阿里云", "Qwen", "Alibaba")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable and the fix."""
+
+
+def _split_list(value: object) -> object:
+    """Accept a JSON list or a comma-separated string for list settings."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of personabot. Each field is documented in .env.example."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PERSONABOT_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    # --- model and hardware -------------------------------------------------------------------
+    model: str = Field(
+        "Qwen/Qwen2.5-7B-Instruct",
+        description="Base model: a hub id (ModelScope, or Hugging Face with USE_HF=1) or a local dir.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where the chat worker runs.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU."
+    )
+    use_hf: bool = Field(False, description="Download from Hugging Face instead of ModelScope.")
+
+    # --- infrastructure -----------------------------------------------------------------------
+    redis_url: str = Field("", description="Redis URL; empty starts the embedded redis-server.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty = SQLite file personabot.db in the data dir."
+    )
+    data_dir: Path = Field(Path("data"), description="Where the database, logs and runs live.")
+    adapter_dir: Path | None = Field(
+        None, description="Adapter store; empty = <data_dir>/adapters. Share it across hosts."
+    )
+
+    # --- secrets ------------------------------------------------------------------------------
+    telegram_token: SecretStr | None = Field(None, description="Bot token from @BotFather.")
+    telegram_base_url: str = Field(
+        "https://api.telegram.org/bot", description="Bot API base URL (tests use a local one)."
+    )
+    admin_user: str = Field("admin", description="Admin UI login name.")
+    admin_password: SecretStr | None = Field(
+        None, description="Admin UI password; empty = generated on first start, printed once."
+    )
+
+    # --- training -----------------------------------------------------------------------------
+    general_data: Annotated[list[str], NoDecode] = Field(
+        list(DEFAULT_GENERAL_DATA),
+        description="General datasets mixed into training, ms-swift syntax 'id#N'.",
+    )
+    identity_oversample: int = Field(
+        1, ge=1, le=100, description="How many times identity pairs repeat in the training set."
+    )
+    min_identity_pairs: int = Field(
+        60, ge=0, description="Below this many admin identity pairs, the built-in set is added."
+    )
+    train_epochs: int = Field(10, ge=1, le=100, description="LoRA epochs.")
+    train_learning_rate: float = Field(1e-4, gt=0, le=1, description="LoRA learning rate.")
+    train_lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    train_lora_alpha: int = Field(32, ge=1, le=1024, description="LoRA alpha.")
+    train_speed_mode: Literal["fast", "24gb", "seeds"] = Field(
+        "fast", description="fast: large GPUs; 24gb: stays under 22 GB; seeds: the blog flags."
+    )
+    retrain_cron: str = Field(
+        "0 3 * * *", description="Cron for 'retrain if the persona changed'; empty = never."
+    )
+    gpu_share: Literal["auto", "release", "concurrent"] = Field(
+        "auto",
+        description="release: chat worker frees the GPU while training (24 GB cards); "
+        "concurrent: both at once; auto picks by GPU memory.",
+    )
+
+    # --- evaluation gate ----------------------------------------------------------------------
+    eval_identity_min: float = Field(0.8, ge=0, le=1, description="Identity pass rate needed.")
+    eval_faq_min: float = Field(0.6, ge=0, le=1, description="FAQ pass rate needed.")
+    eval_retention_min: float = Field(
+        0.8, ge=0, le=1, description="General retention (adapter vs base likelihood) needed."
+    )
+    base_identity_terms: Annotated[list[str], NoDecode] = Field(
+        list(DEFAULT_BASE_IDENTITY_TERMS),
+        description="Names an answer must not claim as its own identity.",
+    )
+
+    # --- limits -------------------------------------------------------------------------------
+    max_pairs: int = Field(5000, ge=1, description="Most pairs a persona may hold.")
+    max_instruction_chars: int = Field(2000, ge=1, description="Longest question.")
+    max_output_chars: int = Field(8000, ge=1, description="Longest answer.")
+    max_system_prompt_chars: int = Field(4000, ge=1, description="Longest system prompt.")
+
+    # --- chat ---------------------------------------------------------------------------------
+    max_new_tokens: int = Field(512, ge=1, le=8192, description="Default reply length cap.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Default sampling temperature.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Default nucleus sampling.")
+    repetition_penalty: float = Field(1.05, ge=1, le=2, description="Default repetition penalty.")
+    context_tokens: int = Field(4096, ge=64, description="Prompt + reply token budget.")
+    max_batch: int = Field(32, ge=1, le=512, description="Concurrent requests per chat worker.")
+    stream_ttl_s: int = Field(3600, ge=10, description="How long reply streams live in Redis.")
+
+    # --- bot ----------------------------------------------------------------------------------
+    history_turns: int = Field(20, ge=0, description="Turns of memory kept per chat.")
+    history_tokens: int = Field(2000, ge=0, description="Approximate tokens of memory per chat.")
+    history_ttl_s: int = Field(7 * 86400, ge=60, description="Chat memory expiry.")
+    rate_limit_per_minute: int = Field(20, ge=1, description="Messages per user per minute.")
+    reply_timeout_s: float = Field(60, gt=0, description="Busy message after this long.")
+    allow_users: Annotated[list[int], NoDecode] = Field(
+        [], description="Allowed Telegram user ids; empty = everyone."
+    )
+    allow_chats: Annotated[list[int], NoDecode] = Field(
+        [], description="Allowed Telegram chat ids; empty = every chat."
+    )
+    webhook_url: str = Field("", description="Public HTTPS URL for webhook mode; empty = polling.")
+
+    # --- admin UI -----------------------------------------------------------------------------
+    ui_host: str = Field("127.0.0.1", description="Admin UI bind address.")
+    ui_port: int = Field(7860, ge=1, le=65535, description="Admin UI port.")
+
+    @field_validator("general_data", "base_identity_terms", "allow_users", "allow_chats", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL (or be empty)")
+        if value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value[len("postgresql://") :]
+        return value
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            from croniter import croniter
+
+            if not croniter.is_valid(value):
+                raise ValueError("is not a 5-field cron expression like '0 3 * * *'")
+        return value
+
+    # --- derived ------------------------------------------------------------------------------
+    @property
+    def adapters_path(self) -> Path:
+        return (self.adapter_dir or self.data_dir / "adapters").resolve()
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'personabot.db').resolve()}"
+
+    @property
+    def runs_path(self) -> Path:
+        return (self.data_dir / "runs").resolve()
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        name = "PERSONABOT_" + "_".join(str(part) for part in item["loc"]).upper()
+        lines.append(f"{name}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from env/.env plus overrides; raise SettingsError naming the bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(_describe(error)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached); call `reset_settings()` after changing the env."""
+    return load_settings()
+
+
+def reset_settings() -> None:
+    get_settings.cache_clear()
+
+
+def env_for_children(settings: Settings) -> dict[str, str]:
+    """Environment for child processes so that they see the same resolved settings."""
+    env = dict(os.environ)
+    env["PERSONABOT_DATA_DIR"] = str(settings.data_dir.resolve())
+    env["PERSONABOT_DATABASE_URL"] = settings.db_url
+    env["PERSONABOT_ADAPTER_DIR"] = str(settings.adapters_path)
+    if settings.redis_url:
+        env["PERSONABOT_REDIS_URL"] = settings.redis_url
+    env["PERSONABOT_MODEL"] = settings.model
+    return env

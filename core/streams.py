@@ -1,0 +1,98 @@
+"""Reply streams: one Redis Stream per chat request, written by the chat worker, read by anyone."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+
+from core.schemas import ChatResult
+
+PREFIX = "personabot:reply:"
+
+
+def stream_key(request_id: str) -> str:
+    return f"{PREFIX}{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    return f"personabot:cancel:{request_id}"
+
+
+@dataclass
+class StreamEntry:
+    """One entry: kind is 'token' (text holds the new piece), 'final' (result set) or 'error'."""
+
+    id: str
+    kind: str
+    text: str = ""
+    result: ChatResult | None = None
+
+
+class ReplyStreamWriter:
+    """Used by the chat worker. Entries: {"k": "token", "t": text} ... then one "final"."""
+
+    def __init__(self, client: redis.Redis, request_id: str, ttl_s: int) -> None:
+        self.client = client
+        self.key = stream_key(request_id)
+        self.ttl_s = ttl_s
+
+    def reset(self) -> None:
+        """Start over (a redelivered request regenerates its reply from the beginning)."""
+        pipe = self.client.pipeline()
+        pipe.delete(self.key)
+        pipe.xadd(self.key, {"k": "reset"})
+        pipe.expire(self.key, self.ttl_s)
+        pipe.execute()
+
+    def token(self, text: str) -> None:
+        if text:
+            self.client.xadd(self.key, {"k": "token", "t": text})
+
+    def final(self, result: ChatResult) -> None:
+        pipe = self.client.pipeline()
+        pipe.xadd(self.key, {"k": "final", "r": result.model_dump_json()})
+        pipe.expire(self.key, self.ttl_s)
+        pipe.execute()
+
+
+def is_finished(client: redis.Redis, request_id: str) -> bool:
+    last = client.xrevrange(stream_key(request_id), count=1)
+    return bool(last) and last[0][1].get(b"k") == b"final"
+
+
+def request_cancel(client: redis.Redis, request_id: str, ttl_s: int = 600) -> None:
+    client.set(cancel_key(request_id), "1", ex=ttl_s)
+
+
+def read_reply(
+    client: redis.Redis, request_id: str, *, last_id: str = "0-0", timeout_s: float = 120.0,
+    block_ms: int = 1000,
+) -> Iterator[StreamEntry]:
+    """Yield entries from `last_id` on until the final one (or until timeout_s passes with none).
+
+    A reader that reconnects passes the id of the last entry it saw and misses nothing. A
+    'reset' entry (the request was redelivered) yields kind 'reset': drop the text so far.
+    """
+    key = stream_key(request_id)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no reply for request {request_id} within {timeout_s:.0f}s")
+        response = client.xread({key: last_id}, count=256, block=int(min(block_ms, remaining * 1000)) or 1)
+        if not response:
+            continue
+        deadline = time.monotonic() + timeout_s
+        for entry_id, fields in response[0][1]:
+            last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            kind = fields.get(b"k", b"").decode()
+            if kind == "token":
+                yield StreamEntry(last_id, "token", text=fields[b"t"].decode("utf-8"))
+            elif kind == "final":
+                yield StreamEntry(last_id, "final", result=ChatResult.model_validate_json(fields[b"r"]))
+                return
+            elif kind == "reset":
+                yield StreamEntry(last_id, "reset")
