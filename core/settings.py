@@ -55,6 +55,9 @@ class Settings(BaseSettings):
 
     # --- infrastructure -----------------------------------------------------------------------
     redis_url: str = Field("", description="Redis URL; empty starts the embedded redis-server.")
+    embedded_redis_port: int = Field(
+        6399, ge=1, le=65535, description="Port of the embedded redis-server (127.0.0.1 only)."
+    )
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty = SQLite file personabot.db in the data dir."
     )
@@ -139,6 +142,17 @@ class Settings(BaseSettings):
         [], description="Allowed Telegram chat ids; empty = every chat."
     )
     webhook_url: str = Field("", description="Public HTTPS URL for webhook mode; empty = polling.")
+    webhook_listen: str = Field("127.0.0.1", description="Webhook mode: local address to listen on.")
+    webhook_port: int = Field(8443, ge=1, le=65535, description="Webhook mode: local port.")
+    draft_interval_s: float = Field(
+        0.5, ge=0.2, description="Private chats: least time between two draft updates of a reply."
+    )
+    edit_interval_s: float = Field(
+        1.0, ge=1.0, description="Groups: least time between two edits of a streamed reply."
+    )
+    stream_updates_per_s: float = Field(
+        20.0, gt=0, le=30, description="Bot-wide budget of intermediate drafts/edits per second."
+    )
 
     # --- admin UI -----------------------------------------------------------------------------
     ui_host: str = Field("127.0.0.1", description="Admin UI bind address.")
@@ -148,6 +162,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("telegram_token", "admin_password", "adapter_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_url")
     @classmethod
@@ -180,6 +199,11 @@ class Settings(BaseSettings):
     @property
     def adapters_path(self) -> Path:
         return (self.adapter_dir or self.data_dir / "adapters").resolve()
+
+    @property
+    def effective_redis_url(self) -> str:
+        """The configured Redis, else the embedded one `personabot up` starts."""
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
 
     @property
     def db_url(self) -> str:

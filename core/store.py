@@ -128,6 +128,11 @@ class Store:
         return SCHEMA_VERSION
 
     def schema_version(self) -> int:
+        """The applied schema version; 0 for an empty database."""
+        from sqlalchemy import inspect
+
+        if not inspect(self.engine).has_table(SchemaVersion.__tablename__):
+            return 0
         with self.session() as s:
             return s.execute(select(func.max(SchemaVersion.version))).scalar() or 0
 

@@ -15,10 +15,8 @@ TRAIN_QUEUE = "train"
 
 def make_celery(redis_url: str | None = None) -> Celery:
     """Build the app; `redis_url` defaults to PERSONABOT_REDIS_URL."""
-    url = redis_url or get_settings().redis_url
-    if not url:
-        # `personabot up` sets PERSONABOT_REDIS_URL for its children after starting Redis.
-        url = "redis://127.0.0.1:6379/0"
+    # `personabot up` sets PERSONABOT_REDIS_URL for its children after starting Redis.
+    url = redis_url or get_settings().effective_redis_url
     app = Celery("personabot", broker=url, backend=url)
     app.conf.update(
         task_serializer="json",

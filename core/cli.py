@@ -1,0 +1,312 @@
+"""The `personabot` command: one entry point with a subcommand per part."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings, SettingsError, get_settings
+
+EXIT_NOT_BUILT = 3
+
+
+class NotBuiltError(RuntimeError):
+    """The part a subcommand needs is not part of this version yet."""
+
+
+def _require(module: str, what: str) -> None:
+    from core.up import part_built
+
+    if not part_built(module):
+        raise NotBuiltError(f"{what} is not built in this version of personabot (no module {module})")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if getattr(args, "model", None):
+        os.environ["PERSONABOT_MODEL"] = str(Path(args.model).expanduser().resolve()) \
+            if Path(args.model).expanduser().exists() else args.model
+    from core.settings import reset_settings
+
+    reset_settings()
+    return get_settings()
+
+
+# --- subcommands ------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from core.up import run_up
+
+    skip = {name for name in ("chat", "train", "beat", "ui", "bot") if getattr(args, f"no_{name}")}
+    return run_up(_settings(args), skip=skip)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    module = {"chat": "workers.chat_tasks", "train": "workers.train_tasks"}[args.kind]
+    _require(module, f"the {args.kind} worker")
+    node = f"{args.kind}-{os.getpid()}@{socket.gethostname()}"
+    argv = [sys.executable, "-m", "celery", "-A", f"{module}:app", "worker", "-Q", args.kind,
+            "-n", node, "--loglevel", args.loglevel, "--prefetch-multiplier", "1", "--without-gossip",
+            "--without-mingle"]
+    if args.kind == "chat":
+        argv += ["--pool", "threads", "--concurrency", str(args.concurrency or settings.max_batch)]
+    else:
+        # One job at a time; the job itself runs ms-swift in a child process.
+        argv += ["--pool", "solo", "--concurrency", "1"]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _require("workers.beat", "the retraining schedule (beat)")
+    schedule = settings.data_dir.resolve() / "celerybeat-schedule"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "celery", "-A", "workers.beat:app", "beat", "--loglevel", args.loglevel,
+            "--schedule", str(schedule)]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    _settings(args)
+    _require("ui.app", "the admin UI")
+    from ui.app import run_ui  # type: ignore[import-not-found]
+
+    run_ui()
+    return 0
+
+
+def cmd_bot(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _require("bot.app", "the Telegram bot")
+    if settings.telegram_token is None:
+        raise SettingsError("PERSONABOT_TELEGRAM_TOKEN: not set; get a token from @BotFather and set it")
+    from bot.app import run_bot  # type: ignore[import-not-found]
+
+    run_bot()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _require("training.service", "training")
+    from core.store import Store
+    from training.params import TrainParams
+    from training.service import request_training, run_training  # type: ignore[attr-defined]
+
+    base = TrainParams.from_settings(settings).model_dump()
+    for key in ("epochs", "learning_rate", "lora_rank", "speed_mode"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    if args.general_data is not None:
+        base["general_data"] = args.general_data
+    store = Store(settings.db_url)
+    run = request_training(store, TrainParams(**base), actor="cli", trigger="cli")
+    print(f"training run {run.id} queued; running it here")
+    run_training(run.id)
+    run = store.get_run(run.id)
+    print(f"run {run.id}: {run.status}{' — ' + run.error if run.error else ''}")
+    return 0 if run.status == "succeeded" else 1
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    import redis
+
+    from core.schemas import ChatRequest, Message, SamplingParams
+    from core.streams import read_reply
+    from workers.app import make_celery
+    from workers.client import submit_chat
+
+    url = settings.effective_redis_url
+    request = ChatRequest(messages=[Message(role="user", content=args.message)], adapter=args.adapter,
+                          sampling=SamplingParams(temperature=args.temperature,
+                                                  max_new_tokens=args.max_new_tokens), source="cli")
+    submit_chat(request, app=make_celery(url))
+    client = redis.Redis.from_url(url)
+    for entry in read_reply(client, request.request_id, timeout_s=args.timeout):
+        if entry.kind == "token":
+            print(entry.text, end="", flush=True)
+        elif entry.kind == "reset":
+            print("\n[redelivered; starting over]", flush=True)
+        elif entry.kind == "final" and entry.result is not None:
+            result = entry.result
+            print()
+            if result.error:
+                print(f"error: {result.error}", file=sys.stderr)
+            print(f"[{result.finish_reason}; adapter {result.adapter_version or 'base'}; "
+                  f"{result.completion_tokens} tokens in {result.total_s:.2f}s]", file=sys.stderr)
+            return 0 if result.finish_reason != "error" else 1
+    return 1
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from training.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.dir, hidden_size=args.hidden_size, layers=args.layers)
+    print(f"tiny Qwen2 model written to {path} (use: --model {path})")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from core.store import SCHEMA_VERSION, Store
+
+    store = Store(settings.db_url, migrate=args.action == "migrate")
+    if args.action == "migrate":
+        print(f"schema at version {store.schema_version()} (latest {SCHEMA_VERSION})")
+    elif store.schema_version() == 0:
+        print(f"{_safe_url(settings.db_url)}: empty database; run `personabot db migrate` "
+              "(every part also migrates on start)")
+    else:
+        print(json.dumps({"url": _safe_url(settings.db_url), "schema_version": store.schema_version(),
+                          "latest": SCHEMA_VERSION, "pairs": store.count_pairs(),
+                          "active_adapter": getattr(store.active_adapter(), "name", None)}, indent=2))
+    return 0
+
+
+def cmd_persona(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from core.store import Store
+
+    store = Store(settings.db_url)
+    if args.action == "set":
+        store.update_persona(name=args.name, author=args.author, system_prompt=args.system_prompt, actor="cli")
+    persona = store.get_persona()
+    print(json.dumps({"name": persona.name, "author": persona.author, "system_prompt": persona.system_prompt,
+                      "pairs": store.count_pairs(), "data_hash": store.persona_hash()},
+                     ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from core.pairs_io import PairImportError, export_pairs, import_pairs, parse_pairs
+    from core.store import Store
+
+    store = Store(settings.db_url)
+    if args.action == "export":
+        data = export_pairs(store, args.format, kind=args.kind)
+        Path(args.file).write_bytes(data)
+        print(f"exported {len(store.list_pairs(args.kind))} pairs to {args.file}")
+        return 0
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    report = parse_pairs(path.read_bytes(), path.name, settings, default_kind=args.kind or "identity",
+                         store=store, replace=args.replace)
+    try:
+        ids = import_pairs(store, report, replace=args.replace, actor="cli")
+    except PairImportError as error:
+        for problem in error.report.errors:
+            print(f"  {problem}", file=sys.stderr)
+        print(f"import refused: {len(error.report.errors)} problems; the store is unchanged", file=sys.stderr)
+        return 1
+    print(f"imported {len(ids)} pairs from {path}")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from core.up import _mask_url
+
+    return _mask_url(url)
+
+
+# --- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="personabot", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run Redis and every part on this machine")
+    up.add_argument("--model", help="base model: hub id or local directory")
+    for name in ("chat", "train", "beat", "ui", "bot"):
+        up.add_argument(f"--no-{name}", action="store_true", help=f"do not start the {name} part")
+    up.set_defaults(func=cmd_up)
+
+    worker = sub.add_parser("worker", help="run a Celery worker: chat (GPU) or train")
+    worker.add_argument("kind", choices=["chat", "train"])
+    worker.add_argument("--model", help="base model: hub id or local directory")
+    worker.add_argument("--concurrency", type=int, help="chat: requests served at once")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    beat = sub.add_parser("beat", help="run the retraining schedule")
+    beat.add_argument("--loglevel", default="INFO")
+    beat.set_defaults(func=cmd_beat)
+
+    sub.add_parser("ui", help="run the Gradio admin").set_defaults(func=cmd_ui)
+    sub.add_parser("bot", help="run the Telegram bot").set_defaults(func=cmd_bot)
+
+    train = sub.add_parser("train", help="build, train, evaluate and promote here (no queue)")
+    train.add_argument("--model", help="base model: hub id or local directory")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--learning-rate", dest="learning_rate", type=float)
+    train.add_argument("--lora-rank", dest="lora_rank", type=int)
+    train.add_argument("--speed-mode", dest="speed_mode", choices=["fast", "24gb", "seeds"])
+    train.add_argument("--general-data", dest="general_data", nargs="*",
+                       help="datasets 'id#N' or local files; none = identity/FAQ only")
+    train.set_defaults(func=cmd_train)
+
+    chat = sub.add_parser("chat", help="send one message through the chat queue and stream the reply")
+    chat.add_argument("message")
+    chat.add_argument("--adapter", default="active", help="active, base, or a version name")
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    chat.add_argument("--timeout", type=float, default=120.0)
+    chat.set_defaults(func=cmd_chat)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2 model for offline tests")
+    tiny.add_argument("dir")
+    tiny.add_argument("--hidden-size", dest="hidden_size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    db = sub.add_parser("db", help="database: migrate or status")
+    db.add_argument("action", choices=["migrate", "status"])
+    db.set_defaults(func=cmd_db)
+
+    persona = sub.add_parser("persona", help="show or set the persona")
+    persona.add_argument("action", choices=["show", "set"])
+    persona.add_argument("--name")
+    persona.add_argument("--author")
+    persona.add_argument("--system-prompt", dest="system_prompt")
+    persona.set_defaults(func=cmd_persona)
+
+    pairs = sub.add_parser("pairs", help="import or export identity/FAQ pairs")
+    pairs.add_argument("action", choices=["import", "export"])
+    pairs.add_argument("file")
+    pairs.add_argument("--kind", choices=["identity", "faq"])
+    pairs.add_argument("--replace", action="store_true", help="import: replace every stored pair")
+    pairs.add_argument("--format", default="json", choices=["json", "jsonl", "csv", "messages"])
+    pairs.set_defaults(func=cmd_pairs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as error:
+        print(f"personabot: configuration error: {error}", file=sys.stderr)
+        return 2
+    except NotBuiltError as error:
+        print(f"personabot: {error}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"personabot: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

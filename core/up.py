@@ -1,0 +1,129 @@
+"""`personabot up`: Redis (embedded unless configured) plus every built part, on one machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings, env_for_children
+from core.supervisor import ChildSpec, Supervisor
+
+# Part name -> (module that must exist, argv after the python executable)
+PARTS: dict[str, tuple[str, list[str]]] = {
+    "chat": ("workers.chat_tasks", ["-m", "core.cli", "worker", "chat"]),
+    "train": ("workers.train_tasks", ["-m", "core.cli", "worker", "train"]),
+    "beat": ("workers.beat", ["-m", "core.cli", "beat"]),
+    "ui": ("ui.app", ["-m", "core.cli", "ui"]),
+    "bot": ("bot.app", ["-m", "core.cli", "bot"]),
+}
+
+
+def part_built(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def describe_model(settings: Settings) -> str:
+    """One paragraph on which model will be used and how to point at another."""
+    model = settings.model
+    if Path(model).expanduser().is_dir():
+        return f"model: local directory {Path(model).expanduser().resolve()}"
+    hub = "Hugging Face" if settings.use_hf or os.environ.get("USE_HF") == "1" else "ModelScope"
+    gpu = shutil.which("nvidia-smi") is not None
+    text = f"model: {model} (downloaded from {hub} by the chat worker on first use)"
+    if not gpu:
+        text += (
+            "\n  no NVIDIA GPU found: a 7B model on CPU answers very slowly. Point at a local model with"
+            "\n  `personabot up --model PATH` (or PERSONABOT_MODEL); to try it offline:"
+            "\n  `personabot make-tiny-model data/tiny && personabot up --model data/tiny`"
+        )
+    return text
+
+
+def plan(settings: Settings, *, skip: set[str]) -> tuple[list[str], list[str]]:
+    """Which parts start, and which are skipped with why."""
+    start, notes = [], []
+    for name, (module, _argv) in PARTS.items():
+        if name in skip:
+            notes.append(f"{name}: skipped (--no-{name})")
+        elif not part_built(module):
+            notes.append(f"{name}: not built yet in this version")
+        elif name == "bot" and settings.telegram_token is None:
+            notes.append("bot: not started (set PERSONABOT_TELEGRAM_TOKEN to start it)")
+        else:
+            start.append(name)
+    return start, notes
+
+
+def run_up(settings: Settings, *, skip: set[str] = frozenset(), out: Any = None) -> int:  # type: ignore[assignment]
+    from core.redis_server import RedisServer
+    from core.store import Store
+
+    out = out or sys.stdout
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.adapters_path.mkdir(parents=True, exist_ok=True)
+    Store(settings.db_url).close()  # apply migrations once before the children start
+
+    redis_server = None
+    if not settings.redis_url:
+        from core.redis_server import RedisServerError, free_port
+
+        redis_server = RedisServer(settings.data_dir / "redis", port=settings.embedded_redis_port,
+                                   persist=True)
+        try:
+            redis_server.start()
+        except RedisServerError as error:
+            raise RedisServerError(
+                f"{error}; is port {settings.embedded_redis_port} taken (another `personabot up`)? "
+                f"Set PERSONABOT_EMBEDDED_REDIS_PORT (e.g. {free_port()}) or PERSONABOT_REDIS_URL"
+            ) from None
+        settings = settings.model_copy(update={"redis_url": redis_server.url})
+        print(f"[up] embedded redis-server on {redis_server.url} (data in {settings.data_dir / 'redis'})",
+              file=out, flush=True)
+    else:
+        print(f"[up] using Redis at {_mask_url(settings.redis_url)}", file=out, flush=True)
+    print(f"[up] {describe_model(settings)}", file=out, flush=True)
+    print(f"[up] database: {_mask_url(settings.db_url)}", file=out, flush=True)
+
+    names, notes = plan(settings, skip=set(skip))
+    for note in notes:
+        print(f"[up] {note}", file=out, flush=True)
+    env = env_for_children(settings)
+    env["PYTHONUNBUFFERED"] = "1"
+    specs = [ChildSpec(name, [sys.executable, *PARTS[name][1]], env=env) for name in names]
+    secrets = [s.get_secret_value() for s in (settings.telegram_token, settings.admin_password) if s]
+    supervisor = Supervisor(specs, out=out, secrets=secrets)
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        supervisor.request_stop()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"[up] starting: {', '.join(names) or 'nothing but Redis'}; Ctrl-C stops everything",
+              file=out, flush=True)
+        supervisor.run_forever()
+    finally:
+        supervisor.stop()
+        if redis_server is not None:
+            redis_server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("[up] stopped", file=out, flush=True)
+    return 0
+
+
+def _mask_url(url: str) -> str:
+    """Hide a password in a URL (redis://:secret@host -> redis://:***@host)."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
