@@ -49,7 +49,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     module = {"chat": "workers.chat_tasks", "train": "workers.train_tasks"}[args.kind]
     _require(module, f"the {args.kind} worker")
-    node = f"{args.kind}-{os.getpid()}@{socket.gethostname()}"
+    # A stable name (e.g. "chat@%h" in compose) lets health checks ping this worker.
+    node = os.environ.get("PERSONABOT_WORKER_NAME") or f"{args.kind}-{os.getpid()}@{socket.gethostname()}"
     argv = [sys.executable, "-m", "celery", "-A", f"{module}:app", "worker", "-Q", args.kind,
             "-n", node, "--loglevel", args.loglevel, "--prefetch-multiplier", "1", "--without-gossip",
             "--without-mingle"]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run the whole suite. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh dev
+. .venv/bin/activate
+# Browser tests use Debian's Chromium (never a downloaded browser); compose.yaml is validated with
+# docker-compose where Docker is installed.
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if command -v docker >/dev/null && ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+  missing+=(docker-compose)
+fi
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+    || echo "warning: could not install ${missing[*]}; the tests that need them say so and are skipped"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+set +e
+python -m pytest -q -ra --durations=25 "$@"
+code=$?
+set -e
+if [ "$code" = 5 ]; then
+  echo "pytest collected no tests"; exit 1
+fi
+exit "$code"
