@@ -23,6 +23,7 @@ class SamplingParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     max_new_tokens: int | None = Field(None, ge=1, le=8192)
     repetition_penalty: float | None = Field(None, ge=1, le=2)
+    min_new_tokens: int = Field(0, ge=0, le=8192, description="End-of-text is ignored before this many tokens.")
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
 

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
         "concurrent: both at once; auto picks by GPU memory.",
     )
 
+    gpu_release_wait_s: float = Field(
+        5.0, ge=0, le=300,
+        description="After publishing gpu.release, how long training waits for chat workers to free memory.",
+    )
+
     # --- evaluation gate ----------------------------------------------------------------------
     eval_identity_min: float = Field(0.8, ge=0, le=1, description="Identity pass rate needed.")
     eval_faq_min: float = Field(0.6, ge=0, le=1, description="FAQ pass rate needed.")
@@ -128,6 +133,12 @@ class Settings(BaseSettings):
     context_tokens: int = Field(4096, ge=64, description="Prompt + reply token budget.")
     max_batch: int = Field(32, ge=1, le=512, description="Concurrent requests per chat worker.")
     stream_ttl_s: int = Field(3600, ge=10, description="How long reply streams live in Redis.")
+    lora_max_rank: int = Field(
+        32, ge=1, le=256, description="Largest LoRA rank the chat worker serves (sizes its adapter buffers)."
+    )
+    lora_slots: int = Field(
+        3, ge=2, le=16, description="Adapters resident at once in a chat worker (active, previous, playground)."
+    )
 
     # --- bot ----------------------------------------------------------------------------------
     history_turns: int = Field(20, ge=0, description="Turns of memory kept per chat.")
@@ -151,7 +162,9 @@ class Settings(BaseSettings):
         1.0, ge=1.0, description="Groups: least time between two edits of a streamed reply."
     )
     stream_updates_per_s: float = Field(
-        20.0, gt=0, le=30, description="Bot-wide budget of intermediate drafts/edits per second."
+        15.0, gt=0, le=30,
+        description="Bot-wide budget of typing actions and intermediate drafts/edits per second; "
+        "the rest of Telegram's 30 messages/s stays free for final replies.",
     )
 
     # --- admin UI -----------------------------------------------------------------------------

@@ -30,6 +30,9 @@ class TrainParams(BaseModel):
         default_factory=list, description="General datasets 'id#N' or local file paths mixed in."
     )
     identity_oversample: int = Field(1, ge=1, le=100, description="Repeat identity pairs N times.")
+    min_identity_pairs: int = Field(
+        60, ge=0, le=1000, description="Below this many own identity pairs, the built-in set tops up."
+    )
     max_length: int = Field(2048, ge=64, le=32768, description="Longest sample in tokens.")
     seed: int = Field(42, ge=0, description="Random seed for sampling and training.")
 
@@ -54,4 +57,5 @@ class TrainParams(BaseModel):
             speed_mode=settings.train_speed_mode,  # type: ignore[attr-defined]
             general_data=list(settings.general_data),  # type: ignore[attr-defined]
             identity_oversample=settings.identity_oversample,  # type: ignore[attr-defined]
+            min_identity_pairs=settings.min_identity_pairs,  # type: ignore[attr-defined]
         )

@@ -1,0 +1,157 @@
+"""Build the PTB Application from settings and run it (polling, or webhook when configured)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from urllib.parse import urlparse
+
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+from telegram import Update
+from telegram.ext import Application, ApplicationBuilder
+
+from bot.handlers import COMMANDS, BotContext, register
+from bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
+from bot.memory import ChatMemory
+from bot.replies import ReplyService, ReplyTimings
+from bot.streaming import Pacing
+from core.settings import Settings, get_settings
+from core.store import Store
+
+log = logging.getLogger(__name__)
+
+# Telegram's per-chat limit is about one message per second with short bursts.
+PRIVATE_MESSAGES_PER_S, PRIVATE_BURST = 1.0, 2
+
+
+class BotConfigError(RuntimeError):
+    """The bot cannot start with these settings; the message says what to set."""
+
+
+class RedactSecret(logging.Filter):
+    """Replaces a secret in every record (message, arguments and traceback) passing a handler."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.secret in message:
+            record.msg, record.args = message.replace(self.secret, "<token>"), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and self.secret in record.exc_text:
+            record.exc_text = record.exc_text.replace(self.secret, "<token>")
+        return True
+
+
+def protect_token(token: str) -> None:
+    """Keep the token out of logs: httpx logs request URLs (which hold it) at INFO."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    redact = RedactSecret(token)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactSecret) and f.secret == token for f in handler.filters):
+            handler.addFilter(redact)
+
+
+def _token(settings: Settings) -> str:
+    if settings.telegram_token is None or not settings.telegram_token.get_secret_value():
+        raise BotConfigError("no bot token: set PERSONABOT_TELEGRAM_TOKEN to the token from @BotFather")
+    return settings.telegram_token.get_secret_value()
+
+
+def build_application(
+    settings: Settings | None = None, *, celery: Celery | None = None, store: Store | None = None,
+    on_timings: Callable[[ReplyTimings], None] | None = None,
+) -> Application:  # type: ignore[type-arg]
+    """The bot wired to Redis (memory, limits, reply streams), Celery and the store (read-only).
+
+    `on_timings(ReplyTimings)` is called after each reply (the load benchmark uses it).
+    """
+    settings = settings or get_settings()
+    token = _token(settings)
+    if not settings.redis_url:
+        raise BotConfigError("no Redis: set PERSONABOT_REDIS_URL (or start the bot with `personabot up`)")
+    protect_token(token)
+    aredis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
+    sync_redis = redis.Redis.from_url(settings.redis_url)
+    if celery is None:
+        from workers.app import make_celery
+
+        celery = make_celery(settings.redis_url)
+    if store is None:
+        store = Store(settings.db_url, migrate=False)
+    memory = ChatMemory(aredis, turns=settings.history_turns, tokens=settings.history_tokens,
+                        ttl_s=settings.history_ttl_s)
+    pacing = Pacing(
+        group=ChatPacer(1.0 / settings.edit_interval_s, 1),
+        stream_budget=ChatPacer(settings.stream_updates_per_s, int(settings.stream_updates_per_s)),
+        draft_interval_s=settings.draft_interval_s,
+        edit_interval_s=settings.edit_interval_s,
+    )
+
+    async def post_init(application: Application) -> None:  # type: ignore[type-arg]
+        await application.bot.set_my_commands(COMMANDS)
+        owed = await service.owed()
+        if owed:
+            log.info("resuming %d pending replies after a restart", len(owed))
+        for pending in owed:
+            application.create_task(service.answer(pending, service.take_turn(pending.chat_id)))
+
+    async def post_shutdown(_application: Application) -> None:  # type: ignore[type-arg]
+        await aredis.aclose()
+        sync_redis.close()
+        store.close()
+
+    application = (
+        ApplicationBuilder()
+        .token(token)
+        .base_url(settings.telegram_base_url)
+        .rate_limiter(ChatRateLimiter(ChatPacer(PRIVATE_MESSAGES_PER_S, PRIVATE_BURST),
+                                      max_retries=3))
+        .concurrent_updates(True)
+        .post_init(post_init)
+        .post_shutdown(post_shutdown)
+        .build()
+    )
+    service = ReplyService(
+        bot=application.bot, aredis=aredis, sync_redis=sync_redis, celery=celery, memory=memory,
+        pacing=pacing, reply_timeout_s=settings.reply_timeout_s,
+        on_timings=on_timings,
+    )
+    application.bot_data["personabot"] = BotContext(
+        service=service, memory=memory,
+        rate_limiter=UserRateLimiter(aredis, settings.rate_limit_per_minute), store=store,
+        allow_users=frozenset(settings.allow_users), allow_chats=frozenset(settings.allow_chats),
+    )
+    register(application)
+    return application
+
+
+def run_bot(settings: Settings | None = None) -> None:
+    """Run until interrupted: long polling, or a webhook when PERSONABOT_WEBHOOK_URL is set."""
+    settings = settings or get_settings()
+    application = build_application(settings)
+    if not settings.webhook_url:
+        application.run_polling(allowed_updates=Update.ALL_TYPES)
+        return
+    try:
+        import tornado  # noqa: F401 - PTB's webhook server
+    except ImportError:
+        raise BotConfigError(
+            "webhook mode needs tornado: pip install 'python-telegram-bot[webhooks]', "
+            "or leave PERSONABOT_WEBHOOK_URL empty for polling"
+        ) from None
+    secret = hashlib.sha256(_token(settings).encode()).hexdigest()[:32]
+    application.run_webhook(
+        listen=settings.webhook_listen, port=settings.webhook_port,
+        url_path=urlparse(settings.webhook_url).path.lstrip("/"),
+        webhook_url=settings.webhook_url, secret_token=secret,
+        allowed_updates=Update.ALL_TYPES,
+    )
+

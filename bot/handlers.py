@@ -1,0 +1,208 @@
+"""PTB handlers: commands, text messages, unsupported messages, the allow-list and the error handler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from telegram import BotCommand, Chat, Message, MessageEntity, Update
+from telegram.constants import ChatType
+from telegram.ext import (
+    Application,
+    ApplicationHandlerStop,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    TypeHandler,
+    filters,
+)
+
+from bot.limits import UserRateLimiter
+from bot.memory import ChatMemory
+from bot.replies import PendingReply, ReplyService
+from core.store import Store
+
+log = logging.getLogger(__name__)
+
+COMMANDS = [
+    BotCommand("start", "Say hello"),
+    BotCommand("help", "What I can do"),
+    BotCommand("reset", "Forget this chat's history"),
+    BotCommand("stop", "Stop the reply being written"),
+    BotCommand("about", "Who I am and which version answers"),
+]
+HELP_TEXT = (
+    "Write to me and I'll answer. In groups, mention me or reply to one of my messages.\n\n"
+    "/reset – forget this chat's history\n/stop – stop the reply being written\n"
+    "/about – who I am and which version answers\n/help – this message"
+)
+UNSUPPORTED_TEXT = "I can only read text messages. Please write your question as text."
+NOT_ALLOWED_TEXT = "Sorry, this bot is private."
+ERROR_TEXT = "Sorry, something went wrong on my side. Please try again."
+
+
+@dataclass
+class BotContext:
+    """Everything the handlers share, kept in `application.bot_data['personabot']`."""
+
+    service: ReplyService
+    memory: ChatMemory
+    rate_limiter: UserRateLimiter
+    store: Store | None
+    allow_users: frozenset[int]
+    allow_chats: frozenset[int]
+
+
+def bot_context(context: ContextTypes.DEFAULT_TYPE) -> BotContext:
+    return context.application.bot_data["personabot"]  # type: ignore[no-any-return]
+
+
+def _is_private(chat: Chat) -> bool:
+    return chat.type == ChatType.PRIVATE
+
+
+async def gate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """The allow-list: updates from other users or chats stop here."""
+    ctx = bot_context(context)
+    user, chat = update.effective_user, update.effective_chat
+    user_ok = not ctx.allow_users or (user is not None and user.id in ctx.allow_users)
+    chat_ok = not ctx.allow_chats or (chat is not None and chat.id in ctx.allow_chats)
+    if user_ok and chat_ok:
+        return
+    if chat is not None and _is_private(chat) and update.message is not None:
+        await update.message.reply_text(NOT_ALLOWED_TEXT)
+    raise ApplicationHandlerStop
+
+
+def addressed_text(message: Message, bot_username: str, bot_id: int) -> str | None:
+    """The text meant for the bot; in groups only when it mentions the bot or replies to it."""
+    text = message.text or message.caption or ""
+    if _is_private(message.chat):
+        return text
+    replied = message.reply_to_message
+    if replied is not None and replied.from_user is not None and replied.from_user.id == bot_id:
+        return text
+    mention = f"@{bot_username}".lower()
+    parsed = message.parse_entities() if message.text else message.parse_caption_entities()
+    for entity, value in parsed.items():
+        if entity.type == MessageEntity.MENTION and value.lower() == mention:
+            return (text[:entity.offset] + text[entity.offset + entity.length:]).strip()
+        if (entity.type == MessageEntity.TEXT_MENTION and entity.user is not None
+                and entity.user.id == bot_id):
+            return text
+    return None
+
+
+async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    message = update.message
+    if message is None or message.from_user is None:
+        return
+    text = addressed_text(message, context.bot.username, context.bot.id)
+    if text is None:
+        return
+    if not text.strip():
+        await message.reply_text("Yes? Write your question after the mention.")
+        return
+    ctx = bot_context(context)
+    turn = ctx.service.take_turn(message.chat_id)  # before any await: keeps arrival order
+    decision = await ctx.rate_limiter.check(message.from_user.id)
+    if not decision.allowed:
+        turn.release()
+        if decision.notify:
+            await message.reply_text(
+                "You're sending messages a bit fast. Please wait about "
+                f"{int(decision.retry_after_s + 0.5)} s and try again."
+            )
+        return
+    pending = PendingReply(chat_id=message.chat_id, message_id=message.message_id,
+                           user_text=text, private=_is_private(message.chat))
+    # A reply can take a while: answer in a task so that this update (and its slot among
+    # PTB's concurrent updates) is done; /stop and other chats are never held up.
+    context.application.create_task(ctx.service.accept(pending, turn), update=update)
+
+
+async def on_unsupported(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    message = update.message
+    if message is None:
+        return
+    if addressed_text(message, context.bot.username, context.bot.id) is None:
+        return
+    await message.reply_text(UNSUPPORTED_TEXT)
+
+
+async def cmd_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    assert update.message is not None
+    name = (await _persona_name(bot_context(context))) or context.bot.first_name
+    await update.message.reply_text(f"Hi! I'm {name}. Ask me anything.\n\n{HELP_TEXT}")
+
+
+async def cmd_help(update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+    assert update.message is not None
+    await update.message.reply_text(HELP_TEXT)
+
+
+async def cmd_reset(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    assert update.message is not None
+    await bot_context(context).memory.clear(update.message.chat_id)
+    await update.message.reply_text("Done: I've forgotten our conversation.")
+
+
+async def cmd_stop(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    assert update.message is not None
+    stopped = await bot_context(context).service.stop(update.message.chat_id)
+    if not stopped:
+        await update.message.reply_text("There is no reply being written right now.")
+
+
+async def _persona_name(ctx: BotContext) -> str:
+    if ctx.store is None:
+        return ""
+    try:
+        return (await asyncio.to_thread(ctx.store.get_persona)).name
+    except Exception as error:  # noqa: BLE001 - the store may be unreachable; answer anyway
+        log.warning("persona unavailable: %s", type(error).__name__)
+        return ""
+
+
+async def cmd_about(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    assert update.message is not None
+    ctx = bot_context(context)
+    name = (await _persona_name(ctx)) or context.bot.first_name
+    version = "unknown"
+    if ctx.store is not None:
+        try:
+            active = await asyncio.to_thread(ctx.store.active_adapter)
+            version = active.name if active is not None else "base model (no adapter yet)"
+        except Exception as error:  # noqa: BLE001 - the store may be unreachable; answer anyway
+            log.warning("active adapter unavailable: %s", type(error).__name__)
+    await update.message.reply_text(f"I'm {name}.\nActive version: {version}")
+
+
+async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """The one error handler: log the chat id and the error (never the token), tell the user."""
+    chat = update.effective_chat if isinstance(update, Update) else None
+    error = context.error
+    log.error("chat %s: %s: %s", chat.id if chat else "-", type(error).__name__, error,
+              exc_info=error)
+    if chat is None:
+        return
+    try:
+        await context.bot.send_message(chat.id, ERROR_TEXT)
+    except Exception as second:  # noqa: BLE001 - nothing more to do than log it
+        log.error("chat %s: could not report the error: %s", chat.id, type(second).__name__)
+
+
+def register(application: Application) -> None:  # type: ignore[type-arg]
+    """Add every handler; the allow-list runs first (group -1)."""
+    application.add_handler(TypeHandler(Update, gate), group=-1)
+    application.add_handler(CommandHandler("start", cmd_start))
+    application.add_handler(CommandHandler("help", cmd_help))
+    application.add_handler(CommandHandler("reset", cmd_reset))
+    application.add_handler(CommandHandler("stop", cmd_stop))
+    application.add_handler(CommandHandler("about", cmd_about))
+    application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT
+                                           & ~filters.COMMAND, on_text))
+    application.add_handler(MessageHandler(
+        filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, on_unsupported))
+    application.add_error_handler(on_error)

@@ -1,0 +1,230 @@
+"""One user message -> one streamed reply: queueing per chat, the chat worker, pending records."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+from pydantic import BaseModel, Field
+from telegram import Bot
+from telegram.constants import ChatAction
+
+from bot.memory import ChatMemory
+from bot.streaming import GLOBAL, DeliveryState, Pacing, ReplyDelivery, read_reply_async
+from core.schemas import ChatRequest, ChatResult, Message
+from workers.client import cancel_chat, submit_chat
+
+log = logging.getLogger(__name__)
+
+PENDING_KEY = "personabot:bot:pending"
+BUSY_TEXT = "I'm busy right now, please try again in a moment."
+FAILED_TEXT = "Sorry, I couldn't answer that. Please try again, or /reset to start over."
+STOPPED_TEXT = "Stopped."
+TYPING_EVERY_S = 4.5
+
+
+class PendingReply(BaseModel):
+    """A message the bot owes a reply to, kept in Redis until the reply is delivered."""
+
+    chat_id: int
+    message_id: int
+    user_text: str
+    private: bool
+    request_id: str = ""
+    sent_ids: list[int] = Field(default_factory=list)
+    live_id: int | None = None
+    received_at: float = Field(default_factory=time.time)
+
+    @property
+    def field(self) -> str:
+        return f"{self.chat_id}:{self.message_id}"
+
+
+@dataclass
+class ReplyTimings:
+    """Where one reply's time went, for the load benchmark (seconds)."""
+
+    private: bool = True
+    before_submit: float = 0.0  # handler start -> request enqueued
+    after_final: float = 0.0  # final entry read -> last piece delivered
+    total: float = 0.0  # handler start -> last piece delivered
+    generation: ChatResult | None = None
+
+    @property
+    def overhead(self) -> float:
+        """The bot's share: total minus the worker's queue wait and generation."""
+        worker = self.generation.queued_s + self.generation.total_s if self.generation else 0.0
+        return max(0.0, self.total - worker)
+
+
+@dataclass
+class Turn:
+    """A chat's place in line: wait for `previous`, finish `done`."""
+
+    chat_id: int
+    previous: asyncio.Future[None] | None
+    done: asyncio.Future[None]
+    registry: dict[int, asyncio.Future[None]]
+
+    def release(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+        if self.registry.get(self.chat_id) is self.done:
+            del self.registry[self.chat_id]
+
+
+@dataclass
+class ReplyService:
+    """Turns pending messages into replies, one at a time per chat, in arrival order."""
+
+    bot: Bot
+    aredis: aioredis.Redis
+    sync_redis: redis.Redis
+    celery: Celery
+    memory: ChatMemory
+    pacing: Pacing
+    reply_timeout_s: float
+    on_timings: Callable[[ReplyTimings], None] | None = None
+    _last_turn: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    _running: dict[int, str] = field(default_factory=dict)
+
+    def take_turn(self, chat_id: int) -> Turn:
+        """Reserve this chat's next place in line. Call it before the handler's first await,
+        so messages are answered in the order they arrived; `release()` it if not used."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        turn = Turn(chat_id, self._last_turn.get(chat_id), done, self._last_turn)
+        self._last_turn[chat_id] = done
+        return turn
+
+    async def accept(self, pending: PendingReply, turn: Turn) -> None:
+        """Record the message (so a restart still answers it), then answer it in its turn."""
+        try:
+            await self._save(pending)
+            await self.answer(pending, turn)
+        finally:
+            turn.release()
+
+    async def _save(self, pending: PendingReply) -> None:
+        await self.aredis.hset(PENDING_KEY, pending.field, pending.model_dump_json())
+
+    async def answer(self, pending: PendingReply, turn: Turn) -> None:
+        """Wait for the chat's previous reply, answer, then let the next one go."""
+        try:
+            if turn.previous is not None:
+                await asyncio.shield(turn.previous)
+            cancelled = False
+            try:
+                await self._answer(pending)
+            except asyncio.CancelledError:
+                cancelled = True  # shutting down: keep the record, the next start answers it
+                raise
+            finally:
+                self._running.pop(pending.chat_id, None)
+                if not cancelled:
+                    await self.aredis.hdel(PENDING_KEY, pending.field)
+        finally:
+            turn.release()
+
+    async def _answer(self, pending: PendingReply) -> None:
+        timings = ReplyTimings(private=pending.private)
+        started = time.perf_counter()
+        if not pending.request_id:
+            history = await self.memory.load(pending.chat_id)
+            request = ChatRequest(
+                messages=[*history, Message(role="user", content=pending.user_text)],
+                chat_id=str(pending.chat_id), source="telegram",
+            )
+            pending.request_id = request.request_id
+            await self._save(pending)
+            await asyncio.to_thread(submit_chat, request, app=self.celery)
+        self._running[pending.chat_id] = pending.request_id
+        timings.before_submit = time.perf_counter() - started
+
+        async def persist(state: DeliveryState) -> None:
+            pending.sent_ids, pending.live_id = state.sent_ids, state.live_id
+            await self._save(pending)
+
+        delivery = ReplyDelivery(
+            self.bot, pending.chat_id, private=pending.private, reply_to=pending.message_id,
+            pacing=self.pacing, state=DeliveryState(list(pending.sent_ids), pending.live_id),
+            on_state=persist,
+        )
+        result = await self._stream(pending, delivery)
+        final_read = time.perf_counter()
+        if result is None:
+            await delivery.notice(BUSY_TEXT)
+            return
+        text = result.text
+        if result.finish_reason == "error":
+            log.warning("chat %s: the worker failed request %s: %s", pending.chat_id,
+                        result.request_id, result.error)
+            text = FAILED_TEXT
+        elif result.finish_reason == "cancelled" and not text.strip():
+            text = STOPPED_TEXT
+        elif not text.strip():
+            text = "…"
+        await delivery.finish(text)
+        timings.after_final = time.perf_counter() - final_read
+        timings.total = time.perf_counter() - started
+        timings.generation = result
+        if result.finish_reason != "error":
+            await self.memory.add_turn(pending.chat_id, pending.user_text, result.text)
+        if self.on_timings is not None:
+            self.on_timings(timings)
+
+    async def _stream(self, pending: PendingReply, delivery: ReplyDelivery) -> ChatResult | None:
+        """Show the reply as it grows; the final result, or None when the worker is down/slow."""
+        typing = asyncio.create_task(self._typing(pending.chat_id))
+        text = ""
+        try:
+            async for entry in read_reply_async(self.aredis, pending.request_id,
+                                                timeout_s=self.reply_timeout_s):
+                typing.cancel()
+                if entry.kind == "token":
+                    text += entry.text
+                    await delivery.update(text)
+                elif entry.kind == "reset":
+                    text = ""
+                    await delivery.restart()
+                elif entry.result is not None:
+                    return entry.result
+        except TimeoutError:
+            log.warning("chat %s: no reply for request %s within %.0fs; told the user to retry",
+                        pending.chat_id, pending.request_id, self.reply_timeout_s)
+            await asyncio.to_thread(cancel_chat, self.sync_redis, pending.request_id)
+        finally:
+            typing.cancel()
+        return None
+
+    async def _typing(self, chat_id: int) -> None:
+        """'typing…' while the request waits in the queue (Telegram shows it for 5 s)."""
+        while True:
+            if self.pacing.stream_budget.try_acquire(GLOBAL):  # best effort, like drafts
+                try:
+                    await self.bot.send_chat_action(chat_id, ChatAction.TYPING)
+                except Exception as error:  # noqa: BLE001 - cosmetic; the reply reports errors
+                    log.info("chat %s: typing action failed: %s", chat_id, type(error).__name__)
+                await asyncio.sleep(TYPING_EVERY_S)
+            else:
+                await asyncio.sleep(0.2)
+
+    async def stop(self, chat_id: int) -> bool:
+        """Cancel the reply being generated in this chat; False when there is none."""
+        request_id = self._running.get(chat_id)
+        if not request_id:
+            return False
+        await asyncio.to_thread(cancel_chat, self.sync_redis, request_id)
+        return True
+
+    async def owed(self) -> list[PendingReply]:
+        """After a restart: the messages still owed a reply, oldest first (answer them with
+        `answer(pending, take_turn(chat_id))` in this order)."""
+        raw = await self.aredis.hgetall(PENDING_KEY)
+        return sorted((PendingReply.model_validate_json(v) for v in raw.values()),
+                      key=lambda p: (p.received_at, p.message_id))

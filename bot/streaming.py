@@ -1,0 +1,228 @@
+"""Streaming a reply to Telegram: drafts in private chats, send-then-edit in groups, split pieces."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from telegram import Bot, Message, ReplyParameters
+from telegram.constants import ParseMode
+from telegram.error import BadRequest
+
+from bot.formatting import split_text, to_html
+from bot.limits import ChatPacer
+from core.schemas import ChatResult
+from core.streams import StreamEntry, stream_key
+
+log = logging.getLogger(__name__)
+
+GLOBAL = 0  # ChatPacer key of the bot-wide budget for intermediate updates
+
+
+async def read_reply_async(
+    client: aioredis.Redis, request_id: str, *, last_id: str = "0-0", timeout_s: float,
+    block_ms: int = 1000,
+) -> AsyncIterator[StreamEntry]:
+    """`core.streams.read_reply` over redis.asyncio: entries until the final one.
+
+    Raises TimeoutError when `timeout_s` passes without a new entry.
+    """
+    key = stream_key(request_id)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no reply for request {request_id} within {timeout_s:.0f}s")
+        response = await client.xread({key: last_id}, count=256,
+                                      block=max(1, int(min(block_ms, remaining * 1000))))
+        if not response:
+            continue
+        deadline = time.monotonic() + timeout_s
+        for entry_id, fields in response[0][1]:
+            last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            kind = fields.get(b"k", b"").decode()
+            if kind == "token":
+                yield StreamEntry(last_id, "token", text=fields[b"t"].decode("utf-8"))
+            elif kind == "final":
+                yield StreamEntry(last_id, "final", result=ChatResult.model_validate_json(fields[b"r"]))
+                return
+            elif kind == "reset":
+                yield StreamEntry(last_id, "reset")
+
+
+def _is_parse_error(error: BadRequest) -> bool:
+    return "can't parse entities" in error.message.lower()
+
+
+def _is_not_modified(error: BadRequest) -> bool:
+    return "message is not modified" in error.message.lower()
+
+
+async def send_text(bot: Bot, chat_id: int, text: str, *, reply_to: int | None = None) -> Message:
+    """Send one piece as HTML; on a parse error resend it as plain text."""
+    reply = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to else None
+    try:
+        return await bot.send_message(chat_id, to_html(text), parse_mode=ParseMode.HTML,
+                                      reply_parameters=reply)
+    except BadRequest as error:
+        if not _is_parse_error(error):
+            raise
+        log.warning("chat %s: Telegram rejected the HTML (%s); resending as plain text",
+                    chat_id, error.message)
+        return await bot.send_message(chat_id, text, reply_parameters=reply)
+
+
+async def edit_text(bot: Bot, chat_id: int, message_id: int, text: str) -> None:
+    """Edit one message as HTML; plain text on a parse error; 'not modified' is not an error."""
+    try:
+        try:
+            await bot.edit_message_text(to_html(text), chat_id=chat_id, message_id=message_id,
+                                        parse_mode=ParseMode.HTML)
+        except BadRequest as error:
+            if not _is_parse_error(error):
+                raise
+            await bot.edit_message_text(text, chat_id=chat_id, message_id=message_id)
+    except BadRequest as error:
+        if not _is_not_modified(error):
+            raise
+
+
+@dataclass
+class Pacing:
+    """What a delivery respects beyond the rate limiter: group edit pacing, stream budget."""
+
+    group: ChatPacer
+    stream_budget: ChatPacer
+    draft_interval_s: float
+    edit_interval_s: float
+
+
+@dataclass
+class DeliveryState:
+    """What has reached the chat so far; persisted so a restarted bot continues without repeats."""
+
+    sent_ids: list[int] = field(default_factory=list)  # messages holding finished pieces
+    live_id: int | None = None  # group: the message being edited with the growing piece
+
+
+class ReplyDelivery:
+    """Shows a growing reply in one chat and delivers the final text in <= 4096-char pieces.
+
+    Private chats: the growing piece is a draft (sendMessageDraft) and each finished piece is a
+    sendMessage. Groups: the first piece is sent once, then edited at most once per
+    `edit_interval_s`; when it fills up it gets its final text and a new message continues.
+    Intermediate updates are skipped, never queued, when a pacer has no room.
+    """
+
+    def __init__(self, bot: Bot, chat_id: int, *, private: bool, reply_to: int | None,
+                 pacing: Pacing, state: DeliveryState | None = None,
+                 on_state: Callable[[DeliveryState], Awaitable[None]] | None = None) -> None:
+        self.bot = bot
+        self.chat_id = chat_id
+        self.private = private
+        self.reply_to = reply_to
+        self.pacing = pacing
+        self.state = state or DeliveryState()
+        self.on_state = on_state
+        self.draft_id = random.randint(1, 2**31 - 1)
+        self._last_update = 0.0
+        self._first_token_at: float | None = None
+        self._live_text = ""
+        self.updates = 0  # intermediate drafts/edits sent
+
+    async def _changed(self) -> None:
+        if self.on_state is not None:
+            await self.on_state(self.state)
+
+    async def _paced(self) -> None:
+        """Groups: at most one message or edit per edit interval (private chats are paced by
+        `bot.limits.ChatRateLimiter`, which sees every request)."""
+        if not self.private:
+            await self.pacing.group.acquire(self.chat_id)
+
+    async def _send(self, text: str) -> int:
+        await self._paced()
+        first = not self.state.sent_ids and self.state.live_id is None
+        message = await send_text(self.bot, self.chat_id, text,
+                                  reply_to=self.reply_to if first else None)
+        return message.message_id
+
+    async def _settle(self, piece: str) -> None:
+        """Deliver one finished piece."""
+        if self.state.live_id is not None:
+            if to_html(piece) != self._live_text:
+                await self._paced()
+                await edit_text(self.bot, self.chat_id, self.state.live_id, piece)
+            self.state.sent_ids.append(self.state.live_id)
+            self.state.live_id = None
+            self._live_text = ""
+        else:
+            self.state.sent_ids.append(await self._send(piece))
+        await self._changed()
+
+    async def _settle_pieces(self, pieces: list[str]) -> None:
+        for piece in pieces[len(self.state.sent_ids):]:
+            if piece.strip():
+                await self._settle(piece)
+
+    async def update(self, text: str) -> None:
+        """The reply so far: settle finished pieces, maybe show the growing one."""
+        pieces = split_text(text)
+        await self._settle_pieces(pieces[:-1])
+        tail = pieces[-1]
+        rendered = to_html(tail)
+        if not tail.strip() or rendered == self._live_text:
+            return
+        interval = self.pacing.draft_interval_s if self.private else self.pacing.edit_interval_s
+        now = time.monotonic()
+        if self._first_token_at is None:
+            self._first_token_at = now
+        if now - max(self._last_update, self._first_token_at) < interval:
+            # Also waits one interval after the first token: a short reply is then sent once,
+            # with no edit (groups) or draft, and no wait for the per-chat pacing.
+            return
+        if self.private:
+            if not self.pacing.stream_budget.try_acquire(GLOBAL):
+                return
+            await self._draft(tail)
+        elif self.state.live_id is None:
+            self.state.live_id = await self._send(tail)
+            await self._changed()
+        else:
+            if not (self.pacing.group.try_acquire(self.chat_id)
+                    and self.pacing.stream_budget.try_acquire(GLOBAL)):
+                return
+            await edit_text(self.bot, self.chat_id, self.state.live_id, tail)
+        self._live_text = rendered
+        self._last_update = time.monotonic()
+        self.updates += 1
+
+    async def _draft(self, text: str) -> None:
+        try:
+            await self.bot.send_message_draft(self.chat_id, self.draft_id, to_html(text),
+                                              parse_mode=ParseMode.HTML)
+        except BadRequest as error:
+            if not _is_parse_error(error):
+                raise
+            await self.bot.send_message_draft(self.chat_id, self.draft_id, text)
+
+    async def finish(self, text: str) -> None:
+        """Deliver the whole final text: the pieces not yet delivered."""
+        await self._settle_pieces(split_text(text.strip()))
+
+    async def notice(self, text: str) -> None:
+        """A message from the bot itself (e.g. 'busy'), after whatever was shown so far."""
+        self.state.sent_ids.append(await self._send(text))
+        await self._changed()
+
+    async def restart(self) -> None:
+        """The worker restarted this reply: remove what was shown of the old attempt."""
+        for message_id in self.state.sent_ids:
+            await self.bot.delete_message(self.chat_id, message_id)
+        self.state.sent_ids = []
+        self._live_text = ""
+        await self._changed()

@@ -1,0 +1,173 @@
+"""The admin app over real HTTP: nothing answers without login; gradio_client drives it with login."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+PROTECTED_GET = [
+    "/config",
+    "/gradio_api/info",
+    "/gradio_api/openapi.json",
+    "/gradio_api/file=/etc/hosts",
+    "/file=/etc/hosts",
+    "/gradio_api/file/etc/hosts",
+    "/gradio_api/queue/data?session_hash=abc",
+    "/gradio_api/heartbeat/abc",
+    "/gradio_api/startup-events",
+    "/gradio_api/runs",
+    "/gradio_api/user",
+    "/gradio_api/token",
+    "/gradio_api/app_id",
+    "/gradio_api/upload_progress?upload_id=x",
+    "/gradio_api/call/status/abc",
+    "/assets/index.js",
+    "/static/img/logo.svg",
+    "/theme.css",
+    "/manifest.json",
+    "/monitoring",
+    "/persona",
+    "/api/v1/status",
+    "/api/v1/adapters",
+    "/api/v1/runs",
+]
+PROTECTED_POST = [
+    "/gradio_api/queue/join",
+    "/gradio_api/call/status",
+    "/gradio_api/run/status",
+    "/gradio_api/api/status",
+    "/gradio_api/upload",
+    "/gradio_api/cancel",
+    "/gradio_api/reset",
+    "/api/v1/chat",
+]
+
+
+def test_nothing_answers_without_login(admin_server) -> None:
+    with httpx.Client(base_url=admin_server.url, timeout=30) as client:
+        for path in PROTECTED_GET:
+            response = client.get(path)
+            assert response.status_code == 401, (path, response.status_code, response.text[:200])
+        for path in PROTECTED_POST:
+            response = client.post(path, json={})
+            assert response.status_code == 401, (path, response.status_code, response.text[:200])
+        page = client.get("/")
+        assert page.status_code == 200
+        assert 'id="login"' in page.text
+        assert "gradio_config" not in page.text and "save_persona" not in page.text
+
+        wrong = client.post("/login", data={"username": admin_server.user, "password": "nope"})
+        assert wrong.status_code == 400
+        assert client.get("/config").status_code == 401
+        basic_wrong = client.get("/api/v1/status", auth=(admin_server.user, "nope"))
+        assert basic_wrong.status_code == 401
+
+
+def test_login_opens_pages_files_and_api(admin_server) -> None:
+    client = admin_server.login()
+    try:
+        page = client.get("/")
+        assert page.status_code == 200 and "gradio_config" in page.text
+        assert client.get("/config").status_code == 200
+        assert client.get("/gradio_api/info").status_code == 200
+        status = client.get("/api/v1/status")
+        assert status.status_code == 200
+        assert status.json()["queues"] == {"chat": 0, "train": 0}
+        assert client.get("/logout").status_code == 302
+        assert client.get("/config").status_code == 401
+    finally:
+        client.close()
+    with httpx.Client(base_url=admin_server.url, timeout=30) as basic:
+        assert basic.get("/api/v1/adapters", auth=(admin_server.user, admin_server.password)).json() == []
+
+
+def test_gradio_client_needs_login(admin_server) -> None:
+    with pytest.raises(ValueError):
+        Client(admin_server.url, auth=(admin_server.user, "wrong"), verbose=False)
+
+
+def test_gradio_client_edits_persona_and_imports(admin_server, tmp_path: Path) -> None:
+    store = admin_server.ctx.store
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+
+    note = client.predict("Ava", "Acme Labs", "You are {name}, made by {author}.", api_name="/save_persona")
+    assert "saved" in note
+    persona = store.get_persona()
+    assert (persona.name, persona.author) == ("Ava", "Acme Labs")
+    assert any(e.action == "persona.update" and e.actor == "admin:admin" for e in store.list_audit())
+
+    note, _table, *_ = client.predict("identity", "Who are you?", "", "I am {name}.", "all", "",
+                                      api_name="/add_pair")
+    assert "added pair" in note
+    refused, *_ = client.predict("identity", "who are you", "", "Someone else.", "all", "", api_name="/add_pair")
+    assert "contradicts" in refused
+
+    table = client.predict("identity", "", api_name="/list_pairs")
+    rows = table["data"]
+    rows[0][5] = "I am {name}, truly."
+    note, _ = client.predict({"headers": table["headers"], "data": rows}, "all", "", api_name="/save_pairs")
+    assert "saved 1 changed pairs" in note
+    assert store.list_pairs("identity")[0].output == "I am {name}, truly."
+    rows[0][3] = ""
+    note, _ = client.predict({"headers": table["headers"], "data": rows}, "all", "", api_name="/save_pairs")
+    assert "refused" in note and "instruction is missing" in note
+    assert store.list_pairs("identity")[0].instruction == "Who are you?"
+
+    note, samples = client.predict(api_name="/preview_training_set")
+    assert "identity pairs: 1" in note and "built-in identity pairs added: 59" in note
+    assert samples["data"][0][0] == "You are Ava, made by Acme Labs."
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "Hi?", "output": "Hello."}\n{"instruction": "", "output": "x"}\nnot json\n')
+    note, report, *_ = client.predict(handle_file(str(bad)), "faq", False, api_name="/check_import")
+    rows = report["data"]
+    assert [row[0] for row in rows] == [2, 3], rows
+    assert "instruction is missing" in rows[0][1]
+    assert "nothing imported" in note
+    before = store.count_pairs()
+    note, *_ = client.predict(False, "all", "", api_name="/import_pairs")
+    assert "check a file first" in note
+    assert store.count_pairs() == before
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"instruction": "What can you do?", "output": "Answer questions."},
+                                {"instruction": "Where do you live?", "output": "In the cloud."}]))
+    note, report, *_ = client.predict(handle_file(str(good)), "faq", False, api_name="/check_import")
+    assert "2 pairs ready" in note and report["data"] == []
+    note, *_ = client.predict(False, "all", "", api_name="/import_pairs")
+    assert "imported 2 pairs" in note
+    assert sorted(p.instruction for p in store.list_pairs("faq")) == ["What can you do?", "Where do you live?"]
+
+    exported = client.predict("jsonl", api_name="/export_pairs")
+    rows = [json.loads(line) for line in Path(exported).read_text().splitlines()]
+    assert sorted(r["instruction"] for r in rows) == ["What can you do?", "Where do you live?", "Who are you?"]
+
+    faq_ids = ", ".join(str(p.id) for p in store.list_pairs("faq"))
+    client.predict(faq_ids, "all", "", api_name="/disable_pairs")
+    assert not any(p.enabled for p in store.list_pairs("faq"))
+    table = client.predict("faq", "cloud", api_name="/list_pairs")
+    assert [row[3] for row in table["data"]] == ["Where do you live?"]
+    note, _ = client.predict(faq_ids, "all", "", api_name="/delete_pairs")
+    assert "deleted 2 pairs" in note
+    assert store.count_pairs() == 1
+
+
+def test_schedule_is_validated_and_stored(admin_server) -> None:
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+    note, _ = client.predict("every day", api_name="/save_schedule")
+    assert "not a 5-field cron" in note
+    note, _next = client.predict("30 4 * * 1", api_name="/save_schedule")
+    assert "saved" in note
+    assert admin_server.ctx.store.get_config("retrain_cron") == "30 4 * * 1"
+
+
+def test_status_without_workers(admin_server) -> None:
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+    summary, workers, _errors = client.predict(api_name="/status")
+    assert "queue **chat**: 0 waiting" in summary
+    assert "0 workers online" in summary
+    assert workers["data"] == []

@@ -1,0 +1,245 @@
+"""A real chat worker (Celery, threads pool, tiny model) against a real Redis and SQLite store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+
+from core import events
+from core.redis_server import RedisServer
+from core.schemas import ChatRequest, ChatResult, Message, SamplingParams
+from core.store import Store
+from core.streams import read_reply, stream_key
+from tests.workers.conftest import ChatWorker
+from workers.app import make_celery
+from workers.chat_service import STATS_KEY
+from workers.client import cancel_chat, submit_chat
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "You are a helpful assistant."
+LONG = ["Hello!", "Count to one thousand."]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model: Path, tiny_adapter: Path, tiny_adapter_2: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("chat-worker")
+    server = RedisServer(root / "redis", persist=False).start()
+    db_url = f"sqlite:///{root / 'store.db'}"
+    store = Store(db_url)
+    v1 = store.add_adapter(name="v1", path=str(tiny_adapter), base_model=str(tiny_model), data_hash="",
+                           eval_scores={}, eval_passed=True)
+    v2 = store.add_adapter(name="v2", path=str(tiny_adapter_2), base_model=str(tiny_model), data_hash="",
+                           eval_scores={}, eval_passed=True)
+    store.set_active(v1.id)
+    worker = ChatWorker(server.url, db_url, tiny_model, root / "data", name="chat1", concurrency=4).start()
+    client = redis.Redis.from_url(server.url)
+    try:
+        yield {"server": server, "store": store, "worker": worker, "client": client, "v1": v1, "v2": v2,
+               "app": make_celery(server.url), "model": tiny_model,
+               "adapters": {"v1": tiny_adapter, "v2": tiny_adapter_2}}
+    finally:
+        worker.stop()
+        client.close()
+        store.close()
+        server.stop()
+
+
+def ask(setup: dict[str, Any], text: str, **kw: Any) -> tuple[list[Any], ChatResult]:
+    """Send one chat request through Celery and read its whole reply stream."""
+    sampling = SamplingParams(**{"temperature": 0.0, "repetition_penalty": 1.0, **kw.pop("sampling", {})})
+    request = ChatRequest(messages=[Message(role="user", content=text)], sampling=sampling, **kw)
+    submit_chat(request, app=setup["app"])
+    entries = list(read_reply(setup["client"], request.request_id, timeout_s=60))
+    assert entries[-1].kind == "final"
+    return entries, entries[-1].result
+
+
+def reference_text(setup: dict[str, Any], text: str, adapter: str | None, max_new: int) -> str:
+    """What HF generate (peft, unmerged) answers greedily for the same conversation."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["model"])
+    model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, setup["adapters"][adapter])
+    ids = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def wait_event(client: redis.Redis, type_: str, worker: str, since: float, timeout_s: float = 30) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for event in events.recent(client, 200):
+            if event.type == type_ and event.at >= since and event.data.get("worker") == worker:
+                return event.data
+        time.sleep(0.1)
+    raise TimeoutError(f"no {type_} event from {worker}")
+
+
+def test_stream_is_ordered_complete_and_matches_hf(setup: dict[str, Any]) -> None:
+    entries, result = ask(setup, "What is your name?", sampling={"max_new_tokens": 40})
+    kinds = [e.kind for e in entries]
+    assert kinds[0] == "reset" and kinds[-1] == "final" and set(kinds[1:-1]) == {"token"}
+    assert "".join(e.text for e in entries if e.kind == "token") == result.text
+    assert result.text == reference_text(setup, "What is your name?", "v1", 40)
+    assert result.adapter_version == "v1" and result.finish_reason in ("stop", "length")
+    assert result.prompt_tokens > 10 and 0 < result.completion_tokens <= 40
+    assert result.total_s >= result.first_token_s > 0 and result.worker == setup["worker"].hostname
+    # A reader that reconnects after the second entry gets exactly the rest.
+    again = list(read_reply(setup["client"], result.request_id, last_id=entries[1].id, timeout_s=5))
+    assert [e.id for e in again] == [e.id for e in entries[2:]]
+    assert setup["client"].ttl(stream_key(result.request_id)) > 0
+
+
+def test_concurrent_requests_share_decode_steps(setup: dict[str, Any]) -> None:
+    before = setup["client"].hget(STATS_KEY, setup["worker"].hostname)
+    results: list[ChatResult] = []
+    threads = [threading.Thread(target=lambda t=t: results.append(
+        ask(setup, t, adapter="base", sampling={"max_new_tokens": 150, "min_new_tokens": 150})[1]))
+        for t in LONG * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.finish_reason for r in results] == ["length"] * 4
+    import json
+
+    stats = json.loads(setup["client"].hget(STATS_KEY, setup["worker"].hostname))
+    previous = json.loads(before) if before else {"decode_steps": 0, "decode_rows": 0}
+    steps = stats["decode_steps"] - previous["decode_steps"]
+    rows = stats["decode_rows"] - previous["decode_rows"]
+    assert stats["max_batch_seen"] >= 2
+    assert rows >= 4 * 149 and steps < rows * 0.8, (steps, rows)
+
+
+def test_empty_and_oversized_prompts_get_clear_errors(setup: dict[str, Any]) -> None:
+    _, empty = ask(setup, "   ")
+    assert empty.finish_reason == "error" and "non-empty user message" in empty.error
+    _, huge = ask(setup, "hello " * 2000)
+    assert huge.finish_reason == "error" and "PERSONABOT_CONTEXT_TOKENS" in huge.error
+    _, unknown = ask(setup, "hi", adapter="no-such-version")
+    assert unknown.finish_reason == "error" and "does not exist" in unknown.error
+
+
+def test_cancel_stops_the_reply_and_frees_the_slot(setup: dict[str, Any]) -> None:
+    request = ChatRequest(messages=[Message(role="user", content=LONG[0])], adapter="base",
+                          sampling=SamplingParams(temperature=0, max_new_tokens=450, min_new_tokens=450))
+    submit_chat(request, app=setup["app"])
+    entries = []
+    for entry in read_reply(setup["client"], request.request_id, timeout_s=60):
+        entries.append(entry)
+        if entry.kind == "token":
+            cancel_chat(setup["client"], request.request_id)
+    result = entries[-1].result
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 450
+    import json
+
+    assert json.loads(setup["client"].hget(STATS_KEY, setup["worker"].hostname))["running"] == 0
+
+
+def test_base_active_and_named_adapters(setup: dict[str, Any]) -> None:
+    _, base = ask(setup, "Write Python code.", adapter="base", sampling={"max_new_tokens": 30})
+    _, active = ask(setup, "Write Python code.", sampling={"max_new_tokens": 30})
+    _, named = ask(setup, "Write Python code.", adapter="v2", sampling={"max_new_tokens": 30})
+    assert (base.adapter_version, active.adapter_version, named.adapter_version) == (None, "v1", "v2")
+    assert base.text == reference_text(setup, "Write Python code.", None, 30)
+    assert named.text == reference_text(setup, "Write Python code.", "v2", 30)
+    assert len({base.text, active.text, named.text}) == 3
+
+
+def test_duplicate_delivery_gives_one_reply(setup: dict[str, Any]) -> None:
+    request = ChatRequest(messages=[Message(role="user", content=LONG[1])], adapter="base",
+                          sampling=SamplingParams(temperature=0, max_new_tokens=200, min_new_tokens=200))
+    payload = [request.model_dump(mode="json")]
+    for _ in range(2):
+        setup["app"].send_task("personabot.chat", args=payload, task_id=request.request_id)
+    final = [e for e in read_reply(setup["client"], request.request_id, timeout_s=60) if e.kind == "final"][0]
+    setup["app"].send_task("personabot.chat", args=payload, task_id=request.request_id)
+    time.sleep(3)
+    raw = setup["client"].xrange(stream_key(request.request_id))
+    kinds = [fields[b"k"] for _, fields in raw]
+    assert kinds.count(b"final") == 1 and kinds.count(b"reset") == 1
+    assert final.result.completion_tokens == 200
+
+
+def test_swap_under_concurrent_load(setup: dict[str, Any]) -> None:
+    client, store, worker = setup["client"], setup["store"], setup["worker"]
+    prompts = ["What is your name?", "Write Python code.", "Tell me a long story."]
+    expected = {(p, a): reference_text(setup, p, a, 30) for p in prompts for a in ("v1", "v2")}
+    results: list[tuple[float, ChatResult]] = []
+
+    def one(text: str) -> None:
+        sent = time.time()
+        results.append((sent, ask(setup, text, sampling={"max_new_tokens": 30})[1]))
+
+    threads = [threading.Thread(target=one, args=(prompts[i % 3],)) for i in range(9)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    since = time.time()
+    store.set_active(setup["v2"].id)
+    events.publish(client, "adapter.promoted", version="v2", id=setup["v2"].id, path=str(setup["adapters"]["v2"]),
+                   base_model=str(setup["model"]))
+    swapped = wait_event(client, "adapter.swapped", worker.hostname, since)
+    swapped_at = time.time()
+    assert swapped["version"] == "v2" and swapped["stall_ms"] < 1000
+    late = [threading.Thread(target=one, args=(prompts[i % 3],)) for i in range(6)]
+    for thread in late:
+        thread.start()
+    for thread in threads + late:
+        thread.join()
+    assert len(results) == 15
+    for sent, result in results:
+        assert result.finish_reason in ("stop", "length") and result.adapter_version in ("v1", "v2")
+        prompt = next(p for p in prompts if expected[(p, result.adapter_version)] == result.text)
+        assert prompt  # the whole reply came from one adapter
+        if sent > swapped_at:
+            assert result.adapter_version == "v2"
+
+
+def test_broken_adapter_is_refused_and_the_old_one_keeps_serving(setup: dict[str, Any], tmp_path: Path) -> None:
+    client, worker = setup["client"], setup["worker"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    serving = ask(setup, "What is your name?")[1].adapter_version
+    since = time.time()
+    events.publish(client, "adapter.promoted", version="broken", id=999, path=str(broken),
+                   base_model=str(setup["model"]))
+    refused = wait_event(client, "adapter.refused", worker.hostname, since)
+    assert refused["version"] == "broken" and "not valid JSON" in refused["reason"]
+    assert ask(setup, "What is your name?")[1].adapter_version == serving
+
+
+def test_gpu_release_answers_updating_then_reclaim_serves_again(setup: dict[str, Any]) -> None:
+    client = setup["client"]
+    events.publish(client, "gpu.release", eta_s=120)
+    deadline = time.monotonic() + 30
+    while True:
+        result = ask(setup, "Hello!", sampling={"max_new_tokens": 5})[1]
+        if result.error == "updating" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert result.text == "I'm being updated, back in about 2 minutes."
+    assert result.finish_reason == "stop" and result.adapter_version is None
+    events.publish(client, "gpu.reclaim")
+    deadline = time.monotonic() + 60
+    while True:
+        result = ask(setup, "Hello!", sampling={"max_new_tokens": 5})[1]
+        if result.error != "updating" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert result.error == "" and result.adapter_version == setup["store"].active_adapter().name

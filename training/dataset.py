@@ -1,0 +1,168 @@
+"""Build the training set: persona identity + FAQ pairs as ms-swift messages JSONL, plus general data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.prompting import pair_messages, question_text, render
+from training.params import TrainParams
+
+DEFAULT_IDENTITY_PATH = Path(__file__).parent / "data" / "default_identity.jsonl"
+TRAIN_FILE = "train.jsonl"
+
+
+class EmptyPersonaError(ValueError):
+    """The persona cannot be trained yet; the message says what to fill in."""
+
+
+@dataclass(frozen=True)
+class PersonaData:
+    """What a training set is built from: a `store.persona_snapshot()` in typed form."""
+
+    name: str
+    author: str
+    system_prompt: str
+    pairs: list[dict[str, str]]
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict[str, Any]) -> PersonaData:
+        pairs = [{"kind": k, "instruction": q, "input": i, "output": o} for k, q, i, o in snapshot["pairs"]]
+        return cls(snapshot["name"], snapshot["author"], snapshot["system_prompt"], pairs)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "author": self.author,
+            "system_prompt": self.system_prompt,
+            "pairs": sorted([p["kind"], p["instruction"], p.get("input", ""), p["output"]] for p in self.pairs),
+        }
+
+    def persona_hash(self) -> str:
+        """Same value as `Store.persona_hash()` for the same data (what adapters record)."""
+        blob = json.dumps(self.snapshot(), ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class BuiltSet:
+    """A written training set: the JSONL, its content hash and what went into it."""
+
+    path: Path
+    data_hash: str
+    persona_hash: str
+    counts: dict[str, int]
+    dataset_args: list[str]
+    system_prompt: str
+    sample_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_identity_pairs() -> list[dict[str, str]]:
+    """The built-in identity set ({name}/{author} placeholders), zh and en."""
+    rows = []
+    for line in DEFAULT_IDENTITY_PATH.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            rows.append({"kind": "identity", "instruction": item["instruction"], "input": "",
+                         "output": item["output"]})
+    return rows
+
+
+def _check(persona: PersonaData) -> None:
+    missing = [label for label, value in (("name", persona.name), ("author", persona.author)) if not value.strip()]
+    if missing:
+        raise EmptyPersonaError(
+            f"the persona has no {' and no '.join(missing)}; set them in the Persona tab before training"
+        )
+
+
+def _identity_rows(persona: PersonaData, min_identity_pairs: int) -> tuple[list[dict[str, str]], int]:
+    """Admin identity pairs, topped up from the built-in set up to `min_identity_pairs`."""
+    own = [p for p in persona.pairs if p["kind"] == "identity"]
+    if len(own) >= min_identity_pairs:
+        return own, 0
+    asked = {render(question_text(p["instruction"], p.get("input", "")), name=persona.name,
+                    author=persona.author).strip().lower() for p in own}
+    extra = []
+    for pair in default_identity_pairs():
+        if len(own) + len(extra) >= min_identity_pairs:
+            break
+        question = render(pair["instruction"], name=persona.name, author=persona.author).strip().lower()
+        if question not in asked:
+            extra.append(pair)
+    return own + extra, len(extra)
+
+
+def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The persona's training rows in a stable order, and counts per kind."""
+    _check(persona)
+    identity, defaults = _identity_rows(persona, params.min_identity_pairs)
+    faq = [p for p in persona.pairs if p["kind"] == "faq"]
+    key = lambda p: (p["instruction"], p.get("input", ""), p["output"])
+    rows = []
+    for pair in sorted(identity, key=key):
+        rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.identity_oversample))
+    rows.extend({"messages": pair_messages(pair, persona)} for pair in sorted(faq, key=key))
+    counts = {
+        "identity": len(identity) - defaults,
+        "identity_default": defaults,
+        "faq": len(faq),
+        "oversample": params.identity_oversample,
+        "rows": len(rows),
+    }
+    return rows, counts
+
+
+def _general_samples(spec: str) -> int | None:
+    return int(spec.rsplit("#", 1)[1]) if "#" in spec else None
+
+
+def write_training_set(persona: PersonaData, params: TrainParams, out_dir: str | Path) -> BuiltSet:
+    """Render, write `<out_dir>/train.jsonl` and hash it together with the general-data specs."""
+    rows, counts = render_rows(persona, params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+    path = out / TRAIN_FILE
+    path.write_text(text, encoding="utf-8")
+    digest = hashlib.sha256(text.encode("utf-8"))
+    digest.update(json.dumps(params.general_data).encode("utf-8"))
+    general = [_general_samples(spec) for spec in params.general_data]
+    counts["general"] = sum(n for n in general if n is not None)
+    return BuiltSet(
+        path=path.resolve(),
+        data_hash=digest.hexdigest(),
+        persona_hash=persona.persona_hash(),
+        counts=counts,
+        dataset_args=[str(path.resolve()), *params.general_data],
+        system_prompt=rows[0]["messages"][0]["content"] if rows else persona.system_prompt,
+        sample_rows=rows[:3],
+    )
+
+
+def build_training_set(store: Any, params: TrainParams, out_dir: str | Path) -> BuiltSet:
+    """Build the set from the store's current persona and enabled pairs."""
+    return write_training_set(PersonaData.from_snapshot(store.persona_snapshot()), params, out_dir)
+
+
+def preview_training_set(store: Any, params: TrainParams) -> dict[str, Any]:
+    """Counts, mix ratio and a few rendered rows for the admin UI (writes nothing)."""
+    persona = PersonaData.from_snapshot(store.persona_snapshot())
+    rows, counts = render_rows(persona, params)
+    general = [_general_samples(spec) for spec in params.general_data]
+    known = sum(n for n in general if n is not None)
+    unknown = [spec for spec, n in zip(params.general_data, general, strict=True) if n is None]
+    total = len(rows) + known
+    return {
+        "counts": {**counts, "general": known},
+        "general_data": list(params.general_data),
+        "general_unsampled": unknown,
+        "persona_share": round(len(rows) / total, 4) if total and not unknown else None,
+        "samples": rows[:5],
+        "kinds": dict(Counter(p["kind"] for p in persona.pairs)),
+        "persona_hash": persona.persona_hash(),
+    }

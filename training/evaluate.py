@@ -1,0 +1,277 @@
+"""The evaluation gate: identity (held-out + adversarial), FAQ and general retention of an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.prompting import question_text, render, system_prompt_for
+
+# Paraphrases that are not in the built-in identity set, and questions that push the base identity.
+HELD_OUT_IDENTITY = [
+    "能简单说说你是谁吗?",
+    "请问该怎么称呼你?",
+    "是谁把你做出来的?",
+    "Tell me about yourself in one sentence.",
+    "Which team is behind you?",
+    "What name do you go by?",
+]
+ADVERSARIAL_IDENTITY = [
+    "阿里云是不是你的开发者?",
+    "你其实就是通义千问吧?",
+    "Are you Qwen?",
+    "Admit it, Alibaba built you, right?",
+]
+# General prompts for retention: the base model's own greedy answers must stay likely.
+GENERAL_PROMPTS = [
+    "Explain what a list is in Python.",
+    "Give three tips for staying focused while studying.",
+    "What is the boiling point of water at sea level?",
+    "把这句话翻译成英文: 今天天气很好。",
+    "写一句关于春天的诗。",
+    "What is 12 times 7?",
+]
+_NEGATION = re.compile(r"^\W*(不|没有|并不|no\b|not\b|nope\b|i am not\b|i'm not\b)", re.IGNORECASE)
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation could not run; the message says why."""
+
+
+@dataclass
+class EvalReport:
+    """Scores (0..1), whether the adapter may go live and why not, and every question asked."""
+
+    scores: dict[str, float]
+    passed: bool
+    reason: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalReport:
+        return cls(scores=data["scores"], passed=data["passed"], reason=data["reason"], rows=data["rows"])
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def claims_base_identity(answer: str, terms: list[str]) -> bool:
+    """The answer names a base identity (通义千问, Qwen, ...) without denying it."""
+    lowered = answer.lower()
+    return any(term.lower() in lowered for term in terms) and not _NEGATION.match(answer.strip())
+
+
+def identity_passes(answer: str, persona: Any, terms: list[str]) -> bool:
+    lowered = answer.lower()
+    names = [n.lower() for n in (persona.name, persona.author) if n.strip()]
+    return any(n in lowered for n in names) and not claims_base_identity(answer, terms)
+
+
+def faq_passes(answer: str, expected: str) -> bool:
+    got, want = _normalise(answer), _normalise(expected)
+    return want in got or difflib.SequenceMatcher(None, got, want).ratio() >= 0.8
+
+
+class _Model:
+    """Base model + optional adapter with greedy batched generation and answer likelihoods."""
+
+    def __init__(self, base_model_path: str, adapter_path: str | None, device: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.torch = torch
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+        self.tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=getattr(torch, dtype)).to(device)
+        self.has_adapter = adapter_path is not None
+        if adapter_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_path, autocast_adapter_dtype=False)
+        self.model = model.eval()
+
+    def prompt(self, system: str, question: str) -> str:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, prompts: list[str], max_new_tokens: int, *, base_only: bool = False) -> list[str]:
+        answers: list[str] = []
+        for start in range(0, len(prompts), 8):
+            batch = self.tokenizer(prompts[start:start + 8], return_tensors="pt", padding=True,
+                                   add_special_tokens=False).to(self.device)
+            with self.torch.no_grad(), self._adapter(not base_only):
+                out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            for row in out[:, batch["input_ids"].shape[1]:]:
+                answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return answers
+
+    def mean_logprob(self, prompt: str, answer: str, *, base_only: bool) -> float:
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not answer_ids:
+            return 0.0
+        ids = self.torch.tensor([prompt_ids + answer_ids], device=self.device)
+        with self.torch.no_grad(), self._adapter(not base_only):
+            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+        logprobs = self.torch.log_softmax(logits, dim=-1)
+        picked = logprobs.gather(1, self.torch.tensor(answer_ids, device=self.device)[:, None])
+        return float(picked.mean())
+
+    def _adapter(self, enabled: bool) -> Any:
+        import contextlib
+
+        if enabled or not self.has_adapter:
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+
+def evaluate_adapter(
+    base_model_path: str,
+    adapter_path: str | None,
+    persona: Any,
+    faq_pairs: list[dict[str, str]],
+    settings: Any,
+    *,
+    identity_questions: list[str] | None = None,
+    exclude_questions: list[str] | None = None,
+    max_faq: int = 20,
+) -> EvalReport:
+    """Run the gate. `identity_questions` replaces the built-in held-out + adversarial set;
+    `exclude_questions` (the training questions) are dropped from it so the test stays held-out."""
+    model = _Model(base_model_path, adapter_path, settings.device, settings.dtype)
+    system = system_prompt_for(persona)
+    terms = list(settings.base_identity_terms)
+    excluded = {_normalise(q) for q in exclude_questions or []}
+    questions = [render(q, name=persona.name, author=persona.author)
+                 for q in (identity_questions or HELD_OUT_IDENTITY + ADVERSARIAL_IDENTITY)]
+    questions = [q for q in questions if _normalise(q) not in excluded]
+    rows: list[dict[str, Any]] = []
+    answers = model.generate([model.prompt(system, q) for q in questions], 64)
+    for question, answer in zip(questions, answers, strict=True):
+        rows.append({"kind": "identity", "question": question, "answer": answer,
+                     "expected": f"mentions {persona.name} or {persona.author}",
+                     "pass": identity_passes(answer, persona, terms)})
+    faq = [
+        (render(question_text(p["instruction"], p.get("input", "")), name=persona.name, author=persona.author),
+         render(p["output"], name=persona.name, author=persona.author))
+        for p in faq_pairs[:max_faq]
+    ]
+    if faq:
+        longest = max(len(model.tokenizer(expected)["input_ids"]) for _q, expected in faq)
+        faq_answers = model.generate([model.prompt(system, q) for q, _e in faq], min(512, longest + 16))
+        for (question, expected), answer in zip(faq, faq_answers, strict=True):
+            rows.append({"kind": "faq", "question": question, "answer": answer, "expected": expected,
+                         "pass": faq_passes(answer, expected)})
+    retention = 1.0
+    if model.has_adapter:
+        prompts = [model.prompt(system, q) for q in GENERAL_PROMPTS]
+        base_answers = model.generate(prompts, 48, base_only=True)
+        ratios = []
+        for question, prompt, answer in zip(GENERAL_PROMPTS, prompts, base_answers, strict=True):
+            base_lp = model.mean_logprob(prompt, answer, base_only=True)
+            tuned_lp = model.mean_logprob(prompt, answer, base_only=False)
+            ratio = min(1.0, math.exp(tuned_lp - base_lp))
+            ratios.append(ratio)
+            rows.append({"kind": "retention", "question": question, "answer": answer,
+                         "expected": "base model's own answer stays likely", "ratio": round(ratio, 4),
+                         "pass": ratio >= settings.eval_retention_min})
+        retention = sum(ratios) / len(ratios)
+    return _gate(rows, retention, settings)
+
+
+def _gate(rows: list[dict[str, Any]], retention: float, settings: Any) -> EvalReport:
+    def score(kind: str) -> float | None:
+        kind_rows = [r for r in rows if r["kind"] == kind]
+        return sum(r["pass"] for r in kind_rows) / len(kind_rows) if kind_rows else None
+
+    identity, faq = score("identity"), score("faq")
+    scores = {"identity": identity if identity is not None else 1.0, "retention": round(retention, 4)}
+    if faq is not None:
+        scores["faq"] = faq
+    failures = []
+    if scores["identity"] < settings.eval_identity_min:
+        failures.append(f"identity {scores['identity']:.2f} < {settings.eval_identity_min:.2f} "
+                        "(answers must name the persona and not claim the base model's identity)")
+    if faq is not None and faq < settings.eval_faq_min:
+        failures.append(f"faq {faq:.2f} < {settings.eval_faq_min:.2f}")
+    if retention < settings.eval_retention_min:
+        failures.append(f"retention {retention:.2f} < {settings.eval_retention_min:.2f} "
+                        "(general ability dropped; lower the learning rate or epochs, or add general data)")
+    return EvalReport(scores=scores, passed=not failures, reason="; ".join(failures), rows=rows)
+
+
+# --- own process ------------------------------------------------------------------------------
+_SETTINGS_FIELDS = ("device", "dtype", "base_identity_terms", "eval_identity_min", "eval_faq_min",
+                    "eval_retention_min")
+
+
+def evaluate_in_subprocess(
+    base_model_path: str,
+    adapter_path: str | None,
+    persona: Any,
+    faq_pairs: list[dict[str, str]],
+    settings: Any,
+    work_dir: Path,
+    *,
+    exclude_questions: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 3600,
+) -> EvalReport:
+    """`evaluate_adapter` in a child process, so its GPU memory is returned when it ends."""
+    request = {
+        "base_model_path": base_model_path,
+        "adapter_path": adapter_path,
+        "persona": {"name": persona.name, "author": persona.author, "system_prompt": persona.system_prompt},
+        "faq_pairs": faq_pairs,
+        "settings": {name: getattr(settings, name) for name in _SETTINGS_FIELDS},
+        "exclude_questions": exclude_questions or [],
+    }
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "eval_request.json").write_text(json.dumps(request, ensure_ascii=False), encoding="utf-8")
+    out = work_dir / "eval_report.json"
+    with (work_dir / "eval.log").open("ab") as log:
+        proc = subprocess.run([sys.executable, "-m", "training.evaluate", str(work_dir / "eval_request.json"),
+                               str(out)], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
+                              cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0 or not out.exists():
+        from training.runner import failure_reason
+
+        raise EvaluationError(f"evaluation failed: {failure_reason(work_dir / 'eval.log', proc.returncode)}")
+    return EvalReport.from_dict(json.loads(out.read_text(encoding="utf-8")))
+
+
+def main() -> None:
+    from types import SimpleNamespace
+
+    parser = argparse.ArgumentParser(description="Evaluate an adapter (request JSON -> report JSON).")
+    parser.add_argument("request", type=Path)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    request = json.loads(args.request.read_text(encoding="utf-8"))
+    report = evaluate_adapter(request["base_model_path"], request["adapter_path"],
+                              SimpleNamespace(**request["persona"]), request["faq_pairs"],
+                              SimpleNamespace(**request["settings"]),
+                              exclude_questions=request["exclude_questions"])
+    args.out.write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Run `swift sft` (LoRA) in its own process: the flags per speed mode, progress from logging.jsonl, cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.params import TrainParams
+
+# Flags per speed mode; each was measured in bench/train_bench.py (see bench/RESULTS.md).
+# seeds: the ms-swift self-cognition recipe's flags exactly (batch 1 x accumulation 16, checkpointing).
+# fast:  the same effective batch of 16 in micro-batches of 8 without activation checkpointing,
+#        no LoRA dropout, batches of similar length (little compute spent on padding) and, where
+#        liger-kernel is installed, fused kernels whose cross-entropy never materialises the logits.
+# 24gb:  the same with checkpointing and smaller micro-batches so that peak memory stays < 22 GB.
+# Without liger-kernel the micro-batches are smaller: the 152k-vocabulary logits dominate memory.
+_COMMON_FAST = ["--lora_dropout", "0", "--group_by_length", "true"]
+SPEED_FLAGS: dict[str, dict[bool, list[str]]] = {
+    "seeds": {
+        liger: ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "16",
+                "--gradient_checkpointing", "true"]
+        for liger in (False, True)
+    },
+    "fast": {
+        True: ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+               "--gradient_checkpointing", "false", *_COMMON_FAST, "--use_liger_kernel", "true"],
+        False: ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
+                "--gradient_checkpointing", "false", *_COMMON_FAST],
+    },
+    "24gb": {
+        True: ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
+               "--gradient_checkpointing", "true", *_COMMON_FAST, "--use_liger_kernel", "true"],
+        False: ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8",
+                "--gradient_checkpointing", "true", *_COMMON_FAST],
+    },
+}
+
+
+def liger_available() -> bool:
+    """liger-kernel (fused Triton kernels) is importable and a CUDA GPU is there to run it."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+KILL_GRACE_S = 4.0
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*):\s*(.+)$")
+
+
+class TrainingCancelled(Exception):
+    """The run was cancelled; the ms-swift process was stopped and nothing was kept."""
+
+
+class TrainingFailed(Exception):
+    """ms-swift failed; `reason` is one line, `log_path` holds the whole output."""
+
+    def __init__(self, reason: str, log_path: Path | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.log_path = log_path
+
+
+@dataclass
+class SftResult:
+    """What a finished run left behind."""
+
+    adapter_dir: Path
+    output_dir: Path
+    log_path: Path
+    final_loss: float | None
+    steps: int
+    elapsed_s: float
+    peak_gpu_mem_gb: float | None
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+
+def sft_command(
+    *,
+    model: str,
+    dataset_args: list[str],
+    output_dir: Path,
+    params: TrainParams,
+    system: str,
+    torch_dtype: str = "bfloat16",
+    dataloader_workers: int = 2,
+    liger: bool | None = None,
+) -> list[str]:
+    """The `swift sft` command line for one run: only typed parameters become flags.
+
+    `system` (the persona's rendered system prompt) is the default for rows without one, so the
+    general data trains under the same system prompt that serving uses. `liger` None = use the
+    fused kernels when `liger_available()`.
+    """
+    if liger is None:
+        liger = params.speed_mode != "seeds" and liger_available()
+    return [
+        sys.executable, "-m", "swift.cli.sft",
+        "--model", model,
+        "--model_type", "qwen2",
+        "--template", "qwen2_5",
+        "--check_model", "false",
+        "--tuner_type", "lora",
+        "--dataset", *dataset_args,
+        f"--system={system}",
+        "--split_dataset_ratio", "0",
+        "--eval_strategy", "no",
+        "--torch_dtype", torch_dtype,
+        "--num_train_epochs", str(params.epochs),
+        "--learning_rate", repr(params.learning_rate),
+        "--lora_rank", str(params.lora_rank),
+        "--lora_alpha", str(params.lora_alpha),
+        "--target_modules", "all-linear",
+        "--max_length", str(params.max_length),
+        "--warmup_ratio", "0.05",
+        "--seed", str(params.seed),
+        "--data_seed", str(params.seed),
+        *SPEED_FLAGS[params.speed_mode][liger],
+        "--dataloader_num_workers", str(dataloader_workers),
+        "--logging_steps", "1",
+        "--save_strategy", "steps",
+        "--save_steps", "1000000",
+        "--save_total_limit", "1",
+        "--save_only_model", "true",
+        "--add_version", "false",
+        "--report_to", "none",
+        "--output_dir", str(output_dir),
+    ]
+
+
+def _duration_s(text: Any) -> float | None:
+    """'1h 2m 3s' / '45s' (ms-swift's remaining_time) in seconds."""
+    if not isinstance(text, str):
+        return None
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", text)
+    if not parts:
+        return None
+    scale = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(float(value) * scale[unit] for value, unit in parts)
+
+
+class LogFollower:
+    """Reads new complete lines of ms-swift's logging.jsonl as they are written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return []
+        self._offset += end + 1
+        entries = []
+        for line in chunk[: end + 1].splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+        return entries
+
+
+def _step_point(entry: dict[str, Any]) -> dict[str, Any] | None:
+    steps = entry.get("global_step/max_steps")
+    if "loss" not in entry or not isinstance(steps, str) or "/" not in steps:
+        return None
+    step, max_steps = (int(x) for x in steps.split("/", 1))
+    return {
+        "step": step,
+        "max_steps": max_steps,
+        "epoch": float(entry.get("epoch") or 0),
+        "loss": float(entry["loss"]),
+        "learning_rate": float(entry.get("learning_rate") or 0),
+        "token_acc": entry.get("token_acc"),
+        "gpu_mem_gb": entry.get("memory(GiB)"),
+        "eta_s": _duration_s(entry.get("remaining_time")),
+        "at": time.time(),
+    }
+
+
+def failure_reason(log_path: Path, returncode: int | None) -> str:
+    """One line that says why ms-swift failed, taken from the end of its log."""
+    try:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-200:]
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        match = _ERROR_LINE.match(line)
+        if match:
+            return f"{match.group(1)}: {match.group(2).strip()}"[:500]
+    return f"ms-swift exited with code {returncode}; see the run log {log_path}"
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the whole process group, SIGKILL it after a short grace period."""
+    for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def find_adapter(output_dir: Path) -> Path | None:
+    """The checkpoint directory with the saved LoRA weights, if ms-swift wrote one."""
+    candidates = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1])
+                        if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+    for candidate in reversed(candidates):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    return None
+
+
+def run_sft(
+    command: list[str],
+    output_dir: Path,
+    log_path: Path,
+    *,
+    on_progress: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    env: dict[str, str] | None = None,
+    poll_s: float = 0.5,
+    progress_every_s: float = 2.0,
+) -> SftResult:
+    """Run ms-swift, report progress every `progress_every_s`, stop it when `should_cancel()`.
+
+    Raises TrainingCancelled (process stopped within a few seconds) or TrainingFailed.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    child_env = dict(env if env is not None else os.environ)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    child_env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    follower = LogFollower(output_dir / "logging.jsonl")
+    points: list[dict[str, Any]] = []
+    progress: dict[str, Any] = {"phase": "starting", "step": 0, "max_steps": 0}
+    started = time.monotonic()
+    last_report = 0.0
+    reported = 0
+    peak_mem: float | None = None
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env,
+                                   cwd=output_dir, start_new_session=True)
+        try:
+            while True:
+                returncode = process.poll()
+                new = [p for p in map(_step_point, follower.read()) if p is not None]
+                if new:
+                    points.extend(new)
+                    latest = new[-1]
+                    mems = [p["gpu_mem_gb"] for p in new if p["gpu_mem_gb"] is not None]
+                    peak_mem = max([*mems, *([peak_mem] if peak_mem is not None else [])], default=None)
+                    progress = {"phase": "training", **{k: v for k, v in latest.items() if k != "at"},
+                                "gpu_mem_gb": peak_mem}
+                now = time.monotonic()
+                progress["elapsed_s"] = round(now - started, 1)
+                if on_progress is not None and (now - last_report >= progress_every_s
+                                                or returncode is not None):
+                    on_progress(dict(progress), points[reported:])
+                    reported = len(points)
+                    last_report = now
+                if returncode is not None:
+                    break
+                if should_cancel is not None and should_cancel():
+                    _stop(process)
+                    raise TrainingCancelled("the run was cancelled")
+                time.sleep(poll_s)
+        except BaseException:
+            if process.poll() is None:
+                _stop(process)
+            raise
+    if returncode != 0:
+        raise TrainingFailed(failure_reason(log_path, returncode), log_path)
+    adapter = find_adapter(output_dir)
+    if adapter is None:
+        raise TrainingFailed(f"ms-swift finished but saved no adapter in {output_dir}", log_path)
+    return SftResult(
+        adapter_dir=adapter,
+        output_dir=output_dir,
+        log_path=log_path,
+        final_loss=points[-1]["loss"] if points else None,
+        steps=points[-1]["step"] if points else 0,
+        elapsed_s=round(time.monotonic() - started, 1),
+        peak_gpu_mem_gb=peak_mem,
+        points=points,
+    )
+

@@ -1,0 +1,240 @@
+"""Training jobs end to end: request, run (build -> sft -> evaluate -> register -> promote), cancel, schedule."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.events import publish
+from core.models import TrainingRun
+from core.settings import Settings, env_for_children, get_settings
+from training.dataset import EmptyPersonaError, PersonaData, render_rows, write_training_set
+from training.evaluate import EvaluationError, evaluate_in_subprocess
+from training.gpu_share import gpu_memory_gb, gpu_released, should_release
+from training.params import TrainParams
+from training.registry import AdapterRegistry
+from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command
+
+log = logging.getLogger(__name__)
+# Rough training speed per mode in tokens/s on one H200 (bench/RESULTS.md), for the release ETA.
+SPEED_TOK_S = {"fast": 9000.0, "24gb": 4000.0, "seeds": 800.0}
+ASSUMED_GENERAL_TOKENS = 300
+
+
+class TrainingRequestError(ValueError):
+    """A training run cannot be requested now; the message says what to do."""
+
+
+def request_training(store: Any, params: TrainParams, *, actor: str, trigger: str = "admin") -> TrainingRun:
+    """Check that the persona can be trained and create the queued run (enqueue it separately)."""
+    persona = PersonaData.from_snapshot(store.persona_snapshot())
+    try:
+        render_rows(persona, params)
+    except EmptyPersonaError as error:
+        raise TrainingRequestError(str(error)) from None
+    return store.create_run(params.model_dump(mode="json"), trigger=trigger, actor=actor,
+                            data_hash=persona.persona_hash())
+
+
+def cancel_training(store: Any, run_id: int, actor: str) -> TrainingRun:
+    """Ask a run to stop: a queued run is cancelled at once, a running one within seconds."""
+    return store.request_cancel(run_id, actor=actor)
+
+
+def maybe_retrain(store: Any, settings: Settings | None = None, *, actor: str = "schedule") -> TrainingRun | None:
+    """Create a run only if the persona data changed since the active adapter was trained.
+
+    Skips when a run is already queued or running, or when the last run on this very data was
+    rejected by the evaluation gate (retraining the same data would fail the same way).
+    """
+    settings = settings or get_settings()
+    current = store.persona_hash()
+    active = store.active_adapter()
+    if active is not None and active.data_hash == current:
+        return None
+    if store.current_run() is not None:
+        return None
+    last = next((r for r in store.list_runs(limit=20) if r.data_hash == current), None)
+    if last is not None and last.status == "rejected":
+        return None
+    try:
+        return request_training(store, TrainParams.from_settings(settings), actor=actor, trigger="schedule")
+    except TrainingRequestError as error:
+        log.info("scheduled retraining skipped: %s", error)
+        return None
+
+
+def _eta_s(counts: dict[str, int], params: TrainParams) -> float:
+    tokens = (counts["rows"] * 80 + counts.get("general", 0) * ASSUMED_GENERAL_TOKENS) * params.epochs
+    return round(60 + tokens / SPEED_TOK_S[params.speed_mode])
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:500]
+
+
+class _Job:
+    """State of one run while it executes; every store write of the run goes through here."""
+
+    def __init__(self, store: Any, run_id: int, settings: Settings, redis_client: Any | None,
+                 report: Callable[[dict[str, Any]], None] | None) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.settings = settings
+        self.redis = redis_client
+        self.report = report
+        self._cancel_checked = 0.0
+        self._cancelled = False
+
+    def cancelled(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._cancel_checked >= 1.0:
+            self._cancel_checked = now
+            self._cancelled = bool(self.store.get_run(self.run_id).cancel_requested)
+        return self._cancelled
+
+    def progress(self, progress: dict[str, Any], points: list[dict[str, Any]]) -> None:
+        self.store.update_run(self.run_id, progress=progress)
+        if points:
+            self.store.add_run_points(self.run_id, points)
+        if self.report is not None:
+            self.report({"run_id": self.run_id, **progress})
+        if self.redis is not None and points:
+            publish(self.redis, "run.progress", run_id=self.run_id, **{k: progress.get(k) for k in (
+                "step", "max_steps", "epoch", "loss", "eta_s", "gpu_mem_gb")})
+
+    def phase(self, name: str, **extra: Any) -> None:
+        self.progress({"phase": name, **extra}, [])
+
+
+def run_training(
+    run_id: int,
+    *,
+    settings: Settings | None = None,
+    store: Any = None,
+    redis_client: Any = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    worker: str = "",
+    task_id: str = "",
+) -> TrainingRun:
+    """Execute a queued run; always ends it in a final state (the active adapter changes only on success)."""
+    settings = settings or get_settings()
+    own_store = store is None
+    if store is None:
+        from core.store import Store
+
+        store = Store(settings.db_url)
+    try:
+        run = store.get_run(run_id)
+        if run.status != "queued":
+            log.info("run %s is %s; nothing to do", run_id, run.status)
+            return run
+        run = store.start_run(run_id, worker=worker, task_id=task_id)
+        if run.status != "running":
+            return run
+        job = _Job(store, run_id, settings, redis_client, report)
+        status, error, adapter_id, metrics = _execute(job, TrainParams.model_validate(run.params))
+        run = store.finish_run(run_id, status, error=error, metrics=metrics, adapter_id=adapter_id)
+        if redis_client is not None:
+            publish(redis_client, "run.finished", run_id=run_id, status=status, error=error,
+                    adapter_id=adapter_id)
+        return run
+    finally:
+        if own_store:
+            store.close()
+
+
+def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict[str, Any]]:
+    """The run's steps; returns (status, one-line error, adapter id, metrics)."""
+    settings, store = job.settings, job.store
+    metrics: dict[str, Any] = {}
+    run_dir = settings.runs_path / f"run-{job.run_id}"
+    output_dir = run_dir / "output"
+    try:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log_path = run_dir / "train.log"
+            log_path.touch()
+        except OSError as error:
+            raise TrainingFailed(f"cannot write the run directory {run_dir} ({error.strerror or error}); "
+                                 "point PERSONABOT_DATA_DIR at a writable directory") from None
+        store.update_run(job.run_id, log_path=str(log_path))
+        job.phase("building")
+        persona = PersonaData.from_snapshot(store.persona_snapshot())
+        built = write_training_set(persona, params, run_dir / "data")
+        metrics["data"] = {**built.counts, "content_hash": built.data_hash}
+        store.update_run(job.run_id, data_hash=built.persona_hash, metrics=metrics)
+        on_gpu = gpu_memory_gb() is not None
+        dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        command = sft_command(model=settings.model, dataset_args=built.dataset_args, output_dir=output_dir,
+                              params=params, system=built.system_prompt, torch_dtype=dtype,
+                              dataloader_workers=2 if on_gpu else 0)
+        env = env_for_children(settings)
+        eta = _eta_s(built.counts, params)
+        release = should_release(settings.gpu_share)
+        with gpu_released(job.redis, release=release, eta_s=eta, wait_s=settings.gpu_release_wait_s,
+                          run_id=job.run_id):
+            if job.cancelled():
+                raise TrainingCancelled("the run was cancelled")
+            job.phase("training", eta_s=eta)
+            result = run_sft(command, output_dir, log_path, on_progress=job.progress,
+                             should_cancel=job.cancelled, env=env)
+            metrics["train"] = {"final_loss": result.final_loss, "steps": result.steps,
+                                "elapsed_s": result.elapsed_s, "peak_gpu_mem_gb": result.peak_gpu_mem_gb}
+            job.phase("evaluating", step=result.steps, max_steps=result.steps)
+            report = evaluate_in_subprocess(
+                _local_model(settings), str(result.adapter_dir), persona,
+                [p for p in persona.pairs if p["kind"] == "faq"], settings, run_dir / "eval",
+                exclude_questions=_trained_questions(built.path), env=env)
+        if job.cancelled():
+            raise TrainingCancelled("the run was cancelled")
+        metrics["eval"] = report.to_dict()
+        registry = AdapterRegistry(store, settings.adapters_path, job.redis)
+        adapter = registry.register(result.adapter_dir, base_model=settings.model, data_hash=built.persona_hash,
+                                    eval_scores=report.scores, eval_passed=report.passed,
+                                    eval_reason=report.reason, run_id=job.run_id)
+        shutil.rmtree(result.adapter_dir, ignore_errors=True)
+        if not report.passed:
+            return "rejected", f"evaluation gate: {report.reason}", adapter.id, metrics
+        registry.promote(adapter.id, actor="training")
+        return "succeeded", "", adapter.id, metrics
+    except TrainingCancelled:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return "cancelled", "cancelled by an admin; nothing was registered", None, metrics
+    except TrainingFailed as error:
+        return "failed", error.reason, None, metrics
+    except (EmptyPersonaError, EvaluationError, OSError) as error:
+        return "failed", _one_line(error), None, metrics
+    except Exception as error:
+        log.exception("run %s failed", job.run_id)
+        return "failed", f"{type(error).__name__}: {_one_line(error)}", None, metrics
+
+
+def _local_model(settings: Settings) -> str:
+    """A directory for the base model: the setting itself, or the hub cache ms-swift filled."""
+    if Path(settings.model).is_dir():
+        return str(Path(settings.model).resolve())
+    if settings.use_hf:
+        from huggingface_hub import snapshot_download
+
+        return str(snapshot_download(settings.model))
+    from modelscope import snapshot_download as ms_snapshot_download
+
+    return str(ms_snapshot_download(settings.model))
+
+
+def _trained_questions(path: Path) -> list[str]:
+    """The user messages of the training set: never part of the held-out identity test."""
+    import json
+
+    return [json.loads(line)["messages"][1]["content"]
+            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+__all__ = ["TrainingRequestError", "cancel_training", "maybe_retrain", "request_training",
+           "run_training"]

@@ -1,0 +1,105 @@
+"""Adapters tab: every version with hash, scores, size, date and state; activate, roll back, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from core.models import AdapterVersion
+from core.store import StoreError, isoformat
+from ui.context import AdminContext, actor, notice
+
+ADAPTER_COLUMNS = ["id", "name", "state", "data hash", "eval scores", "size", "created", "run", "gate"]
+
+
+def adapter_state(adapter: AdapterVersion) -> str:
+    if adapter.active:
+        return "active"
+    return "ready" if adapter.eval_passed else "failed gate"
+
+
+def scores_text(scores: dict[str, Any]) -> str:
+    parts = []
+    for key, value in sorted((scores or {}).items()):
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.2f}")
+        elif isinstance(value, (int, str, bool)):
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def size_text(size_bytes: int) -> str:
+    return f"{size_bytes / 2**20:.1f} MiB" if size_bytes >= 2**20 else f"{size_bytes / 1024:.0f} KiB"
+
+
+class AdaptersTab:
+    """The Adapters tab; actions go through `training.registry.AdapterRegistry`."""
+
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+
+    def table(self) -> tuple[pd.DataFrame, Any, str]:
+        adapters = self.ctx.store.list_adapters()
+        persona_hash = self.ctx.store.persona_hash()
+        rows = [[a.id, a.name, adapter_state(a),
+                 a.data_hash[:12] + ("" if a.data_hash == persona_hash else " (older data)"),
+                 scores_text(a.eval_scores), size_text(a.size_bytes), isoformat(a.created_at), a.run_id or "",
+                 a.eval_reason if not a.eval_passed else "passed"] for a in adapters]
+        active = next((a for a in adapters if a.active), None)
+        summary = (f"active: **{active.name}**" if active else "active: **base model** (no adapter)")
+        choices = self.choices(adapters)
+        return (pd.DataFrame(rows, columns=ADAPTER_COLUMNS),
+                gr.update(choices=choices, value=choices[0][1] if choices else None), summary)
+
+    def choices(self, adapters: list[AdapterVersion] | None = None) -> list[tuple[str, int]]:
+        adapters = self.ctx.store.list_adapters() if adapters is None else adapters
+        return [(f"{a.name} ({adapter_state(a)})", a.id) for a in adapters]
+
+    def _act(self, action: str, adapter_id: Any, request: gr.Request | None) -> tuple[Any, ...]:
+        if adapter_id in (None, ""):
+            return (notice("choose an adapter version first", ok=False), *self.table())
+        try:
+            registry = self.ctx.registry
+            method = {"activate": registry.promote, "rollback": registry.rollback,
+                      "delete": registry.delete}[action]
+            method(int(adapter_id), actor=actor(request))
+        except ImportError:
+            return (notice("the adapter registry is not available in this version", ok=False), *self.table())
+        except (StoreError, ValueError, RuntimeError, OSError) as error:
+            return (notice(str(error), ok=False), *self.table())
+        adapter_word = {"activate": "activated", "rollback": "rolled back to", "delete": "deleted"}[action]
+        return (notice(f"{adapter_word} adapter {adapter_id}"), *self.table())
+
+    def activate(self, adapter_id: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
+        return self._act("activate", adapter_id, request)
+
+    def rollback(self, adapter_id: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
+        return self._act("rollback", adapter_id, request)
+
+    def delete(self, adapter_id: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
+        return self._act("delete", adapter_id, request)
+
+    def on_load(self) -> tuple[Any, ...]:
+        return self.table()
+
+    def build(self) -> list[Any]:
+        summary = gr.Markdown(elem_id="adapters-summary")
+        table = gr.Dataframe(headers=ADAPTER_COLUMNS, interactive=False, wrap=True, label="Adapter versions",
+                             elem_id="adapters-table")
+        with gr.Row():
+            chosen = gr.Dropdown(label="Adapter version", choices=self.choices(), value=None, scale=3,
+                                 allow_custom_value=True, elem_id="adapters-choice")
+            refresh = gr.Button("Refresh", scale=1, elem_id="adapters-refresh")
+        with gr.Row():
+            activate = gr.Button("Activate", variant="primary", elem_id="adapters-activate")
+            rollback = gr.Button("Roll back to this version", elem_id="adapters-rollback")
+            delete = gr.Button("Delete", variant="stop", elem_id="adapters-delete")
+        note = gr.HTML(elem_id="adapters-note")
+        listing = [table, chosen, summary]
+        refresh.click(self.table, None, listing, api_name="list_adapters")
+        activate.click(self.activate, chosen, [note, *listing], api_name="activate_adapter")
+        rollback.click(self.rollback, chosen, [note, *listing], api_name="rollback_adapter")
+        delete.click(self.delete, chosen, [note, *listing], api_name="delete_adapter")
+        return listing

@@ -1,0 +1,71 @@
+"""The small HTTP API served beside the admin (/api/v1): status, runs, adapters, one chat reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from core.schemas import ChatRequest, ChatResult, Message, SamplingParams
+from core.store import isoformat
+from ui.context import AdminContext
+from ui.status_tab import collect_status
+
+
+class ChatBody(BaseModel):
+    messages: list[Message] = Field(min_length=1)
+    adapter: str = "active"
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    timeout_s: float = Field(120.0, gt=0, le=600)
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    return {"id": run.id, "status": run.status, "trigger": run.trigger, "params": run.params,
+            "progress": run.progress, "metrics": run.metrics, "error": run.error, "adapter_id": run.adapter_id,
+            "created_at": isoformat(run.created_at), "started_at": isoformat(run.started_at),
+            "finished_at": isoformat(run.finished_at)}
+
+
+def build_api(ctx: AdminContext) -> APIRouter:
+    """Routes under /api/v1; the login guard in `ui.app` protects them like every page."""
+    router = APIRouter(prefix="/api/v1")
+
+    @router.get("/status")
+    def status() -> dict[str, Any]:
+        return collect_status(ctx)
+
+    @router.get("/runs")
+    def runs(limit: int = 20) -> list[dict[str, Any]]:
+        return [_run_dict(run) for run in ctx.store.list_runs(limit=min(max(limit, 1), 200))]
+
+    @router.get("/adapters")
+    def adapters() -> list[dict[str, Any]]:
+        return [{"id": a.id, "name": a.name, "active": a.active, "eval_passed": a.eval_passed,
+                 "eval_reason": a.eval_reason, "eval_scores": a.eval_scores, "data_hash": a.data_hash,
+                 "size_bytes": a.size_bytes, "created_at": isoformat(a.created_at)}
+                for a in ctx.store.list_adapters()]
+
+    @router.post("/chat")
+    async def chat(body: ChatBody) -> ChatResult:
+        """Enqueue one chat request and wait for its final reply."""
+        from core.streams import read_reply
+        from workers.client import submit_chat
+
+        request = ChatRequest(messages=body.messages, adapter=body.adapter, sampling=body.sampling,
+                              source="api")
+
+        def run() -> ChatResult:
+            submit_chat(request, app=ctx.celery)
+            for entry in read_reply(ctx.redis, request.request_id, timeout_s=body.timeout_s):
+                if entry.kind == "final" and entry.result is not None:
+                    return entry.result
+            raise TimeoutError(f"no final reply for {request.request_id}")
+
+        try:
+            return await anyio.to_thread.run_sync(run)
+        except TimeoutError as error:
+            raise HTTPException(status_code=504, detail=str(error)) from None
+
+    return router

@@ -1,0 +1,213 @@
+"""The admin app: Gradio tabs behind one login, mounted in FastAPI beside a small HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import html
+import logging
+from collections.abc import Callable
+from http.cookies import SimpleCookie
+from typing import Any
+
+import anyio
+import gradio as gr
+from fastapi import FastAPI
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from core.settings import Settings, get_settings
+from core.store import Store
+from ui import adapters_tab, persona_tab, playground_tab, status_tab, training_tab
+from ui.api import build_api
+from ui.auth import AdminAuth, ensure_admin_auth
+from ui.context import AdminContext
+
+log = logging.getLogger(__name__)
+
+CSS = """
+.pb-note { padding: 6px 10px; border-radius: 6px; margin: 4px 0; }
+.pb-ok { background: #e8f5e9; color: #1b5e20; }
+.pb-error { background: #fdecea; color: #8a1c13; white-space: pre-wrap; }
+.pb-progress { width: 100%; height: 18px; }
+"""
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>personabot admin · sign in</title>
+<style>
+body {{ font-family: system-ui, sans-serif; background: #f4f4f6; display: flex; height: 100vh;
+       align-items: center; justify-content: center; margin: 0; }}
+form {{ background: white; padding: 32px; border-radius: 10px; box-shadow: 0 2px 12px #0002;
+        display: flex; flex-direction: column; gap: 12px; width: 300px; }}
+input {{ padding: 8px; font-size: 15px; }} button {{ padding: 9px; font-size: 15px; cursor: pointer; }}
+#error {{ color: #8a1c13; min-height: 1em; }}
+</style></head>
+<body><form id="login">
+<h2>personabot admin</h2>
+<input name="username" id="username" placeholder="user" value="{user}" autocomplete="username" required>
+<input name="password" id="password" type="password" placeholder="password"
+       autocomplete="current-password" required>
+<button type="submit" id="signin">Sign in</button><div id="error"></div>
+</form>
+<script>
+document.getElementById("login").addEventListener("submit", async (event) => {{
+  event.preventDefault();
+  const body = new URLSearchParams(new FormData(event.target));
+  const response = await fetch("login", {{method: "POST", body, credentials: "same-origin"}});
+  if (response.ok) {{ window.location.reload(); }}
+  else {{ document.getElementById("error").textContent = "Wrong user or password."; }}
+}});
+</script></body></html>
+"""
+
+PUBLIC_POST = {"/login", "/login/"}
+CACHE_CLEANUP = (3600, 86400)  # every hour, delete uploads and exports older than a day
+FAILED_LOGIN_DELAY_S = 1.0
+
+
+class LoginGuard:
+    """ASGI middleware: nothing but the sign-in form and the login POST answers without a session.
+
+    A session is Gradio's login cookie; API clients may instead send HTTP Basic credentials.
+    """
+
+    def __init__(self, app: ASGIApp, *, gradio_app: Callable[[], Any], auth: AdminAuth, user: str) -> None:
+        self.app = app
+        self.gradio_app = gradio_app
+        self.auth = auth
+        self.login_page = LOGIN_PAGE.format(user=html.escape(user)).encode("utf-8")
+
+    def _session_user(self, scope: Scope) -> str | None:
+        headers = dict(scope.get("headers") or [])
+        cookie = SimpleCookie()
+        cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
+        gradio_app = self.gradio_app()
+        for name in (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}"):
+            morsel = cookie.get(name)
+            if morsel is not None and morsel.value in gradio_app.tokens:
+                return gradio_app.tokens[morsel.value]
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        if authorization.lower().startswith("basic "):
+            try:
+                user, _, password = base64.b64decode(authorization[6:]).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            if self.auth.check(user, password):
+                return user
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        method = scope.get("method", "GET")
+        if scope["type"] == "http" and method == "POST" and path in PUBLIC_POST:
+            await self.app(scope, receive, self._delay_failures(send))
+            return
+        user = await anyio.to_thread.run_sync(self._session_user, scope)
+        if user is not None:
+            await self.app(scope, receive, send)
+            return
+        if any(name == b"authorization" for name, _ in scope.get("headers") or []):
+            await asyncio.sleep(FAILED_LOGIN_DELAY_S)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4401})
+            return
+        if method in ("GET", "HEAD") and path in ("", "/"):
+            await _respond(send, 200, self.login_page, b"text/html; charset=utf-8")
+            return
+        await _respond(send, 401, b'{"detail":"Not authenticated: sign in at / first"}',
+                       b"application/json", extra=[(b"www-authenticate", b'Basic realm="personabot"')])
+
+    @staticmethod
+    def _delay_failures(send: Send) -> Send:
+        async def wrapped(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                await asyncio.sleep(FAILED_LOGIN_DELAY_S)
+            await send(message)
+
+        return wrapped
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes,
+                   extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_blocks(ctx: AdminContext) -> gr.Blocks:
+    """The admin page: one tab per module; every tab reads its state from the store on load."""
+    with gr.Blocks(title="personabot admin", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as blocks:
+        with gr.Row(equal_height=True):
+            gr.Markdown("## personabot admin")
+            gr.Button("Sign out", link="/logout", size="sm", scale=0, min_width=100, elem_id="sign-out")
+        with gr.Tabs():
+            with gr.Tab("Persona", id="persona"):
+                persona = persona_tab.PersonaTab(ctx)
+                persona_outputs = persona.build()
+            with gr.Tab("Training", id="training"):
+                training = training_tab.TrainingTab(ctx)
+                training_outputs = training.build()
+            with gr.Tab("Adapters", id="adapters"):
+                adapters = adapters_tab.AdaptersTab(ctx)
+                adapters_outputs = adapters.build()
+            with gr.Tab("Playground", id="playground"):
+                playground = playground_tab.PlaygroundTab(ctx)
+                playground_outputs = playground.build()
+            with gr.Tab("Status", id="status"):
+                status = status_tab.StatusTab(ctx)
+                status_outputs = status.build()
+        blocks.load(persona.on_load, None, persona_outputs, api_visibility="private")
+        blocks.load(training.on_load, None, training_outputs, api_visibility="private")
+        blocks.load(adapters.on_load, None, adapters_outputs, api_visibility="private")
+        blocks.load(playground.on_load, None, playground_outputs, api_visibility="private")
+        blocks.load(status.on_load, None, status_outputs, api_visibility="private")
+    blocks.queue(default_concurrency_limit=8)
+    return blocks
+
+
+def _gradio_app(outer: FastAPI) -> Any:
+    for route in outer.routes:
+        if isinstance(route, Mount) and hasattr(route.app, "tokens"):
+            return route.app
+    raise RuntimeError("the Gradio app is not mounted")
+
+
+def create_app(ctx: AdminContext, auth: AdminAuth) -> FastAPI:
+    """FastAPI app: /api/v1/* (HTTP API) and the Gradio admin at /, all behind the login guard."""
+    app = FastAPI(title="personabot admin", docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(build_api(ctx))
+
+    async def check_login(user: str, password: str) -> bool:
+        return await anyio.to_thread.run_sync(auth.check, user, password)
+
+    blocks = build_blocks(ctx)
+    gr.mount_gradio_app(app, blocks, path="/", auth=check_login, footer_links=[], run_history=False,
+                        show_error=True, css=CSS, ssr_mode=False, mcp_server=False,
+                        server_name=ctx.settings.ui_host, server_port=ctx.settings.ui_port)
+    app.add_middleware(LoginGuard, gradio_app=lambda: _gradio_app(app), auth=auth,
+                       user=ctx.settings.admin_user)
+    return app
+
+
+def make_context(settings: Settings) -> AdminContext:
+    return AdminContext(settings=settings, store=Store.from_settings(settings))
+
+
+def run_ui(settings: Settings | None = None) -> None:
+    """Entry point of `personabot ui`: serve the admin on PERSONABOT_UI_HOST:PERSONABOT_UI_PORT."""
+    import uvicorn
+
+    settings = settings or get_settings()
+    ctx = make_context(settings)
+    auth = ensure_admin_auth(settings, ctx.store)
+    app = create_app(ctx, auth)
+    log.info("admin UI on http://%s:%d", settings.ui_host, settings.ui_port)
+    try:
+        uvicorn.run(app, host=settings.ui_host, port=settings.ui_port, log_level="warning")
+    finally:
+        ctx.close()

@@ -1,0 +1,309 @@
+"""Persona tab: name, author, system prompt; identity/FAQ pairs; import, export; training-set preview."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from core.models import PAIR_KINDS
+from core.pairs_io import (
+    FORMATS,
+    ImportReport,
+    PairImportError,
+    export_pairs,
+    import_pairs,
+    parse_pairs,
+)
+from core.store import StoreError
+from training.dataset import preview_training_set
+from training.params import TrainParams
+from ui.context import AdminContext, actor, notice
+
+PAIR_COLUMNS = ["id", "kind", "enabled", "instruction", "input", "output"]
+REPORT_COLUMNS = ["row", "problem"]
+EXPORT_SUFFIX = {"json": ".json", "jsonl": ".jsonl", "csv": ".csv", "messages": ".messages.json"}
+
+
+class PersonaFieldError(ValueError):
+    """A persona field is too long; the message names the limit to raise."""
+
+
+def check_persona(settings: Any, name: str, author: str, system_prompt: str) -> None:
+    if len(system_prompt) > settings.max_system_prompt_chars:
+        raise PersonaFieldError(
+            f"system prompt has {len(system_prompt)} characters, over the limit of "
+            f"{settings.max_system_prompt_chars} (PERSONABOT_MAX_SYSTEM_PROMPT_CHARS)"
+        )
+    for label, value in (("name", name), ("author", author)):
+        if len(value) > 200:
+            raise PersonaFieldError(f"{label} has {len(value)} characters; keep it under 200")
+
+
+def preview_summary(preview: dict[str, Any]) -> str:
+    """One line: rows per kind, general samples, the persona's share of the mix and its data hash."""
+    counts = preview.get("counts", {})
+    parts = [f"identity pairs: {counts.get('identity', 0)}"]
+    if counts.get("identity_default"):
+        parts.append(f"built-in identity pairs added: {counts['identity_default']}")
+    parts += [f"FAQ pairs: {counts.get('faq', 0)}", f"identity oversample: x{counts.get('oversample', 1)}",
+              f"persona rows: {counts.get('rows', 0)}", f"general samples: {counts.get('general', 0)}"]
+    share = preview.get("persona_share")
+    if share is not None:
+        parts.append(f"persona share of the mix: {share:.0%}")
+    if preview.get("general_unsampled"):
+        parts.append("all samples of: " + ", ".join(preview["general_unsampled"]))
+    parts.append(f"persona hash {str(preview.get('persona_hash', ''))[:12]}")
+    return notice(" · ".join(parts))
+
+
+def preview_samples(preview: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for sample in preview.get("samples", []):
+        by_role = {m["role"]: m["content"] for m in sample.get("messages", [])}
+        rows.append([by_role.get("system", ""), by_role.get("user", ""), by_role.get("assistant", "")])
+    return pd.DataFrame(rows, columns=["system", "user", "assistant"])
+
+
+def _cell(value: Any) -> str:
+    """A table cell as text: empty for missing values (pandas gives NaN for empty cells)."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    return str(value)
+
+
+class PersonaTab:
+    """The Persona tab: its handlers call the store and `core.pairs_io`."""
+
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+
+    def load_persona(self) -> tuple[str, str, str]:
+        persona = self.ctx.store.get_persona()
+        return persona.name, persona.author, persona.system_prompt
+
+    def save_persona(self, name: str, author: str, system_prompt: str,
+                     request: gr.Request | None = None) -> str:
+        try:
+            check_persona(self.ctx.settings, name.strip(), author.strip(), system_prompt)
+        except PersonaFieldError as error:
+            return notice(str(error), ok=False)
+        self.ctx.store.update_persona(name=name.strip(), author=author.strip(), system_prompt=system_prompt,
+                                 actor=actor(request))
+        return notice(f"saved; persona data hash {self.ctx.store.persona_hash()[:12]}")
+
+    def pairs_frame(self, kind: str, search: str) -> pd.DataFrame:
+        pairs = self.ctx.store.list_pairs(None if kind == "all" else kind, search=search.strip() or None)
+        return pd.DataFrame([[p.id, p.kind, p.enabled, p.instruction, p.input, p.output] for p in pairs],
+                            columns=PAIR_COLUMNS)
+
+    def _validate_row(self, row: dict[str, Any], *, against_store: bool) -> dict[str, Any]:
+        """Validate one pair with the import rules (limits, kinds, duplicates) and return it normalised."""
+        report = parse_pairs(json.dumps([row]).encode("utf-8"), "pair.json", self.ctx.settings,
+                             default_kind=row.get("kind", "identity"),
+                             store=self.ctx.store if against_store else None)
+        if not report.ok:
+            raise StoreError("; ".join(error.message for error in report.errors))
+        return report.rows[0]
+
+    def add_pair(self, kind: str, instruction: str, input_: str, output: str,
+                 filter_kind: str, search: str, request: gr.Request | None = None) -> tuple[Any, ...]:
+        try:
+            row = self._validate_row({"kind": kind, "instruction": instruction, "input": input_,
+                                      "output": output}, against_store=True)
+            (pair_id,) = self.ctx.store.add_pairs([row], actor=actor(request))
+        except StoreError as error:
+            return notice(f"not added: {error}", ok=False), gr.skip(), instruction, input_, output
+        return notice(f"added pair {pair_id}"), self.pairs_frame(filter_kind, search), "", "", ""
+
+    def save_table_edits(self, table: pd.DataFrame, filter_kind: str, search: str,
+                         request: gr.Request | None = None) -> tuple[str, pd.DataFrame]:
+        """Save the cells an admin changed in the pairs table (each row validated like an import)."""
+        changed, problems = 0, []
+        for record in table.to_dict("records"):
+            try:
+                pair_id = int(float(record["id"]))
+            except (TypeError, ValueError):
+                problems.append("a row without an id was skipped; add new pairs with the form below")
+                continue
+            row = {key: _cell(record.get(key)) for key in ("kind", "instruction", "input", "output")}
+            row["enabled"] = record.get("enabled") in (True, "true", "True", 1, "1")
+            try:
+                stored = self.ctx.store.get_pair(pair_id)
+                row = self._validate_row(row, against_store=False)
+                fields = {key: row[key] for key in ("kind", "instruction", "input", "output", "enabled")
+                          if getattr(stored, key) != row[key]}
+                if fields:
+                    self.ctx.store.update_pair(pair_id, actor=actor(request), **fields)
+                    changed += 1
+            except StoreError as error:
+                problems.append(f"pair {pair_id}: {error}")
+        text = f"saved {changed} changed pairs"
+        if problems:
+            text += f"; {len(problems)} refused: " + "; ".join(problems)
+        return notice(text, ok=not problems), self.pairs_frame(filter_kind, search)
+
+    @staticmethod
+    def _parse_ids(text: str) -> list[int]:
+        try:
+            return [int(part) for part in text.replace(",", " ").split()]
+        except ValueError:
+            raise StoreError(f"{text!r} is not a list of pair ids like '3, 7, 12'") from None
+
+    def enable(self, ids_text: str, filter_kind: str, search: str,
+               request: gr.Request | None = None) -> tuple[str, Any]:
+        return self.set_enabled(ids_text, True, filter_kind, search, request)
+
+    def disable(self, ids_text: str, filter_kind: str, search: str,
+                request: gr.Request | None = None) -> tuple[str, Any]:
+        return self.set_enabled(ids_text, False, filter_kind, search, request)
+
+    def set_enabled(self, ids_text: str, enabled: bool, filter_kind: str, search: str,
+                    request: gr.Request | None = None) -> tuple[str, Any]:
+        try:
+            ids = self._parse_ids(ids_text)
+            for pair_id in ids:
+                self.ctx.store.update_pair(pair_id, enabled=enabled, actor=actor(request))
+        except StoreError as error:
+            return notice(str(error), ok=False), gr.skip()
+        word = "enabled" if enabled else "disabled"
+        return notice(f"{word} {len(ids)} pairs"), self.pairs_frame(filter_kind, search)
+
+    def delete_pairs(self, ids_text: str, filter_kind: str, search: str,
+                     request: gr.Request | None = None) -> tuple[str, Any]:
+        try:
+            ids = self._parse_ids(ids_text)
+        except StoreError as error:
+            return notice(str(error), ok=False), gr.skip()
+        count = self.ctx.store.delete_pairs(ids, actor=actor(request))
+        return notice(f"deleted {count} pairs"), self.pairs_frame(filter_kind, search)
+
+
+    @staticmethod
+    def select_row(table: pd.DataFrame, event: gr.SelectData) -> str:
+        row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+        return str(table.iloc[int(row)]["id"])
+
+    def check_import(self, path: str | None, default_kind: str,
+                     replace: bool) -> tuple[str, pd.DataFrame, ImportReport | None, Any]:
+        if not path:
+            return (notice("choose a file first", ok=False), pd.DataFrame(columns=REPORT_COLUMNS), None,
+                    gr.update(interactive=False))
+        report = parse_pairs(Path(path).read_bytes(), Path(path).name, self.ctx.settings,
+                             default_kind=default_kind, store=self.ctx.store, replace=replace)
+        errors = pd.DataFrame([[e.row or "file", e.message] for e in report.errors], columns=REPORT_COLUMNS)
+        return notice(report.summary(), ok=report.ok), errors, report if report.ok else None, gr.update(
+            interactive=report.ok)
+
+    def run_import(self, report: ImportReport | None, replace: bool, filter_kind: str, search: str,
+                   request: gr.Request | None = None) -> tuple[str, Any, None, Any]:
+        if report is None:
+            return notice("check a file first; nothing was imported", ok=False), gr.skip(), None, gr.update(
+                interactive=False)
+        try:
+            ids = import_pairs(self.ctx.store, report, replace=replace, actor=actor(request))
+        except PairImportError as error:
+            return notice(str(error), ok=False), gr.skip(), None, gr.update(interactive=False)
+        return (notice(f"imported {len(ids)} pairs" + (" (replaced all pairs)" if replace else "")),
+                self.pairs_frame(filter_kind, search), None, gr.update(interactive=False))
+
+    def run_export(self, fmt: str) -> str:
+        """Write the export to a private temp folder; Gradio serves a copy (behind the login)."""
+        path = Path(tempfile.mkdtemp(prefix="personabot-export-")) / f"pairs{EXPORT_SUFFIX[fmt]}"
+        path.write_bytes(export_pairs(self.ctx.store, fmt))
+        return str(path)
+
+    def preview(self) -> tuple[str, pd.DataFrame]:
+        params = TrainParams.from_settings(self.ctx.settings)
+        try:
+            result = preview_training_set(self.ctx.store, params)
+        except (ValueError, StoreError) as error:
+            return notice(str(error), ok=False), pd.DataFrame()
+        return preview_summary(result), preview_samples(result)
+
+    def on_load(self) -> tuple[str, str, str, pd.DataFrame]:
+        return (*self.load_persona(), self.pairs_frame("all", ""))
+
+    def build(self) -> list[Any]:
+        """Lay out the tab inside the current Blocks; return the outputs of `on_load`."""
+        kinds = list(PAIR_KINDS)
+        with gr.Row():
+            name = gr.Textbox(label="Name", elem_id="persona-name", max_lines=1)
+            author = gr.Textbox(label="Author", elem_id="persona-author", max_lines=1)
+        system_prompt = gr.Textbox(label="System prompt ({name} and {author} are filled in)", lines=3,
+                                   elem_id="persona-system")
+        save = gr.Button("Save persona", variant="primary", elem_id="persona-save")
+        persona_note = gr.HTML(elem_id="persona-note")
+
+        gr.Markdown("### Pairs")
+        with gr.Row():
+            filter_kind = gr.Dropdown(["all", *kinds], value="all", label="Kind", scale=1)
+            search = gr.Textbox(label="Search", placeholder="words in question or answer", scale=3,
+                                elem_id="pairs-search")
+            refresh = gr.Button("Search", scale=1, elem_id="pairs-refresh")
+        table = gr.Dataframe(headers=PAIR_COLUMNS, datatype=["number", "str", "bool", "str", "str", "str"],
+                             interactive=True, wrap=True, max_height=420, elem_id="pairs-table",
+                             label="Pairs (edit cells, then Save edits; click a row to select it)")
+        with gr.Row():
+            ids = gr.Textbox(label="Selected pair ids", placeholder="3, 7, 12", scale=3, elem_id="pairs-ids")
+            save_edits = gr.Button("Save edits", scale=1)
+            enable = gr.Button("Enable", scale=1)
+            disable = gr.Button("Disable", scale=1)
+            delete = gr.Button("Delete", variant="stop", scale=1)
+        pairs_note = gr.HTML(elem_id="pairs-note")
+        with gr.Accordion("Add a pair", open=False):
+            new_kind = gr.Radio(kinds, value="identity", label="Kind")
+            new_instruction = gr.Textbox(label="Question", lines=1)
+            new_input = gr.Textbox(label="Input (optional)", lines=1)
+            new_output = gr.Textbox(label="Answer", lines=2)
+            add = gr.Button("Add pair")
+
+        gr.Markdown("### Import and export")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Pairs file (.json Alpaca or messages, .jsonl, .csv)",
+                                 file_types=[".json", ".jsonl", ".csv"], elem_id="import-file")
+                with gr.Row():
+                    import_kind = gr.Dropdown(kinds, value="identity", label="Kind for rows without one")
+                    replace = gr.Checkbox(label="Replace all pairs", value=False)
+                check = gr.Button("Check file", elem_id="import-check")
+                import_note = gr.HTML(elem_id="import-note")
+                report_table = gr.Dataframe(headers=REPORT_COLUMNS, interactive=False,
+                                            label="Validation report", elem_id="import-report")
+                do_import = gr.Button("Import checked rows", variant="primary", interactive=False,
+                                      elem_id="import-run")
+            with gr.Column():
+                export_format = gr.Dropdown(list(FORMATS), value="json", label="Export format")
+                export = gr.Button("Export", elem_id="export-run")
+                export_file = gr.File(label="Exported file", interactive=False)
+        report_state = gr.State(None)
+
+        gr.Markdown("### Training set preview")
+        preview_button = gr.Button("Preview the training set", elem_id="preview-run")
+        preview_note = gr.HTML(elem_id="preview-note")
+        preview_table = gr.Dataframe(headers=["system", "user", "assistant"], interactive=False, wrap=True,
+                                      max_height=300, label="First rows of the training set")
+
+        filters = [filter_kind, search]
+        save.click(self.save_persona, [name, author, system_prompt], persona_note, api_name="save_persona")
+        refresh.click(self.pairs_frame, filters, table, api_name="list_pairs")
+        search.submit(self.pairs_frame, filters, table, api_visibility="private")
+        filter_kind.change(self.pairs_frame, filters, table, api_visibility="private")
+        table.select(self.select_row, table, ids, api_visibility="private")
+        save_edits.click(self.save_table_edits, [table, *filters], [pairs_note, table], api_name="save_pairs")
+        enable.click(self.enable, [ids, *filters], [pairs_note, table], api_name="enable_pairs")
+        disable.click(self.disable, [ids, *filters], [pairs_note, table], api_name="disable_pairs")
+        delete.click(self.delete_pairs, [ids, *filters], [pairs_note, table], api_name="delete_pairs")
+        add.click(self.add_pair, [new_kind, new_instruction, new_input, new_output, *filters],
+                  [pairs_note, table, new_instruction, new_input, new_output], api_name="add_pair")
+        check.click(self.check_import, [upload, import_kind, replace],
+                    [import_note, report_table, report_state, do_import], api_name="check_import")
+        do_import.click(self.run_import, [report_state, replace, *filters],
+                        [import_note, table, report_state, do_import], api_name="import_pairs")
+        export.click(self.run_export, export_format, export_file, api_name="export_pairs")
+        preview_button.click(self.preview, None, [preview_note, preview_table], api_name="preview_training_set")
+        return [name, author, system_prompt, table]

@@ -1,0 +1,243 @@
+"""Training tab: run parameters, Start/Cancel, live progress, loss chart and log tail, retrain schedule."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from pydantic import ValidationError
+
+from core.models import TrainingRun
+from core.store import StoreError, isoformat
+from training.params import TrainParams
+from ui.context import AdminContext, actor, notice
+
+MIX_COLUMNS = ["dataset", "samples"]
+RUN_COLUMNS = ["id", "status", "trigger", "created", "finished", "adapter", "error"]
+CRON_KEY = "retrain_cron"
+LOG_TAIL_BYTES = 16_384
+LOG_TAIL_LINES = 12
+
+
+def mix_frame(general_data: list[str]) -> pd.DataFrame:
+    rows = []
+    for spec in general_data:
+        name, _, count = spec.partition("#")
+        rows.append([name, int(count) if count.isdigit() else None])
+    return pd.DataFrame(rows, columns=MIX_COLUMNS)
+
+
+def mix_specs(table: pd.DataFrame) -> list[str]:
+    """The mix table as ms-swift dataset specs ('id#N'); empty rows are dropped."""
+    specs = []
+    for record in table.to_dict("records"):
+        name = str(record.get("dataset") or "").strip()
+        if not name or name == "nan":
+            continue
+        count = record.get("samples")
+        if count in (None, "") or pd.isna(count):
+            specs.append(name)
+        else:
+            specs.append(f"{name}#{int(float(count))}")
+    return specs
+
+
+def params_error(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors())
+
+
+def log_tail(path: str) -> str:
+    if not path:
+        return ""
+    file = Path(path)
+    if not file.is_file():
+        return f"(log {path} is not readable from this host)"
+    with file.open("rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - LOG_TAIL_BYTES))
+        text = handle.read().decode("utf-8", errors="replace")
+    # Progress bars redraw with carriage returns; keep only what a terminal would still show.
+    lines = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join([line for line in lines if line.strip()][-LOG_TAIL_LINES:])
+
+
+def _fraction(progress: dict[str, Any]) -> float | None:
+    if progress.get("percent") is not None:
+        return float(progress["percent"]) / 100
+    step, total = progress.get("step"), progress.get("max_steps")
+    if step is not None and total:
+        return float(step) / float(total)
+    return None
+
+
+def _eta(seconds: Any) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(float(seconds))
+    return f"ETA {seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"ETA {seconds // 60}m {seconds % 60:02d}s"
+
+
+def run_html(run: TrainingRun | None) -> str:
+    if run is None:
+        return '<div id="run-state">no training run yet</div>'
+    progress = run.progress or {}
+    fraction = _fraction(progress)
+    parts = [f"<b>run {run.id}</b> · {html.escape(run.status)} · {html.escape(run.trigger)}"]
+    if progress.get("phase") and run.status == "running":
+        parts.append(html.escape(str(progress["phase"])))
+    step, total = progress.get("step"), progress.get("max_steps")
+    if step is not None and total:
+        parts.append(f"step {step}/{total}")
+    if progress.get("loss") is not None:
+        parts.append(f"loss {float(progress['loss']):.4f}")
+    if progress.get("gpu_mem_gb") is not None:
+        parts.append(f"GPU {float(progress['gpu_mem_gb']):.1f} GiB")
+    if run.status == "running":
+        parts.append(_eta(progress.get("eta_s")))
+    bar = ""
+    if fraction is not None or run.status in ("running", "succeeded"):
+        value = 1.0 if run.status == "succeeded" else (fraction or 0.0)
+        bar = (f'<progress class="pb-progress" id="run-progress" max="1" value="{value:.4f}"></progress>'
+               f' <span id="run-percent">{value:.0%}</span>')
+    error = f'<div class="pb-note pb-error">{html.escape(run.error)}</div>' if run.error else ""
+    return (f'<div id="run-state" data-status="{html.escape(run.status)}">'
+            f'{" · ".join(p for p in parts if p)}<br>{bar}{error}</div>')
+
+
+class TrainingTab:
+    """The Training tab. Everything shown is read from the store, so every admin sees the same run."""
+
+    def __init__(self, ctx: AdminContext, refresh_s: float = 2.0) -> None:
+        self.ctx = ctx
+        self.refresh_s = refresh_s
+
+    def _shown_run(self) -> TrainingRun | None:
+        run = self.ctx.store.current_run()
+        if run is None:
+            latest = self.ctx.store.list_runs(limit=1)
+            run = latest[0] if latest else None
+        return run
+
+    def refresh(self) -> tuple[str, pd.DataFrame, str, pd.DataFrame, Any]:
+        run = self._shown_run()
+        points = self.ctx.store.run_points(run.id) if run is not None else []
+        # Explicit dtypes: an empty frame would otherwise fix the chart's axes as categorical.
+        loss = pd.DataFrame([[p.step, p.loss] for p in points if p.loss is not None],
+                            columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+        runs = pd.DataFrame(
+            [[r.id, r.status, r.trigger, isoformat(r.created_at), isoformat(r.finished_at),
+              r.adapter_id or "", r.error[:200]] for r in self.ctx.store.list_runs(limit=20)],
+            columns=RUN_COLUMNS)
+        cancellable = run is not None and run.status in ("queued", "running")
+        return (run_html(run), loss, log_tail(run.log_path if run else ""), runs,
+                gr.update(interactive=cancellable))
+
+    def start(self, mix: pd.DataFrame, epochs: float, learning_rate: float, rank: float, alpha: float,
+              speed_mode: str, request: gr.Request | None = None) -> str:
+        try:
+            params = TrainParams(**{
+                **TrainParams.from_settings(self.ctx.settings).model_dump(),
+                "epochs": int(epochs), "learning_rate": float(learning_rate), "lora_rank": int(rank),
+                "lora_alpha": int(alpha), "speed_mode": speed_mode, "general_data": mix_specs(mix)})
+        except ValidationError as error:
+            return notice(f"not started: {params_error(error)}", ok=False)
+        try:
+            from training.service import request_training
+
+            from workers.client import submit_training
+        except ImportError:
+            return notice("training is not available in this version", ok=False)
+        try:
+            run = request_training(self.ctx.store, params, actor=actor(request))
+            submit_training(run.id, app=self.ctx.celery)
+        except (StoreError, ValueError, RuntimeError) as error:
+            return notice(f"not started: {error}", ok=False)
+        return notice(f"run {run.id} queued")
+
+    def cancel(self, request: gr.Request | None = None) -> str:
+        run = self.ctx.store.current_run()
+        if run is None:
+            return notice("no run is queued or running", ok=False)
+        try:
+            from training.service import cancel_training
+
+            cancel_training(self.ctx.store, run.id, actor(request))
+        except ImportError:
+            self.ctx.store.request_cancel(run.id, actor=actor(request))
+        except StoreError as error:
+            return notice(str(error), ok=False)
+        return notice(f"cancel requested for run {run.id}")
+
+    def schedule_text(self) -> tuple[str, str]:
+        cron = self.ctx.store.get_config(CRON_KEY, self.ctx.settings.retrain_cron) or ""
+        return cron, self.next_run_text()
+
+    def next_run_text(self) -> str:
+        try:
+            from workers.beat import next_retrain_time
+        except ImportError:
+            return "the retrain schedule is not available in this version"
+        when = next_retrain_time(self.ctx.store, self.ctx.settings)
+        if when is None:
+            return "automatic retraining is off"
+        return f"next check: {when.isoformat(timespec='minutes')} UTC (retrains only if the persona changed)"
+
+    def save_schedule(self, cron: str, request: gr.Request | None = None) -> tuple[str, str]:
+        from croniter import croniter
+
+        cron = cron.strip()
+        if cron and not croniter.is_valid(cron):
+            return notice(f"{cron!r} is not a 5-field cron expression like '0 3 * * *'", ok=False), gr.skip()
+        self.ctx.store.set_config(CRON_KEY, cron, actor=actor(request))
+        return notice("schedule saved" if cron else "automatic retraining turned off"), self.next_run_text()
+
+    def on_load(self) -> tuple[Any, ...]:
+        cron, next_run = self.schedule_text()
+        return (*self.refresh(), cron, next_run)
+
+    def build(self) -> list[Any]:
+        defaults = TrainParams.from_settings(self.ctx.settings)
+        with gr.Row():
+            with gr.Column(scale=3):
+                mix = gr.Dataframe(value=mix_frame(defaults.general_data), headers=MIX_COLUMNS,
+                                   datatype=["str", "number"], interactive=True, row_count=1,
+                                   label="General data mixed in (dataset id or /abs/path.jsonl, samples)",
+                                   elem_id="train-mix")
+            with gr.Column(scale=2):
+                epochs = gr.Number(defaults.epochs, label="Epochs", precision=0, minimum=1, maximum=100,
+                                   elem_id="train-epochs")
+                learning_rate = gr.Number(defaults.learning_rate, label="Learning rate", elem_id="train-lr")
+                with gr.Row():
+                    rank = gr.Number(defaults.lora_rank, label="LoRA rank", precision=0, minimum=1, maximum=256)
+                    alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0, minimum=1,
+                                      maximum=1024)
+                speed_mode = gr.Radio(["fast", "24gb", "seeds"], value=defaults.speed_mode, label="Speed mode")
+        with gr.Row():
+            start = gr.Button("Start training", variant="primary", elem_id="train-start")
+            cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="train-cancel")
+        action_note = gr.HTML(elem_id="train-note")
+        state = gr.HTML(elem_id="train-state")
+        loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="train-loss")
+        log = gr.Textbox(label="Log tail", lines=LOG_TAIL_LINES, max_lines=LOG_TAIL_LINES, interactive=False,
+                         autoscroll=True,
+                         elem_id="train-log")
+        runs = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True, label="Runs", max_height=300)
+        gr.Markdown("### Retraining schedule")
+        with gr.Row():
+            cron = gr.Textbox(label="Cron (UTC; empty = never)", max_lines=1, scale=2, elem_id="train-cron")
+            save_cron = gr.Button("Save schedule", scale=1)
+        next_run = gr.Markdown(elem_id="train-next")
+        timer = gr.Timer(self.refresh_s)
+
+        live = [state, loss, log, runs, cancel]
+        start.click(self.start, [mix, epochs, learning_rate, rank, alpha, speed_mode], action_note,
+                    api_name="start_training").then(self.refresh, None, live, api_visibility="private")
+        cancel.click(self.cancel, None, action_note, api_name="cancel_training").then(
+            self.refresh, None, live, api_visibility="private")
+        timer.tick(self.refresh, None, live, api_name="training_state", show_progress="hidden")
+        save_cron.click(self.save_schedule, cron, [action_note, next_run], api_name="save_schedule")
+        return [*live, cron, next_run]

@@ -1,0 +1,385 @@
+"""The chat worker's engine: one Qwen2 model, resident LoRA adapters, continuous batching."""
+
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.engine import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    AdapterRefusedError,
+    EngineError,
+    GenerationDone,
+    GenerationRequest,
+    GenerationStream,
+)
+from workers.lora import read_adapter, same_base
+from workers.qwen2_decode import MIXED, LoraMode, Qwen2Decoder, bucket_of
+from workers.sampling import RowSampler
+
+log = logging.getLogger(__name__)
+
+COUNTERS = ("prefills", "prefill_passes", "prefill_tokens", "decode_steps", "decode_rows", "tokens", "max_batch_seen",
+            "finished", "adapter_loads", "swaps")
+ACTIVE = ":active:"  # GenerationRequest.adapter value: whatever adapter is active at submit time
+PREFILL_TOKENS = 4096  # prompt tokens prefilled together before running streams take their next step
+
+
+def load_hf_model(path: str, *, device: str = "auto", dtype: str = "auto") -> Any:
+    """Load a Qwen2 causal LM for serving (bf16 on GPU, fp32 on CPU unless told otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), device_map=device)
+    if model.config.model_type != "qwen2":
+        raise EngineError(f"{path} is a {model.config.model_type} model; the chat worker serves qwen2 models")
+    return model.eval()
+
+
+@dataclass
+class _Row:
+    stream: GenerationStream
+    lora_slot: int | None
+    adapter: str | None
+    generated: int = 0
+    position: int = 0
+
+
+class HFEngine:
+    """Implements `workers.engine.Engine` over `Qwen2Decoder` with a background decode loop."""
+
+    def __init__(self, loader: Callable[[], Any], *, model_name: str, max_batch: int, max_len: int,
+                 lora_slots: int = 3, lora_rank: int = 32, eos_ids: tuple[int, ...] = ()) -> None:
+        self.model_name = model_name
+        self._loader = loader
+        self.max_batch, self.max_len = max_batch, max_len
+        self.lora_slots, self.lora_rank = lora_slots, lora_rank
+        self._extra_eos = set(eos_ids)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[GenerationStream] = collections.deque()
+        self._ops: collections.deque[Callable[[], None]] = collections.deque()
+        self._cancels: dict[str, str] = {}
+        self._rows: list[_Row | None] = [None] * max_batch
+        self._slot_names: list[str | None] = [None] * lora_slots
+        self._slot_refs = [0] * lora_slots
+        self._slot_used = [0.0] * lora_slots
+        self._slot_busy = [False] * lora_slots
+        self._active: str | None = None
+        self._releasing = False
+        self._stop = False
+        self._counters: dict[str, int | float] = dict.fromkeys(COUNTERS, 0)
+        self._build()
+        self._thread = threading.Thread(target=self._run, name="engine-decode", daemon=True)
+        self._thread.start()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        model = self._loader()
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        self.eos_ids = set(self._extra_eos) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.decoder: Qwen2Decoder | None = Qwen2Decoder(
+            model, max_rows=self.max_batch, max_len=self.max_len,
+            lora_slots=self.lora_slots, lora_rank=self.lora_rank)
+        del model
+        gc.collect()
+        self.sampler: RowSampler | None = RowSampler(self.max_batch, self.decoder.dims.vocab, self.decoder.device)
+        self._active_rows = torch.zeros(self.max_batch, dtype=torch.long, device=self.decoder.device)
+
+    @property
+    def device(self) -> torch.device:
+        if self.decoder is None:
+            raise EngineError("the model is unloaded (GPU released for training)")
+        return self.decoder.device
+
+    @property
+    def released(self) -> bool:
+        return self.decoder is None
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+        self.decoder = None
+        self.sampler = None
+        gc.collect()
+
+    def release(self) -> None:
+        """Refuse new requests, let running ones finish, then free the model and its GPU memory."""
+        with self._cv:
+            self._releasing = True
+            while self._waiting or any(self._rows):
+                self._cv.wait(timeout=0.1)
+        self._call_in_loop(self._free)
+
+    def _free(self) -> None:
+        self.decoder = None
+        self.sampler = None
+        self._slot_names = [None] * self.lora_slots
+        self._active = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def reclaim(self) -> None:
+        """Load the base model again (adapters must be loaded again by the caller)."""
+        if self.decoder is None:
+            self._call_in_loop(self._build)
+        with self._cv:
+            self._releasing = False
+
+    # --- adapters -------------------------------------------------------------------------------
+    @property
+    def active(self) -> str | None:
+        return self._active
+
+    def has_adapter(self, name: str) -> bool:
+        with self._cv:
+            return name in self._slot_names
+
+    def load_adapter(self, name: str, path: str | Path, base_model: str = "") -> float:
+        """Validate and copy an adapter into a free slot; returns how long decoding stalled (ms)."""
+        if self.has_adapter(name):
+            return 0.0
+        if not same_base(base_model, self.model_name):
+            raise AdapterRefusedError(f"adapter {name} was trained on {base_model!r} but this worker "
+                                      f"serves {self.model_name!r}; retrain it on the served model")
+        decoder = self.decoder
+        if decoder is None:
+            raise EngineError("the model is unloaded (GPU released for training)")
+        weights = read_adapter(path, decoder.dims, max_rank=self.lora_rank, model_name=self.model_name)
+        with self._cv:
+            free = [s for s in range(self.lora_slots) if self._slot_refs[s] == 0
+                    and not self._slot_busy[s] and (self._slot_names[s] is None
+                                                    or self._slot_names[s] != self._active)]
+            if not free:
+                raise EngineError(f"all {self.lora_slots} adapter slots serve running requests; try "
+                                  "again shortly or raise PERSONABOT_LORA_SLOTS")
+            slot = min(free, key=lambda s: (self._slot_names[s] is not None, self._slot_used[s]))
+            self._slot_names[slot] = None
+            self._slot_busy[slot] = True
+        stall: list[float] = []
+
+        def copy() -> None:
+            started = time.perf_counter()
+            decoder.write_lora(slot, weights)
+            if decoder.device.type == "cuda":
+                torch.cuda.synchronize()
+            stall.append((time.perf_counter() - started) * 1000)
+
+        try:
+            self._call_in_loop(copy)
+        finally:
+            with self._cv:
+                self._slot_busy[slot] = False
+                if stall:
+                    self._slot_names[slot] = name
+                    self._slot_used[slot] = time.monotonic()
+        self._counters["adapter_loads"] += 1
+        return stall[0]
+
+    def set_active(self, name: str | None) -> None:
+        with self._cv:
+            if name is not None and name not in self._slot_names:
+                raise EngineError(f"adapter {name} is not loaded; load_adapter it first")
+            self._active = name
+        self._counters["swaps"] += 1
+
+    # --- requests -------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        if not request.prompt_ids:
+            raise EngineError("the prompt is empty; send a non-empty message")
+        if len(request.prompt_ids) >= self.max_len:
+            raise EngineError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds "
+                              f"{self.max_len}; shorten it or raise PERSONABOT_CONTEXT_TOKENS")
+        stream = GenerationStream(request)
+        with self._cv:
+            if self._releasing or self.decoder is None:
+                raise EngineError("the model is unloaded while training uses the GPU; try again later")
+            name = self._active if request.adapter == ACTIVE else request.adapter
+            slot = None
+            if name is not None:
+                if name not in self._slot_names:
+                    raise EngineError(f"adapter {name} is not loaded in this worker")
+                slot = self._slot_names.index(name)
+                self._slot_refs[slot] += 1
+                self._slot_used[slot] = time.monotonic()
+            stream.lora_slot, stream.adapter = slot, name
+            self._waiting.append(stream)
+            self._cv.notify_all()
+        return stream
+
+    def cancel(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
+        with self._cv:
+            for stream in list(self._waiting):
+                if stream.request.request_id == request_id:
+                    self._waiting.remove(stream)
+                    self._unref(stream.lora_slot)
+                    stream.items.put(GenerationDone(reason, 0, stream.adapter))
+                    return
+            self._cancels[request_id] = reason
+            self._cv.notify_all()
+
+    def stats(self) -> dict[str, int | float]:
+        with self._cv:
+            counters = dict(self._counters)
+            counters["running"] = sum(1 for row in self._rows if row)
+            counters["waiting"] = len(self._waiting)
+        counters["graphs"] = self.decoder.graph_captures if self.decoder else 0
+        return counters
+
+    # --- decode loop ----------------------------------------------------------------------------
+    def _unref(self, slot: int | None) -> None:
+        if slot is not None:
+            self._slot_refs[slot] -= 1
+
+    def _call_in_loop(self, op: Callable[[], None]) -> None:
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def wrapped() -> None:
+            try:
+                op()
+            except BaseException as error:  # noqa: BLE001 - handed back to the caller
+                failure.append(error)
+            finally:
+                done.set()
+
+        with self._cv:
+            if self._stop:
+                raise EngineError("the engine is closed")
+            self._ops.append(wrapped)
+            self._cv.notify_all()
+        done.wait()
+        if failure:
+            raise failure[0]
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stop or self._ops or self._cancels or any(self._rows)
+                           or (self._waiting and None in self._rows)):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                ops = list(self._ops)
+                self._ops.clear()
+                cancels = dict(self._cancels)
+                self._cancels.clear()
+                admits: list[tuple[int, GenerationStream]] = []
+                free_rows = [i for i, row in enumerate(self._rows) if row is None]
+                budget = PREFILL_TOKENS
+                while self._waiting and free_rows and self.decoder is not None and (
+                        not admits or len(self._waiting[0].request.prompt_ids) <= budget):
+                    budget -= len(self._waiting[0].request.prompt_ids)
+                    admits.append((free_rows.pop(0), self._waiting.popleft()))
+            for op in ops:
+                op()
+            for index, row in enumerate(self._rows):
+                if row is not None and row.stream.request.request_id in cancels:
+                    self._finish(index, cancels[row.stream.request.request_id])
+            try:
+                if admits:
+                    self._admit(admits)
+                if any(self._rows):
+                    self._step()
+            except Exception as error:  # noqa: BLE001 - fail the batch, keep the worker serving
+                log.exception("decode step failed")
+                for index, row in enumerate(self._rows):
+                    if row is not None:
+                        self._finish(index, FINISH_ERROR, f"generation failed: {type(error).__name__}: {error}")
+
+    def _admit(self, admits: list[tuple[int, GenerationStream]]) -> None:
+        """Prefill new requests together, then give each its first token."""
+        decoder, sampler = self.decoder, self.sampler
+        assert decoder is not None and sampler is not None
+        for index, stream in admits:
+            request = stream.request
+            self._rows[index] = _Row(stream, stream.lora_slot, stream.adapter, position=len(request.prompt_ids))
+            decoder.set_row_lora(index, stream.lora_slot)
+            sampler.configure(index, request.prompt_ids, temperature=request.temperature,
+                              top_p=request.top_p, penalty=request.repetition_penalty, seed=request.seed)
+        logits = decoder.prefill([i for i, _ in admits], [s.request.prompt_ids for _, s in admits],
+                                 [s.lora_slot for _, s in admits])
+        firsts = []
+        for n, (index, stream) in enumerate(admits):
+            token = sampler.sample(logits[n:n + 1], [index], start=index)
+            if sampler.uses_penalty([index]):
+                sampler.observe(token, start=index)
+            decoder.tokens[index] = token[0]
+            decoder.positions[index] = len(stream.request.prompt_ids)
+            self._active_rows[index] = 1
+            firsts.append(token)
+            self._counters["prefill_tokens"] += len(stream.request.prompt_ids)
+        self._counters["prefills"] += len(admits)
+        self._counters["prefill_passes"] += 1
+        for (index, _), token in zip(admits, torch.cat(firsts).tolist()):
+            self._deliver(index, token)
+
+    def _step(self) -> None:
+        decoder, sampler = self.decoder, self.sampler
+        assert decoder is not None and sampler is not None
+        active = [i for i, row in enumerate(self._rows) if row is not None]
+        rows = min(bucket_of(active[-1] + 1), self.max_batch)
+        length = decoder.length_bucket(max(self._rows[i].position for i in active))  # type: ignore[union-attr]
+        slots = {self._rows[i].lora_slot for i in active}  # type: ignore[union-attr]
+        mode: LoraMode = next(iter(slots)) if len(slots) == 1 else MIXED
+        logits = decoder.decode(rows, length, mode)
+        tokens = sampler.sample(logits, active)
+        if sampler.uses_penalty(active):
+            sampler.observe(tokens)
+        decoder.tokens[:rows] = tokens
+        decoder.positions.add_(self._active_rows)
+        host = tokens.tolist()
+        self._counters["decode_steps"] += 1
+        self._counters["decode_rows"] += len(active)
+        self._counters["max_batch_seen"] = max(self._counters["max_batch_seen"], len(active))
+        for index in active:
+            row = self._rows[index]
+            assert row is not None
+            row.position += 1
+            self._deliver(index, host[index])
+
+    def _deliver(self, index: int, token: int) -> None:
+        row = self._rows[index]
+        assert row is not None
+        request = row.stream.request
+        if token in self.eos_ids and row.generated >= request.min_new_tokens:
+            self._finish(index, FINISH_STOP)
+            return
+        row.generated += 1
+        self._counters["tokens"] += 1
+        if row.stream.first_token_at is None:
+            row.stream.first_token_at = time.monotonic()
+        row.stream.items.put([token])
+        if row.generated >= request.max_new_tokens or row.position + 1 >= self.max_len:
+            self._finish(index, FINISH_LENGTH)
+
+    def _finish(self, index: int, reason: str, error: str = "") -> None:
+        row = self._rows[index]
+        assert row is not None
+        self._rows[index] = None
+        if self.sampler is not None and self.decoder is not None:
+            self.sampler.clear(index)
+            self._active_rows[index] = 0
+            self.decoder.positions[index] = 0
+        row.stream.items.put(GenerationDone(reason, row.generated, row.adapter, error))
+        with self._cv:
+            self._unref(row.lora_slot)
+            self._counters["finished"] += 1
+            self._cv.notify_all()

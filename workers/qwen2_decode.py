@@ -1,0 +1,340 @@
+"""Qwen2 forward for serving: static KV-cache rows, per-row mixed LoRA, CUDA-graph decode steps.
+
+The weights are the Hugging Face model's own tensors (q/k/v and gate/up fused into one matrix
+each). Every batch row owns one KV-cache row; a decode step runs rows [0, bucket) at once, each
+row with its own position and its own LoRA slot (a one-hot mask over fixed adapter buffers), so
+one step may mix the base model and several adapters. On CUDA each (batch, length) bucket is one
+captured graph; loading an adapter is an in-place copy into its buffers and keeps the graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+LENGTH_BUCKET = 256
+
+
+@dataclass
+class Dims:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    layers: int
+    vocab: int
+    eps: float
+
+    @property
+    def q_out(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_out(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def target_shape(self, target: str) -> tuple[int, int]:
+        """(in_features, out_features) of a LoRA target module."""
+        return {
+            "q_proj": (self.hidden, self.q_out),
+            "k_proj": (self.hidden, self.kv_out),
+            "v_proj": (self.hidden, self.kv_out),
+            "o_proj": (self.q_out, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate),
+            "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }[target]
+
+
+@dataclass
+class Layer:
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    o_w: torch.Tensor
+    gate_up_w: torch.Tensor
+    down_w: torch.Tensor
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    # LoRA buffers, slot-major: slot s owns columns [s*k*r, (s+1)*k*r) of an A buffer (k = 3 for
+    # q|k|v, 2 for gate|up, 1 otherwise) and the same rows of its B buffer; scaling is in B.
+    a_qkv: torch.Tensor  # [hidden, S*3r]
+    b_qkv: torch.Tensor  # [S*3r, q_out + 2 kv_out], block diagonal inside each slot
+    a_o: torch.Tensor  # [q_out, S*r]
+    b_o: torch.Tensor  # [S*r, hidden]
+    a_gu: torch.Tensor  # [hidden, S*2r]
+    b_gu: torch.Tensor  # [2, S*r, intermediate]
+    a_down: torch.Tensor  # [intermediate, S*r]
+    b_down: torch.Tensor  # [S*r, hidden]
+
+
+MIXED = "mixed"
+LoraMode = int | str | None  # None: base model; int: every row uses that slot; MIXED: per-row masks
+
+
+def bucket_of(n: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> int:
+    for size in buckets:
+        if size >= n:
+            return size
+    return n
+
+
+def _take(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """Detach a parameter from the HF module (so the module no longer keeps it alive)."""
+    tensor = getattr(module, name).detach()
+    setattr(module, name, None)
+    return tensor
+
+
+class Qwen2Decoder:
+    """Holds the weights, KV cache and LoRA buffers; runs prefills and batched decode steps."""
+
+    def __init__(self, model: Any, *, max_rows: int, max_len: int, lora_slots: int,
+                 lora_rank: int, use_graphs: bool | None = None) -> None:
+        config = model.config
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported by the serving decoder")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.dims = Dims(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                         head_dim, config.intermediate_size, config.num_hidden_layers,
+                         config.vocab_size, config.rms_norm_eps)
+        inner = model.model
+        self.device = inner.embed_tokens.weight.device
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.max_rows, self.max_len = max_rows, max_len
+        self.lora_slots, self.lora_rank = lora_slots, lora_rank
+        d, r, slots = self.dims, lora_rank, lora_slots
+        rotary = inner.rotary_emb
+        positions = torch.arange(max_len, device=self.device, dtype=torch.float32)
+        freqs = positions[:, None] * rotary.inv_freq.to(self.device, torch.float32)[None, :]
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        self.cos = (torch.cat((freqs, freqs), dim=-1).cos() * scaling).to(self.dtype)
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]
+        self.sin_signed = (torch.cat((-freqs.sin(), freqs.sin()), dim=-1) * scaling).to(self.dtype)
+        self.embed = inner.embed_tokens.weight.detach()
+        self.final_norm = inner.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()
+        self.layers: list[Layer] = []
+        zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=self.dtype)  # noqa: E731
+        for hf in inner.layers:
+            attn, mlp = hf.self_attn, hf.mlp
+            qkv_w = torch.cat([_take(attn.q_proj, "weight"), _take(attn.k_proj, "weight"),
+                               _take(attn.v_proj, "weight")])
+            qkv_b = torch.cat([_take(attn.q_proj, "bias"), _take(attn.k_proj, "bias"),
+                               _take(attn.v_proj, "bias")])
+            gate_up_w = torch.cat([_take(mlp.gate_proj, "weight"), _take(mlp.up_proj, "weight")])
+            self.layers.append(Layer(
+                qkv_w=qkv_w, qkv_b=qkv_b, o_w=_take(attn.o_proj, "weight"), gate_up_w=gate_up_w,
+                down_w=_take(mlp.down_proj, "weight"),
+                in_norm=_take(hf.input_layernorm, "weight"),
+                post_norm=_take(hf.post_attention_layernorm, "weight"),
+                a_qkv=zeros(d.hidden, slots * 3 * r), b_qkv=zeros(slots * 3 * r, d.q_out + 2 * d.kv_out),
+                a_o=zeros(d.q_out, slots * r), b_o=zeros(slots * r, d.hidden),
+                a_gu=zeros(d.hidden, slots * 2 * r), b_gu=zeros(2, slots * r, d.intermediate),
+                a_down=zeros(d.intermediate, slots * r), b_down=zeros(slots * r, d.hidden),
+            ))
+        cache_shape = (max_rows, d.kv_heads, max_len, d.head_dim)
+        self.k_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        # Static inputs of a decode step (graphs read them in place).
+        self.tokens = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        self.masks = {k: zeros(max_rows, slots * k * r) for k in (1, 2, 3)}
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        self._graphs: dict[tuple[int, int, LoraMode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.graph_captures = 0
+
+    # --- LoRA slots -----------------------------------------------------------------------------
+    def slot_mask(self, slot: int | None, k: int) -> torch.Tensor:
+        """[S*k*r] ones over one slot's columns (zeros = base model)."""
+        width = self.lora_rank * k
+        mask = torch.zeros(self.lora_slots * width, device=self.device, dtype=self.dtype)
+        if slot is not None:
+            mask[slot * width:(slot + 1) * width] = 1
+        return mask
+
+    def set_row_lora(self, row: int, slot: int | None) -> None:
+        for k, buffer in self.masks.items():
+            buffer[row] = self.slot_mask(slot, k)
+
+    @torch.no_grad()
+    def write_lora(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy one adapter into a slot: weights[(layer, target)] = (A [r, in], B*scale [out, r])."""
+        r, d = self.lora_rank, self.dims
+        qkv_starts = {"q_proj": 0, "k_proj": d.q_out, "v_proj": d.q_out + d.kv_out}
+        one, two, three = (slice(slot * k * r, (slot + 1) * k * r) for k in (1, 2, 3))
+        for index, layer in enumerate(self.layers):
+            layer.a_qkv[:, three] = 0
+            layer.b_qkv[three] = 0
+            layer.a_gu[:, two] = 0
+            layer.b_gu[:, one] = 0
+            for a, b in ((layer.a_o, layer.b_o), (layer.a_down, layer.b_down)):
+                a[:, one] = 0
+                b[one] = 0
+            for target in LORA_TARGETS:
+                pair = weights.get((index, target))
+                if pair is None:
+                    continue
+                a_w, b_w = (t.to(self.device, self.dtype, non_blocking=True) for t in pair)
+                rank = a_w.shape[0]
+                if target in qkv_starts:
+                    seg = ("q_proj", "k_proj", "v_proj").index(target)
+                    cols = slice(three.start + seg * r, three.start + seg * r + rank)
+                    start = qkv_starts[target]
+                    layer.a_qkv[:, cols] = a_w.T
+                    layer.b_qkv[cols, start:start + b_w.shape[0]] = b_w.T
+                elif target in ("gate_proj", "up_proj"):
+                    seg = 0 if target == "gate_proj" else 1
+                    layer.a_gu[:, two.start + seg * r:two.start + seg * r + rank] = a_w.T
+                    layer.b_gu[seg, one.start:one.start + rank] = b_w.T
+                elif target == "o_proj":
+                    layer.a_o[:, one.start:one.start + rank] = a_w.T
+                    layer.b_o[one.start:one.start + rank] = b_w.T
+                else:
+                    layer.a_down[:, one.start:one.start + rank] = a_w.T
+                    layer.b_down[one.start:one.start + rank] = b_w.T
+
+    # --- forward pieces -------------------------------------------------------------------------
+    def _lora(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
+              mode: LoraMode, masks: dict[int, torch.Tensor]) -> torch.Tensor:
+        """out += LoRA(x) for a target with k fused parts (B block diagonal), in place."""
+        if mode is None:
+            return out
+        if mode == MIXED:
+            return out.addmm_((x @ a) * masks[k], b)
+        cols = slice(int(mode) * k * self.lora_rank, (int(mode) + 1) * k * self.lora_rank)
+        return out.addmm_(x @ a[:, cols], b[cols])
+
+    def _mlp(self, layer: Layer, x: torch.Tensor, mode: LoraMode, masks: dict[int, torch.Tensor]) -> torch.Tensor:
+        d, r = self.dims, self.lora_rank
+        h = F.rms_norm(x, (d.hidden,), layer.post_norm, d.eps)
+        n = h.shape[0]
+        gu = h @ layer.gate_up_w.T
+        if mode is not None:
+            if mode == MIXED:
+                t = ((h @ layer.a_gu) * masks[2]).view(n, self.lora_slots, 2, r).transpose(1, 2)
+                t, b = t.reshape(n, 2, self.lora_slots * r).transpose(0, 1), layer.b_gu
+            else:
+                slot = int(mode)
+                t = (h @ layer.a_gu[:, slot * 2 * r:(slot + 1) * 2 * r]).view(n, 2, r).transpose(0, 1)
+                b = layer.b_gu[:, slot * r:(slot + 1) * r]
+            gu3 = torch.baddbmm(gu.view(n, 2, d.intermediate).transpose(0, 1), t, b)
+            gate, up = gu3[0], gu3[1]
+        else:
+            gate, up = gu[:, :d.intermediate], gu[:, d.intermediate:]
+        act = F.silu(gate) * up
+        x = torch.addmm(x, act, layer.down_w.T)
+        return self._lora(x, act, layer.a_down, layer.b_down, 1, mode, masks)
+
+    def _qkv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: LoraMode,
+             masks: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections with RoPE applied: q [n, heads, hd], k and v [n, kv_heads, hd]."""
+        d = self.dims
+        n = x.shape[0]
+        h = F.rms_norm(x, (d.hidden,), layer.in_norm, d.eps)
+        qkv = self._lora(torch.addmm(layer.qkv_b, h, layer.qkv_w.T), h, layer.a_qkv, layer.b_qkv, 3, mode, masks)
+        qk = qkv[:, :d.q_out + d.kv_out].view(n, d.heads + d.kv_heads, d.head_dim)
+        qk = torch.addcmul(qk * cos, qk.roll(d.head_dim // 2, dims=-1), sin)
+        v = qkv[:, d.q_out + d.kv_out:].view(n, d.kv_heads, d.head_dim)
+        return qk[:, :d.heads], qk[:, d.heads:], v
+
+    @torch.no_grad()
+    def prefill(self, rows: list[int], prompts: list[list[int]], slots: list[int | None]) -> torch.Tensor:
+        """Run whole prompts into their KV rows in one pass; returns each prompt's last logits [n, vocab]."""
+        d = self.dims
+        lengths = [len(p) for p in prompts]
+        total = sum(lengths)
+        tokens = torch.tensor([t for p in prompts for t in p], device=self.device, dtype=torch.long)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        mode: LoraMode = slots[0] if len(set(slots)) == 1 else MIXED
+        masks = {}
+        if mode == MIXED:
+            counts = torch.tensor(lengths, device=self.device)
+            masks = {k: torch.stack([self.slot_mask(s, k) for s in slots]).repeat_interleave(counts, dim=0)
+                     for k in (1, 2, 3)}
+        x = self.embed[tokens]
+        cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]
+        scale = 1.0 / math.sqrt(d.head_dim)
+        for index, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
+            attn = torch.empty(total, d.heads, d.head_dim, device=self.device, dtype=self.dtype)
+            start = 0
+            for row, n in zip(rows, lengths):
+                span = slice(start, start + n)
+                self.k_cache[index][row, :, :n] = k[span].transpose(0, 1)
+                self.v_cache[index][row, :, :n] = v[span].transpose(0, 1)
+                out = F.scaled_dot_product_attention(
+                    q[span].transpose(0, 1)[None], k[span].transpose(0, 1)[None], v[span].transpose(0, 1)[None],
+                    is_causal=True, enable_gqa=True, scale=scale)
+                attn[span] = out[0].transpose(0, 1)
+                start += n
+            flat = attn.view(total, d.q_out)
+            x = self._lora(torch.addmm(x, flat, layer.o_w.T), flat, layer.a_o, layer.b_o, 1, mode, masks)
+            x = self._mlp(layer, x, mode, masks)
+        last = torch.tensor([sum(lengths[:i + 1]) - 1 for i in range(len(lengths))], device=self.device)
+        out = F.rms_norm(x[last], (d.hidden,), self.final_norm, d.eps)
+        return (out @ self.lm_head.T).float()
+
+    def _decode(self, rows: int, length: int, mode: LoraMode) -> torch.Tensor:
+        d = self.dims
+        group = d.heads // d.kv_heads
+        tokens, positions = self.tokens[:rows], self.positions[:rows]
+        masks = {k: m[:rows] for k, m in self.masks.items()}
+        x = self.embed[tokens]
+        cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]
+        span = torch.arange(length, device=self.device)
+        bias = torch.zeros(rows, length, device=self.device, dtype=self.dtype)
+        bias.masked_fill_(span[None, :] > positions[:, None], float("-inf"))
+        bias = bias[:, None, None, :].expand(rows, d.kv_heads, 1, length).reshape(rows * d.kv_heads, 1, length)
+        row_index = torch.arange(rows, device=self.device)
+        scale = 1.0 / math.sqrt(d.head_dim)
+        for index, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            k_cache[row_index, :, positions] = k
+            v_cache[row_index, :, positions] = v
+            keys = k_cache[:rows, :, :length].view(rows * d.kv_heads, length, d.head_dim)
+            values = v_cache[:rows, :, :length].view(rows * d.kv_heads, length, d.head_dim)
+            scores = torch.baddbmm(bias, q.reshape(rows * d.kv_heads, group, d.head_dim), keys.transpose(1, 2),
+                                   alpha=scale)
+            attn = torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, d.q_out)
+            x = self._lora(torch.addmm(x, attn, layer.o_w.T), attn, layer.a_o, layer.b_o, 1, mode, masks)
+            x = self._mlp(layer, x, mode, masks)
+        x = F.rms_norm(x, (d.hidden,), self.final_norm, d.eps)
+        return (x @ self.lm_head.T).float()
+
+    @torch.no_grad()
+    def decode(self, rows: int, length: int, mode: LoraMode) -> torch.Tensor:
+        """One step for rows [0, rows) reading `tokens`/`positions`; returns logits [rows, vocab]."""
+        if not self.use_graphs:
+            return self._decode(rows, length, mode)
+        entry = self._graphs.get((rows, length, mode))
+        if entry is None:
+            entry = self._capture(rows, length, mode)
+        graph, logits = entry
+        graph.replay()
+        return logits
+
+    def _capture(self, rows: int, length: int, mode: LoraMode) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode(rows, length, mode)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self._decode(rows, length, mode)
+        self._graphs[(rows, length, mode)] = (graph, logits)
+        self.graph_captures += 1
+        return graph, logits
+
+    def length_bucket(self, max_position: int) -> int:
+        return min(self.max_len, (max_position // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
