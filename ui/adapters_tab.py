@@ -34,6 +34,13 @@ def size_text(size_bytes: int) -> str:
     return f"{size_bytes / 2**20:.1f} MiB" if size_bytes >= 2**20 else f"{size_bytes / 1024:.0f} KiB"
 
 
+def hash_text(data_hash: str, persona_hash: str) -> str:
+    """The adapter's persona data hash, flagged when the persona has changed since it was trained."""
+    if not data_hash:
+        return "—"
+    return data_hash[:12] + ("" if data_hash == persona_hash else " (older data)")
+
+
 class AdaptersTab:
     """The Adapters tab; actions go through `training.registry.AdapterRegistry`."""
 
@@ -44,7 +51,7 @@ class AdaptersTab:
         adapters = self.ctx.store.list_adapters()
         persona_hash = self.ctx.store.persona_hash()
         rows = [[a.id, a.name, adapter_state(a),
-                 a.data_hash[:12] + ("" if a.data_hash == persona_hash else " (older data)"),
+                 hash_text(a.data_hash, persona_hash),
                  scores_text(a.eval_scores), size_text(a.size_bytes), isoformat(a.created_at), a.run_id or "",
                  a.eval_reason if not a.eval_passed else "passed"] for a in adapters]
         active = next((a for a in adapters if a.active), None)
@@ -64,13 +71,12 @@ class AdaptersTab:
             registry = self.ctx.registry
             method = {"activate": registry.promote, "rollback": registry.rollback,
                       "delete": registry.delete}[action]
-            method(int(adapter_id), actor=actor(request))
-        except ImportError:
-            return (notice("the adapter registry is not available in this version", ok=False), *self.table())
+            adapter = method(int(adapter_id), actor=actor(request))
         except (StoreError, ValueError, RuntimeError, OSError) as error:
             return (notice(str(error), ok=False), *self.table())
-        adapter_word = {"activate": "activated", "rollback": "rolled back to", "delete": "deleted"}[action]
-        return (notice(f"{adapter_word} adapter {adapter_id}"), *self.table())
+        done = {"activate": "activated", "rollback": "rolled back to", "delete": "deleted"}[action]
+        return (notice(f"{done} {adapter.name}; chat workers swap to the active version now"
+                       if action != "delete" else f"{done} {adapter.name}"), *self.table())
 
     def activate(self, adapter_id: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
         return self._act("activate", adapter_id, request)

@@ -10,8 +10,10 @@ from pydantic import BaseModel, Field
 
 from core.schemas import ChatRequest, ChatResult, Message, SamplingParams
 from core.store import isoformat
+from core.streams import read_reply
 from ui.context import AdminContext
 from ui.status_tab import collect_status
+from workers.client import submit_chat
 
 
 class ChatBody(BaseModel):
@@ -50,9 +52,6 @@ def build_api(ctx: AdminContext) -> APIRouter:
     @router.post("/chat")
     async def chat(body: ChatBody) -> ChatResult:
         """Enqueue one chat request and wait for its final reply."""
-        from core.streams import read_reply
-        from workers.client import submit_chat
-
         request = ChatRequest(messages=body.messages, adapter=body.adapter, sampling=body.sampling,
                               source="api")
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import html
 import logging
 from collections.abc import Callable
-from http.cookies import SimpleCookie
 from typing import Any
 
 import anyio
 import gradio as gr
 from fastapi import FastAPI
+from starlette.requests import cookie_parser
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -36,28 +35,28 @@ CSS = """
 LOGIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>personabot admin · sign in</title>
 <style>
-body {{ font-family: system-ui, sans-serif; background: #f4f4f6; display: flex; height: 100vh;
-       align-items: center; justify-content: center; margin: 0; }}
-form {{ background: white; padding: 32px; border-radius: 10px; box-shadow: 0 2px 12px #0002;
-        display: flex; flex-direction: column; gap: 12px; width: 300px; }}
-input {{ padding: 8px; font-size: 15px; }} button {{ padding: 9px; font-size: 15px; cursor: pointer; }}
-#error {{ color: #8a1c13; min-height: 1em; }}
+body { font-family: system-ui, sans-serif; background: #f4f4f6; display: flex; height: 100vh;
+       align-items: center; justify-content: center; margin: 0; }
+form { background: white; padding: 32px; border-radius: 10px; box-shadow: 0 2px 12px #0002;
+        display: flex; flex-direction: column; gap: 12px; width: 300px; }
+input { padding: 8px; font-size: 15px; } button { padding: 9px; font-size: 15px; cursor: pointer; }
+#error { color: #8a1c13; min-height: 1em; }
 </style></head>
 <body><form id="login">
 <h2>personabot admin</h2>
-<input name="username" id="username" placeholder="user" value="{user}" autocomplete="username" required>
+<input name="username" id="username" placeholder="user" autocomplete="username" required>
 <input name="password" id="password" type="password" placeholder="password"
        autocomplete="current-password" required>
 <button type="submit" id="signin">Sign in</button><div id="error"></div>
 </form>
 <script>
-document.getElementById("login").addEventListener("submit", async (event) => {{
+document.getElementById("login").addEventListener("submit", async (event) => {
   event.preventDefault();
   const body = new URLSearchParams(new FormData(event.target));
-  const response = await fetch("login", {{method: "POST", body, credentials: "same-origin"}});
-  if (response.ok) {{ window.location.reload(); }}
-  else {{ document.getElementById("error").textContent = "Wrong user or password."; }}
-}});
+  const response = await fetch("login", {method: "POST", body, credentials: "same-origin"});
+  if (response.ok) { window.location.reload(); }
+  else { document.getElementById("error").textContent = "Wrong user or password."; }
+});
 </script></body></html>
 """
 
@@ -72,21 +71,20 @@ class LoginGuard:
     A session is Gradio's login cookie; API clients may instead send HTTP Basic credentials.
     """
 
-    def __init__(self, app: ASGIApp, *, gradio_app: Callable[[], Any], auth: AdminAuth, user: str) -> None:
+    def __init__(self, app: ASGIApp, *, gradio_app: Callable[[], Any], auth: AdminAuth) -> None:
         self.app = app
         self.gradio_app = gradio_app
         self.auth = auth
-        self.login_page = LOGIN_PAGE.format(user=html.escape(user)).encode("utf-8")
+        self.login_page = LOGIN_PAGE.encode("utf-8")
 
     def _session_user(self, scope: Scope) -> str | None:
         headers = dict(scope.get("headers") or [])
-        cookie = SimpleCookie()
-        cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
+        cookies = cookie_parser(headers.get(b"cookie", b"").decode("latin-1"))
         gradio_app = self.gradio_app()
         for name in (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}"):
-            morsel = cookie.get(name)
-            if morsel is not None and morsel.value in gradio_app.tokens:
-                return gradio_app.tokens[morsel.value]
+            token = cookies.get(name)
+            if token is not None and token in gradio_app.tokens:
+                return str(gradio_app.tokens[token])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         if authorization.lower().startswith("basic "):
             try:
@@ -118,8 +116,8 @@ class LoginGuard:
         if method in ("GET", "HEAD") and path in ("", "/"):
             await _respond(send, 200, self.login_page, b"text/html; charset=utf-8")
             return
-        await _respond(send, 401, b'{"detail":"Not authenticated: sign in at / first"}',
-                       b"application/json", extra=[(b"www-authenticate", b'Basic realm="personabot"')])
+        await _respond(send, 401, b'{"detail":"Not authenticated: sign in at / (API clients: HTTP Basic)"}',
+                       b"application/json")
 
     @staticmethod
     def _delay_failures(send: Send) -> Send:
@@ -131,10 +129,9 @@ class LoginGuard:
         return wrapped
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes,
-                   extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store"), *(extra or [])]
+               (b"cache-control", b"no-store")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -189,8 +186,7 @@ def create_app(ctx: AdminContext, auth: AdminAuth) -> FastAPI:
     gr.mount_gradio_app(app, blocks, path="/", auth=check_login, footer_links=[], run_history=False,
                         show_error=True, css=CSS, ssr_mode=False, mcp_server=False,
                         server_name=ctx.settings.ui_host, server_port=ctx.settings.ui_port)
-    app.add_middleware(LoginGuard, gradio_app=lambda: _gradio_app(app), auth=auth,
-                       user=ctx.settings.admin_user)
+    app.add_middleware(LoginGuard, gradio_app=lambda: _gradio_app(app), auth=auth)
     return app
 
 

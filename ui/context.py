@@ -10,9 +10,13 @@ from typing import Any
 import gradio as gr
 import redis
 from celery import Celery
+from kombu.exceptions import KombuError
 
 from core.settings import Settings
 from core.store import Store
+
+# What talking to Redis or the workers may raise; handlers turn these into a message, not a crash.
+LIVE_ERRORS = (TimeoutError, RuntimeError, OSError, KombuError, redis.RedisError)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from training.evaluate import (
     claims_base_identity,
     identity_passes,
 )
-from ui.context import AdminContext, notice
+from ui.context import LIVE_ERRORS, AdminContext, notice
+from workers.client import submit_chat
 
 IDENTITY_COLUMNS = ["question", "answer", "passed", "why"]
 REPLY_TIMEOUT_S = 120.0
@@ -57,11 +58,9 @@ class PlaygroundTab:
                     for a in self.ctx.store.list_adapters()]
         return [("active adapter", "active"), ("base model", "base"), *versions]
 
-    def submit(self, messages: list[dict[str, str]], adapter: str, sampling: SamplingParams | None = None) -> str:
-        from workers.client import submit_chat
-
+    def submit(self, messages: list[dict[str, str]], adapter: str, params: SamplingParams) -> str:
         request = ChatRequest(messages=[Message(**m) for m in messages], adapter=adapter or "active",
-                              sampling=sampling or SamplingParams(), source="admin")
+                              sampling=params, source="admin")
         return submit_chat(request, app=self.ctx.celery)
 
     def stream(self, request_id: str) -> Iterator[tuple[str, ChatResult | None]]:
@@ -95,7 +94,7 @@ class PlaygroundTab:
                     yield "", shown, history, result_line(result)
                     return
                 yield "", shown, history, ""
-        except (TimeoutError, RuntimeError, OSError, ImportError) as error:
+        except LIVE_ERRORS as error:
             yield "", shown, history, notice(f"no reply: {error}", ok=False)
 
     @staticmethod
@@ -120,7 +119,7 @@ class PlaygroundTab:
                     texts[side] = text
                     if result is not None:
                         notes[side] = result_line(result)
-            except (TimeoutError, RuntimeError, OSError, ImportError) as error:
+            except LIVE_ERRORS as error:
                 notes[side] = notice(f"no reply: {error}", ok=False)
             finally:
                 done[side].set()
@@ -152,7 +151,7 @@ class PlaygroundTab:
                     rows[index][1:] = [answer, "pass" if passed else "FAIL",
                                        "" if passed else identity_failure(answer, persona, terms)]
                 yield notice(f"{index + 1}/{len(questions)} answered"), pd.DataFrame(rows, columns=IDENTITY_COLUMNS)
-        except (TimeoutError, RuntimeError, OSError) as error:
+        except LIVE_ERRORS as error:
             yield notice(f"the identity test stopped: {error}", ok=False), pd.DataFrame(rows, columns=IDENTITY_COLUMNS)
             return
         passed = sum(1 for row in rows if row[2] == "pass")
@@ -207,7 +206,7 @@ class PlaygroundTab:
             run_test = gr.Button("Run identity test", scale=1, elem_id="identity-run")
         test_note = gr.HTML(elem_id="identity-note")
         test_table = gr.Dataframe(headers=IDENTITY_COLUMNS, interactive=False, wrap=True,
-                                  elem_id="identity-table")
+                                  column_widths=["30%", "45%", "8%", "17%"], elem_id="identity-table")
 
         chat_io = ([message, history, adapter, temperature, max_new_tokens],
                    [message, chatbot, history, chat_note])

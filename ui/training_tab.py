@@ -13,11 +13,13 @@ from pydantic import ValidationError
 from core.models import TrainingRun
 from core.store import StoreError, isoformat
 from training.params import TrainParams
-from ui.context import AdminContext, actor, notice
+from training.service import TrainingRequestError, cancel_training, request_training
+from ui.context import LIVE_ERRORS, AdminContext, actor, notice
+from workers.beat import CronError, current_cron, next_retrain_time, set_retrain_cron
+from workers.client import submit_training
 
 MIX_COLUMNS = ["dataset", "samples"]
 RUN_COLUMNS = ["id", "status", "trigger", "created", "finished", "adapter", "error"]
-CRON_KEY = "retrain_cron"
 LOG_TAIL_BYTES = 16_384
 LOG_TAIL_LINES = 12
 
@@ -128,9 +130,11 @@ class TrainingTab:
         # Explicit dtypes: an empty frame would otherwise fix the chart's axes as categorical.
         loss = pd.DataFrame([[p.step, p.loss] for p in points if p.loss is not None],
                             columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+        names = {a.id: a.name for a in self.ctx.store.list_adapters()}
         runs = pd.DataFrame(
             [[r.id, r.status, r.trigger, isoformat(r.created_at), isoformat(r.finished_at),
-              r.adapter_id or "", r.error[:200]] for r in self.ctx.store.list_runs(limit=20)],
+              names.get(r.adapter_id, "") if r.adapter_id else "", r.error[:200]]
+             for r in self.ctx.store.list_runs(limit=20)],
             columns=RUN_COLUMNS)
         cancellable = run is not None and run.status in ("queued", "running")
         return (run_html(run), loss, log_tail(run.log_path if run else ""), runs,
@@ -138,6 +142,7 @@ class TrainingTab:
 
     def start(self, mix: pd.DataFrame, epochs: float, learning_rate: float, rank: float, alpha: float,
               speed_mode: str, request: gr.Request | None = None) -> str:
+        """Validate the parameters, create the queued run in the store, enqueue it on `train`."""
         try:
             params = TrainParams(**{
                 **TrainParams.from_settings(self.ctx.settings).model_dump(),
@@ -145,17 +150,17 @@ class TrainingTab:
                 "lora_alpha": int(alpha), "speed_mode": speed_mode, "general_data": mix_specs(mix)})
         except ValidationError as error:
             return notice(f"not started: {params_error(error)}", ok=False)
-        try:
-            from training.service import request_training
-
-            from workers.client import submit_training
-        except ImportError:
-            return notice("training is not available in this version", ok=False)
+        except (TypeError, ValueError) as error:
+            return notice(f"not started: {error}", ok=False)
         try:
             run = request_training(self.ctx.store, params, actor=actor(request))
-            submit_training(run.id, app=self.ctx.celery)
-        except (StoreError, ValueError, RuntimeError) as error:
+        except (TrainingRequestError, StoreError) as error:
             return notice(f"not started: {error}", ok=False)
+        try:
+            submit_training(run.id, app=self.ctx.celery)
+        except LIVE_ERRORS as error:
+            cancel_training(self.ctx.store, run.id, actor(request))
+            return notice(f"run {run.id} could not be queued and was cancelled: {error}", ok=False)
         return notice(f"run {run.id} queued")
 
     def cancel(self, request: gr.Request | None = None) -> str:
@@ -163,41 +168,26 @@ class TrainingTab:
         if run is None:
             return notice("no run is queued or running", ok=False)
         try:
-            from training.service import cancel_training
-
             cancel_training(self.ctx.store, run.id, actor(request))
-        except ImportError:
-            self.ctx.store.request_cancel(run.id, actor=actor(request))
         except StoreError as error:
             return notice(str(error), ok=False)
         return notice(f"cancel requested for run {run.id}")
 
-    def schedule_text(self) -> tuple[str, str]:
-        cron = self.ctx.store.get_config(CRON_KEY, self.ctx.settings.retrain_cron) or ""
-        return cron, self.next_run_text()
-
     def next_run_text(self) -> str:
-        try:
-            from workers.beat import next_retrain_time
-        except ImportError:
-            return "the retrain schedule is not available in this version"
         when = next_retrain_time(self.ctx.store, self.ctx.settings)
         if when is None:
-            return "automatic retraining is off"
-        return f"next check: {when.isoformat(timespec='minutes')} UTC (retrains only if the persona changed)"
+            return "scheduled retraining is off"
+        return f"next check: {when:%Y-%m-%d %H:%M} UTC (retrains only if the persona changed)"
 
     def save_schedule(self, cron: str, request: gr.Request | None = None) -> tuple[str, str]:
-        from croniter import croniter
-
-        cron = cron.strip()
-        if cron and not croniter.is_valid(cron):
-            return notice(f"{cron!r} is not a 5-field cron expression like '0 3 * * *'", ok=False), gr.skip()
-        self.ctx.store.set_config(CRON_KEY, cron, actor=actor(request))
-        return notice("schedule saved" if cron else "automatic retraining turned off"), self.next_run_text()
+        try:
+            cron = set_retrain_cron(self.ctx.store, cron, actor=actor(request))
+        except CronError as error:
+            return notice(str(error), ok=False), self.next_run_text()
+        return notice("schedule saved" if cron else "scheduled retraining turned off"), self.next_run_text()
 
     def on_load(self) -> tuple[Any, ...]:
-        cron, next_run = self.schedule_text()
-        return (*self.refresh(), cron, next_run)
+        return (*self.refresh(), current_cron(self.ctx.store, self.ctx.settings), self.next_run_text())
 
     def build(self) -> list[Any]:
         defaults = TrainParams.from_settings(self.ctx.settings)

@@ -166,8 +166,74 @@ def test_schedule_is_validated_and_stored(admin_server) -> None:
 
 
 def test_status_without_workers(admin_server) -> None:
+    import redis
+
+    from core.events import publish
+
+    store = admin_server.ctx.store
+    run = store.create_run({}, actor="test")
+    store.start_run(run.id, worker="train@gone")
+    store.finish_run(run.id, "failed", error="ms-swift exited with code 1")
+    client_redis = redis.Redis.from_url(admin_server.redis_url)
+    publish(client_redis, "worker.online", worker="bot@host", kind="bot")
+    publish(client_redis, "worker.online", worker="chat@gone", kind="chat", gpu_memory_used_mb=2048,
+            gpu_memory_total_mb=8192)
+    publish(client_redis, "adapter.refused", worker="chat@gone", version="v9", reason="base model differs")
+    client_redis.close()
+
     client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
-    summary, workers, _errors = client.predict(api_name="/status")
-    assert "queue **chat**: 0 waiting" in summary
+    summary, workers, errors = client.predict(api_name="/status")
+    assert "queue chat: 0 waiting" in summary and "queue train: 0 waiting" in summary
     assert "0 workers online" in summary
-    assert workers["data"] == []
+    assert "bot bot@host: last seen" in summary
+    assert [row[0] for row in workers["data"]] == ["chat@gone (offline)"]
+    assert workers["data"][0][3] == "2.0 / 8.0 GiB"
+    problems = [row[2] for row in errors["data"]]
+    assert "v9: base model differs" in problems
+    assert "ms-swift exited with code 1" in problems
+
+
+def test_start_training_is_refused_with_the_reason(admin_server) -> None:
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+    store = admin_server.ctx.store
+    runs_before = len(store.list_runs())
+    mix = {"headers": ["dataset", "samples"], "data": [["not a dataset!", 10]]}
+    note = client.predict(mix, 1, 1e-4, 8, 32, "fast", api_name="/start_training")
+    assert "not started" in note and "is not a dataset spec" in note
+    note = client.predict({"headers": ["dataset", "samples"], "data": []}, 1, 5.0, 8, 32, "fast",
+                          api_name="/start_training")
+    assert "not started" in note and "learning_rate" in note
+    store.update_persona(name="", author="")
+    empty = {"headers": ["dataset", "samples"], "data": []}
+    note = client.predict(empty, 1, 1e-4, 8, 32, "fast", api_name="/start_training")
+    assert "not started" in note and "Persona tab" in note
+    assert len(store.list_runs()) == runs_before
+
+
+def test_adapters_show_the_gate_and_refuse_what_they_must(admin_server) -> None:
+    store, root = admin_server.ctx.store, admin_server.settings.adapters_path
+    for name in ("good", "bad"):
+        (root / name).mkdir(parents=True)
+        (root / name / "adapter_config.json").write_text("{}")
+    good = store.add_adapter(name="good", path=str(root / "good"), base_model="m", data_hash="",
+                             eval_scores={"identity": 0.9}, eval_passed=True, size_bytes=3 * 2**20)
+    bad = store.add_adapter(name="bad", path=str(root / "bad"), base_model="m", data_hash="",
+                            eval_scores={"identity": 0.1}, eval_passed=False,
+                            eval_reason="identity 0.10 < 0.80 (answers must name the persona)")
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+
+    table, _choices, summary = client.predict(api_name="/list_adapters")
+    rows = {row[1]: row for row in table["data"]}
+    assert rows["bad"][2] == "failed gate" and "identity 0.10 < 0.80" in rows["bad"][8]
+    assert rows["good"][2] == "ready" and rows["good"][5] == "3.0 MiB"
+    assert "base model" in summary
+
+    note, *_ = client.predict(bad.id, api_name="/activate_adapter")
+    assert "failed its evaluation" in note and store.active_adapter() is None
+    note, _table, _choices, summary = client.predict(good.id, api_name="/activate_adapter")
+    assert "activated good" in note and "active: **good**" in summary
+    note, *_ = client.predict(good.id, api_name="/delete_adapter")
+    assert "is active" in note and (root / "good").exists()
+    note, *_ = client.predict(bad.id, api_name="/delete_adapter")
+    assert "deleted bad" in note and not (root / "bad").exists()
+    assert [a.name for a in store.list_adapters()] == ["good"]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from ui.auth import (
@@ -15,6 +23,8 @@ from ui.auth import (
     hash_password,
     verify_password,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_hash_round_trip_and_salt() -> None:
@@ -67,3 +77,54 @@ def test_password_from_settings_wins(settings_env, sqlite_store) -> None:
 def test_auth_needs_a_secret() -> None:
     with pytest.raises(AuthError):
         AdminAuth("admin")
+
+
+def _start_ui(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, "-m", "core.cli", "ui"], env=env, cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"personabot ui exited: {process.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise TimeoutError("personabot ui did not listen within 90 s")
+
+
+def _stop_ui(process: subprocess.Popen[str]) -> tuple[str, str]:
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()
+
+
+@pytest.mark.slow
+def test_personabot_ui_prints_the_generated_password_once(tmp_path) -> None:
+    from core.redis_server import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}
+    env.update(PERSONABOT_DATA_DIR=str(tmp_path / "data"), PERSONABOT_UI_PORT=str(port),
+               PERSONABOT_REDIS_URL="redis://127.0.0.1:1/0", PYTHONPATH=str(REPO))
+
+    first = _start_ui(env, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert client.get("/config").status_code == 401
+            lines = [first.stdout.readline() for _ in range(6)]  # type: ignore[union-attr]
+            password = next(line for line in lines if "password: " in line).split("password: ", 1)[1].strip()
+            assert client.post("/login", data={"username": "admin", "password": password}).status_code == 200
+            assert client.get("/config").status_code == 200
+    finally:
+        out, err = _stop_ui(first)
+    assert password not in err and password not in out
+
+    second = _start_ui(env, port)
+    out, err = _stop_ui(second)
+    assert "password:" not in out and password not in err

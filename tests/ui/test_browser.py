@@ -122,6 +122,24 @@ def _choose(page, elem_id: str, option: str) -> None:  # type: ignore[no-untyped
     page.get_by_role("option", name=re.compile(re.escape(option))).first.click()
 
 
+def _second_admin_sees_the_run(browser, server, run_id: int) -> None:  # type: ignore[no-untyped-def]
+    """Another admin (own browser context, own login) sees the same run: it is read from the store."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(server.url)
+        page.fill("#username", server.user)
+        page.fill("#password", server.password)
+        page.click("#signin")
+        page.get_by_role("tab", name="Training").click()
+        expect(page.locator("#run-state")).to_contain_text(f"run {run_id} · succeeded")
+        expect(page.locator("#run-percent")).to_have_text("100%")
+    finally:
+        context.close()
+
+
 def test_admin_flow_in_chromium(stack: dict, artifacts_dir: Path, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -140,11 +158,11 @@ def test_admin_flow_in_chromium(stack: dict, artifacts_dir: Path, tmp_path: Path
         try:
             # --- login -------------------------------------------------------------------------
             page.goto(server.url)
+            page.fill("#username", server.user)
             page.fill("#password", "wrong password")
             page.click("#signin")
             expect(page.locator("#error")).to_contain_text("Wrong user or password", timeout=10_000)
             page.screenshot(path=shots / "0-login.png")
-            page.fill("#username", server.user)
             page.fill("#password", server.password)
             page.click("#signin")
             expect(page.get_by_role("tab", name="Persona")).to_be_visible()
@@ -210,6 +228,7 @@ def test_admin_flow_in_chromium(stack: dict, artifacts_dir: Path, tmp_path: Path
             expect(page.locator("#train-loss")).not_to_contain_text("No data")
             page.screenshot(path=shots / "2-training.png", full_page=True)
             trained = store.get_adapter(run.adapter_id)
+            _second_admin_sees_the_run(browser, server, run.id)
 
             # --- adapters: roll back to the seed version, then activate the trained one -----------
             page.get_by_role("tab", name="Adapters").click()
@@ -241,7 +260,8 @@ def test_admin_flow_in_chromium(stack: dict, artifacts_dir: Path, tmp_path: Path
             # --- status: both workers online ------------------------------------------------------
             page.get_by_role("tab", name="Status").click()
             expect(page.locator("#status-summary")).to_contain_text("2 workers online", timeout=30_000)
-            expect(page.locator("#status-workers")).to_contain_text("chat-ui@pytest")
+            page.click("#status-refresh")
+            expect(page.locator("#status-workers")).to_contain_text(f"serving={trained.name}")
             page.screenshot(path=shots / "5-status.png", full_page=True)
         except Exception:
             page.screenshot(path=shots / "failure.png", full_page=True)
