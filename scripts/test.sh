@@ -8,6 +8,8 @@ bash scripts/install.sh dev
 # docker-compose where Docker is installed.
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# CJK glyphs, so the admin screenshots show the Chinese identity pairs.
+{ command -v fc-list >/dev/null && fc-list :lang=zh | grep -q .; } || missing+=(fonts-noto-cjk)
 if command -v docker >/dev/null && ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
   missing+=(docker-compose)
 fi
