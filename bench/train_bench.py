@@ -29,11 +29,11 @@ from training.dataset import PersonaData, write_training_set
 from training.params import TrainParams
 from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command
 
-QWEN25_7B = dict(
-    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6, tie_word_embeddings=False,
-)
+QWEN25_7B = {
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+    "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+}
 # Product modes first (liger auto-detected), then the seeds' flags, the fallbacks used where
 # liger-kernel is not installed, and one exploratory variant.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -127,7 +127,7 @@ class GpuMemPoller(threading.Thread):
         while not self.stop.is_set():
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
+                                     capture_output=True, text=True, timeout=5, check=False).stdout
                 self.peak_mib = max(self.peak_mib, max(int(x) for x in out.split()))
             except (OSError, ValueError, subprocess.SubprocessError):
                 return

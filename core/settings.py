@@ -159,12 +159,8 @@ class Settings(BaseSettings):
         0.5, ge=0.2, description="Private chats: least time between two draft updates of a reply."
     )
     edit_interval_s: float = Field(
-        1.0, ge=1.0, description="Groups: least time between two edits of a streamed reply."
-    )
-    stream_updates_per_s: float = Field(
-        15.0, gt=0, le=30,
-        description="Bot-wide budget of typing actions and intermediate drafts/edits per second; "
-        "the rest of Telegram's 30 messages/s stays free for final replies.",
+        1.0, ge=1.0,
+        description="Groups: least time between two messages or edits of the bot in one group.",
     )
 
     # --- admin UI -----------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +18,16 @@ DEFAULT_IDENTITY_PATH = Path(__file__).parent / "data" / "default_identity.jsonl
 TRAIN_FILE = "train.jsonl"
 
 
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MODELSCOPE_OFFLINE")
+HUB_HOSTS = {True: "huggingface.co", False: "www.modelscope.cn"}
+
+
 class EmptyPersonaError(ValueError):
     """The persona cannot be trained yet; the message says what to fill in."""
+
+
+class DatasetUnavailableError(ValueError):
+    """A general dataset cannot be loaded from here; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,45 @@ def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[st
         "rows": len(rows),
     }
     return rows, counts
+
+
+def _cached(dataset_id: str, use_hf: bool) -> bool:
+    owner_name = dataset_id.split(":", 1)[0]
+    if use_hf:
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+        return (hub / ("datasets--" + owner_name.replace("/", "--"))).is_dir()
+    root = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache/modelscope")
+    return any((root / sub / owner_name).is_dir() for sub in ("hub/datasets", "datasets"))
+
+
+def _reachable(host: str, timeout_s: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_general_data(specs: list[str], *, use_hf: bool = False) -> None:
+    """Fail fast, before ms-swift starts, when a general dataset cannot be loaded from this host."""
+    offline = [name for name in OFFLINE_ENV if os.environ.get(name, "").lower() in ("1", "true", "yes")]
+    host = HUB_HOSTS[use_hf]
+    for spec in specs:
+        source = spec.rsplit("#", 1)[0]
+        if source.startswith("/"):
+            if not Path(source).is_file():
+                raise DatasetUnavailableError(f"the local dataset {source} does not exist; fix the path")
+            continue
+        if _cached(source, use_hf):
+            continue
+        if offline:
+            raise DatasetUnavailableError(
+                f"the dataset {source} is not in the local cache and this host is offline "
+                f"({', '.join(offline)} set); use a local .jsonl file or allow hub downloads")
+        if not _reachable(host):
+            raise DatasetUnavailableError(
+                f"the dataset {source} needs {host}, which cannot be reached from this host; "
+                "use a local .jsonl file or check the network")
 
 
 def _general_samples(spec: str) -> int | None:

@@ -9,11 +9,14 @@ import math
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.prompting import question_text, render, system_prompt_for
+from training.runner import TrainingCancelled, failure_reason, stop_process
 
 # Paraphrases that are not in the built-in identity set, and questions that push the base identity.
 HELD_OUT_IDENTITY = [
@@ -234,6 +237,7 @@ def evaluate_in_subprocess(
     exclude_questions: list[str] | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 3600,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> EvalReport:
     """`evaluate_adapter` in a child process, so its GPU memory is returned when it ends."""
     request = {
@@ -248,12 +252,18 @@ def evaluate_in_subprocess(
     (work_dir / "eval_request.json").write_text(json.dumps(request, ensure_ascii=False), encoding="utf-8")
     out = work_dir / "eval_report.json"
     with (work_dir / "eval.log").open("ab") as log:
-        proc = subprocess.run([sys.executable, "-m", "training.evaluate", str(work_dir / "eval_request.json"),
-                               str(out)], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
-                              cwd=Path(__file__).resolve().parent.parent)
+        proc = subprocess.Popen([sys.executable, "-m", "training.evaluate", str(work_dir / "eval_request.json"),
+                                 str(out)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None:
+            if (should_cancel is not None and should_cancel()) or time.monotonic() > deadline:
+                stop_process(proc)
+                if time.monotonic() > deadline:
+                    raise EvaluationError(f"evaluation took longer than {timeout_s:.0f}s; see {work_dir / 'eval.log'}")
+                raise TrainingCancelled("the run was cancelled during evaluation")
+            time.sleep(0.5)
     if proc.returncode != 0 or not out.exists():
-        from training.runner import failure_reason
-
         raise EvaluationError(f"evaluation failed: {failure_reason(work_dir / 'eval.log', proc.returncode)}")
     return EvalReport.from_dict(json.loads(out.read_text(encoding="utf-8")))
 

@@ -57,6 +57,7 @@ def liger_available() -> bool:
 
 
 KILL_GRACE_S = 4.0
+_DATASET_FAILED = re.compile(r"Dataset (\S+) load failed")
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*):\s*(.+)$")
 
 
@@ -201,6 +202,11 @@ def failure_reason(log_path: Path, returncode: int | None) -> str:
         lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-200:]
     except OSError:
         lines = []
+    for line in lines:
+        match = _DATASET_FAILED.search(line)
+        if match:
+            return (f"the dataset {match.group(1)} could not be loaded (no network or an unknown id); "
+                    "use a reachable hub id or a local .jsonl file")
     for line in reversed(lines):
         match = _ERROR_LINE.match(line)
         if match:
@@ -208,7 +214,7 @@ def failure_reason(log_path: Path, returncode: int | None) -> str:
     return f"ms-swift exited with code {returncode}; see the run log {log_path}"
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the whole process group, SIGKILL it after a short grace period."""
     for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
         try:
@@ -283,12 +289,12 @@ def run_sft(
                 if returncode is not None:
                     break
                 if should_cancel is not None and should_cancel():
-                    _stop(process)
+                    stop_process(process)
                     raise TrainingCancelled("the run was cancelled")
                 time.sleep(poll_s)
         except BaseException:
             if process.poll() is None:
-                _stop(process)
+                stop_process(process)
             raise
     if returncode != 0:
         raise TrainingFailed(failure_reason(log_path, returncode), log_path)

@@ -12,7 +12,14 @@ from typing import Any
 from core.events import publish
 from core.models import TrainingRun
 from core.settings import Settings, env_for_children, get_settings
-from training.dataset import EmptyPersonaError, PersonaData, render_rows, write_training_set
+from training.dataset import (
+    DatasetUnavailableError,
+    EmptyPersonaError,
+    PersonaData,
+    check_general_data,
+    render_rows,
+    write_training_set,
+)
 from training.evaluate import EvaluationError, evaluate_in_subprocess
 from training.gpu_share import gpu_memory_gb, gpu_released, should_release
 from training.params import TrainParams
@@ -20,8 +27,8 @@ from training.registry import AdapterRegistry
 from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command
 
 log = logging.getLogger(__name__)
-# Rough training speed per mode in tokens/s on one H200 (bench/RESULTS.md), for the release ETA.
-SPEED_TOK_S = {"fast": 9000.0, "24gb": 4000.0, "seeds": 800.0}
+# Training speed per mode in tokens/s measured on one H200 (bench/RESULTS.md), for the release ETA.
+SPEED_TOK_S = {"fast": 6400.0, "24gb": 2900.0, "seeds": 830.0}
 ASSUMED_GENERAL_TOKENS = 300
 
 
@@ -90,6 +97,7 @@ class _Job:
         self.report = report
         self._cancel_checked = 0.0
         self._cancelled = False
+        self.last: dict[str, Any] = {}
 
     def cancelled(self) -> bool:
         now = time.monotonic()
@@ -99,6 +107,7 @@ class _Job:
         return self._cancelled
 
     def progress(self, progress: dict[str, Any], points: list[dict[str, Any]]) -> None:
+        self.last = progress
         self.store.update_run(self.run_id, progress=progress)
         if points:
             self.store.add_run_points(self.run_id, points)
@@ -109,7 +118,8 @@ class _Job:
                 "step", "max_steps", "epoch", "loss", "eta_s", "gpu_mem_gb")})
 
     def phase(self, name: str, **extra: Any) -> None:
-        self.progress({"phase": name, **extra}, [])
+        """Enter a phase, keeping the latest training numbers (step, loss, ...) in the progress."""
+        self.progress({**self.last, "phase": name, **extra}, [])
 
 
 def run_training(
@@ -169,6 +179,7 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
         built = write_training_set(persona, params, run_dir / "data")
         metrics["data"] = {**built.counts, "content_hash": built.data_hash}
         store.update_run(job.run_id, data_hash=built.persona_hash, metrics=metrics)
+        check_general_data(params.general_data, use_hf=settings.use_hf)
         on_gpu = gpu_memory_gb() is not None
         dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         command = sft_command(model=settings.model, dataset_args=built.dataset_args, output_dir=output_dir,
@@ -186,11 +197,11 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
                              should_cancel=job.cancelled, env=env)
             metrics["train"] = {"final_loss": result.final_loss, "steps": result.steps,
                                 "elapsed_s": result.elapsed_s, "peak_gpu_mem_gb": result.peak_gpu_mem_gb}
-            job.phase("evaluating", step=result.steps, max_steps=result.steps)
+            job.phase("evaluating")
             report = evaluate_in_subprocess(
                 _local_model(settings), str(result.adapter_dir), persona,
                 [p for p in persona.pairs if p["kind"] == "faq"], settings, run_dir / "eval",
-                exclude_questions=_trained_questions(built.path), env=env)
+                exclude_questions=_trained_questions(built.path), env=env, should_cancel=job.cancelled)
         if job.cancelled():
             raise TrainingCancelled("the run was cancelled")
         metrics["eval"] = report.to_dict()
@@ -208,7 +219,7 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
         return "cancelled", "cancelled by an admin; nothing was registered", None, metrics
     except TrainingFailed as error:
         return "failed", error.reason, None, metrics
-    except (EmptyPersonaError, EvaluationError, OSError) as error:
+    except (EmptyPersonaError, DatasetUnavailableError, EvaluationError, OSError) as error:
         return "failed", _one_line(error), None, metrics
     except Exception as error:
         log.exception("run %s failed", job.run_id)
