@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -45,11 +46,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def drive_users(api: FakeBotApi, redis_url: str, chats: list[dict[str, Any]], messages: int,
-                done: threading.Event, sent: dict[int, list[int]]) -> None:
-    """Each user sends its next message once the bot has remembered the previous turn."""
+                done: threading.Event, sent: dict[int, list[int]], give_up_s: float) -> None:
+    """Each user (one per chat) sends its next message once the bot has remembered the
+    previous turn; a message with no complete reply after `give_up_s` counts as lost."""
     client = redis.Redis.from_url(redis_url)
     progress = {chat["id"]: 0 for chat in chats}
     waiting: dict[int, bool] = {}
+    since: dict[int, float] = {}
     while not done.is_set():
         pipe = client.pipeline()
         for chat in chats:
@@ -58,7 +61,8 @@ def drive_users(api: FakeBotApi, redis_url: str, chats: list[dict[str, Any]], me
         finished = 0
         for chat, length in zip(chats, lengths, strict=True):
             cid = chat["id"]
-            if waiting.get(cid) and length >= 2 * progress[cid]:
+            if waiting.get(cid) and (length >= 2 * progress[cid]
+                                     or time.monotonic() - since[cid] > give_up_s):
                 waiting[cid] = False
             if progress[cid] >= messages and not waiting.get(cid):
                 finished += 1
@@ -68,8 +72,9 @@ def drive_users(api: FakeBotApi, redis_url: str, chats: list[dict[str, Any]], me
                 text = f"question {progress[cid]} from chat {cid}"
                 if chat["type"] != "private":
                     text = f"@{api.bot_user['username']} {text}"
-                sent.setdefault(cid, []).append(api.user_says(chat, text)["message_id"])
-                waiting[cid] = True
+                user = api.user(abs(cid), f"user{abs(cid)}")
+                sent.setdefault(cid, []).append(api.user_says(chat, text, user=user)["message_id"])
+                waiting[cid], since[cid] = True, time.monotonic()
         if finished == len(chats):
             done.set()
         time.sleep(0.05)
@@ -106,8 +111,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with running_bot(settings, store, on_timings=timings.append):
             started = time.monotonic()
-            driver = threading.Thread(target=drive_users, args=(api, server.url, chats,
-                                                                args.messages, done, sent))
+            driver = threading.Thread(target=drive_users, args=(
+                api, server.url, chats, args.messages, done, sent, args.reply_timeout + 30))
             driver.start()
             while not done.is_set() and time.monotonic() - started < args.max_seconds:
                 await asyncio.sleep(0.5)
@@ -189,6 +194,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=1200.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the worker and Redis too
     result = asyncio.run(run(args))
     text = json.dumps(result, indent=2)
     print(text)

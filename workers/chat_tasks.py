@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
-from celery import signals
-
 import redis
+from celery import signals
 
 from core.schemas import ChatRequest, ChatResult
 from core.settings import get_settings
@@ -40,6 +40,9 @@ def runtime() -> ChatRuntime:
 def _load_in_background(sender: object = None, **_: object) -> None:
     global _worker_name
     _worker_name = str(getattr(sender, "hostname", "") or "")
+    # The decode loop thread needs the GIL briefly between GPU steps; task threads must not
+    # hold it for the default 5 ms.
+    sys.setswitchinterval(0.0005)
     threading.Thread(target=runtime, name="engine-load", daemon=True).start()
 
 
@@ -59,7 +62,7 @@ def chat(request: dict) -> None:  # type: ignore[type-arg]
     except Exception as error:
         log.exception("the chat worker cannot load its model")
         settings = get_settings()
-        client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        client = redis.Redis.from_url(settings.effective_redis_url)
         ReplyStreamWriter(client, parsed.request_id, settings.stream_ttl_s).final(ChatResult(
             request_id=parsed.request_id, text="", finish_reason="error", adapter_version=None,
             worker=_worker_name, error=f"the chat worker cannot load {settings.model}: {error}; "

@@ -85,11 +85,12 @@ class Engine(Protocol):
     def cancel(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
         """Stop a request; its batch slot is freed at the next step."""
 
-    def load_adapter(self, name: str, path: str, base_model: str = "") -> None:
-        """Make an adapter version resident (validated; AdapterRefusedError if it cannot be used)."""
+    def load_adapter(self, name: str, path: str, base_model: str = "") -> float:
+        """Make an adapter version resident (AdapterRefusedError if it cannot be used); returns
+        how long decoding stalled for it, in ms."""
 
-    def set_active(self, name: str | None) -> float:
-        """Make a resident adapter (or None = base) the one 'active' requests get; returns stall ms."""
+    def set_active(self, name: str | None) -> None:
+        """Make a resident adapter (or None = base) the one new 'active' requests get."""
 
     def has_adapter(self, name: str) -> bool:
         """Whether this adapter version is resident."""

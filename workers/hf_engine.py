@@ -101,12 +101,6 @@ class HFEngine:
         self._active_rows = torch.zeros(self.max_batch, dtype=torch.long, device=self.decoder.device)
 
     @property
-    def device(self) -> torch.device:
-        if self.decoder is None:
-            raise EngineError("the model is unloaded (GPU released for training)")
-        return self.decoder.device
-
-    @property
     def released(self) -> bool:
         return self.decoder is None
 
@@ -152,7 +146,12 @@ class HFEngine:
         with self._cv:
             return name in self._slot_names
 
-    def load_adapter(self, name: str, path: str | Path, base_model: str = "") -> float:
+    def _free_slots(self) -> list[int]:
+        return [s for s in range(self.lora_slots) if self._slot_refs[s] == 0 and not self._slot_busy[s]
+                and (self._slot_names[s] is None or self._slot_names[s] != self._active)]
+
+    def load_adapter(self, name: str, path: str | Path, base_model: str = "", *,
+                     slot_wait_s: float = 120.0) -> float:
         """Validate and copy an adapter into a free slot; returns how long decoding stalled (ms)."""
         if self.has_adapter(name):
             return 0.0
@@ -164,12 +163,12 @@ class HFEngine:
             raise EngineError("the model is unloaded (GPU released for training)")
         weights = read_adapter(path, decoder.dims, max_rank=self.lora_rank, model_name=self.model_name)
         with self._cv:
-            free = [s for s in range(self.lora_slots) if self._slot_refs[s] == 0
-                    and not self._slot_busy[s] and (self._slot_names[s] is None
-                                                    or self._slot_names[s] != self._active)]
-            if not free:
-                raise EngineError(f"all {self.lora_slots} adapter slots serve running requests; try "
-                                  "again shortly or raise PERSONABOT_LORA_SLOTS")
+            deadline = time.monotonic() + slot_wait_s
+            while not (free := self._free_slots()):
+                # Every slot serves running requests: they end within one reply, so wait for one.
+                if not self._cv.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise EngineError(f"all {self.lora_slots} adapter slots served running requests for "
+                                      f"{slot_wait_s:.0f}s; try again or raise PERSONABOT_LORA_SLOTS")
             slot = min(free, key=lambda s: (self._slot_names[s] is not None, self._slot_used[s]))
             self._slot_names[slot] = None
             self._slot_busy[slot] = True
@@ -298,7 +297,7 @@ class HFEngine:
                     self._admit(admits)
                 if any(self._rows):
                     self._step()
-            except Exception as error:  # noqa: BLE001 - fail the batch, keep the worker serving
+            except Exception as error:
                 log.exception("decode step failed")
                 for index, row in enumerate(self._rows):
                     if row is not None:

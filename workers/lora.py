@@ -67,7 +67,7 @@ def read_adapter(path: str | Path, dims: Dims, *, max_rank: int, model_name: str
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights_file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
                 match = KEY.match(key)
                 if match is None or match.group(3) not in LORA_TARGETS:
                     raise AdapterRefusedError(

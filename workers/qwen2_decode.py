@@ -62,15 +62,17 @@ class Layer:
     down_w: torch.Tensor
     in_norm: torch.Tensor
     post_norm: torch.Tensor
-    # LoRA buffers, slot-major: slot s owns columns [s*k*r, (s+1)*k*r) of an A buffer (k = 3 for
+    # LoRA buffers, slot-major: slot s owns rows [s*k*r, (s+1)*k*r) of an A buffer (k = 3 for
     # q|k|v, 2 for gate|up, 1 otherwise) and the same rows of its B buffer; scaling is in B.
-    a_qkv: torch.Tensor  # [hidden, S*3r]
+    # The q|k|v and gate|up A buffers are extra rows of the fused base weight, so one GEMM
+    # gives the base output and every slot's LoRA down-projection.
+    a_qkv: torch.Tensor  # [S*3r, hidden], a view into qkv_w
     b_qkv: torch.Tensor  # [S*3r, q_out + 2 kv_out], block diagonal inside each slot
-    a_o: torch.Tensor  # [q_out, S*r]
+    a_o: torch.Tensor  # [S*r, q_out]
     b_o: torch.Tensor  # [S*r, hidden]
-    a_gu: torch.Tensor  # [hidden, S*2r]
+    a_gu: torch.Tensor  # [S*2r, hidden], a view into gate_up_w
     b_gu: torch.Tensor  # [2, S*r, intermediate]
-    a_down: torch.Tensor  # [intermediate, S*r]
+    a_down: torch.Tensor  # [S*r, intermediate]
     b_down: torch.Tensor  # [S*r, hidden]
 
 
@@ -121,23 +123,24 @@ class Qwen2Decoder:
         self.final_norm = inner.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()
         self.layers: list[Layer] = []
-        zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=self.dtype)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=self.dtype)
         for hf in inner.layers:
             attn, mlp = hf.self_attn, hf.mlp
             qkv_w = torch.cat([_take(attn.q_proj, "weight"), _take(attn.k_proj, "weight"),
-                               _take(attn.v_proj, "weight")])
+                               _take(attn.v_proj, "weight"), zeros(slots * 3 * r, d.hidden)])
             qkv_b = torch.cat([_take(attn.q_proj, "bias"), _take(attn.k_proj, "bias"),
-                               _take(attn.v_proj, "bias")])
-            gate_up_w = torch.cat([_take(mlp.gate_proj, "weight"), _take(mlp.up_proj, "weight")])
+                               _take(attn.v_proj, "bias"), zeros(slots * 3 * r)])
+            gate_up_w = torch.cat([_take(mlp.gate_proj, "weight"), _take(mlp.up_proj, "weight"),
+                                   zeros(slots * 2 * r, d.hidden)])
             self.layers.append(Layer(
                 qkv_w=qkv_w, qkv_b=qkv_b, o_w=_take(attn.o_proj, "weight"), gate_up_w=gate_up_w,
                 down_w=_take(mlp.down_proj, "weight"),
                 in_norm=_take(hf.input_layernorm, "weight"),
                 post_norm=_take(hf.post_attention_layernorm, "weight"),
-                a_qkv=zeros(d.hidden, slots * 3 * r), b_qkv=zeros(slots * 3 * r, d.q_out + 2 * d.kv_out),
-                a_o=zeros(d.q_out, slots * r), b_o=zeros(slots * r, d.hidden),
-                a_gu=zeros(d.hidden, slots * 2 * r), b_gu=zeros(2, slots * r, d.intermediate),
-                a_down=zeros(d.intermediate, slots * r), b_down=zeros(slots * r, d.hidden),
+                a_qkv=qkv_w[d.q_out + 2 * d.kv_out:], b_qkv=zeros(slots * 3 * r, d.q_out + 2 * d.kv_out),
+                a_o=zeros(slots * r, d.q_out), b_o=zeros(slots * r, d.hidden),
+                a_gu=gate_up_w[2 * d.intermediate:], b_gu=zeros(2, slots * r, d.intermediate),
+                a_down=zeros(slots * r, d.intermediate), b_down=zeros(slots * r, d.hidden),
             ))
         cache_shape = (max_rows, d.kv_heads, max_len, d.head_dim)
         self.k_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
@@ -171,12 +174,12 @@ class Qwen2Decoder:
         qkv_starts = {"q_proj": 0, "k_proj": d.q_out, "v_proj": d.q_out + d.kv_out}
         one, two, three = (slice(slot * k * r, (slot + 1) * k * r) for k in (1, 2, 3))
         for index, layer in enumerate(self.layers):
-            layer.a_qkv[:, three] = 0
+            layer.a_qkv[three] = 0
             layer.b_qkv[three] = 0
-            layer.a_gu[:, two] = 0
+            layer.a_gu[two] = 0
             layer.b_gu[:, one] = 0
             for a, b in ((layer.a_o, layer.b_o), (layer.a_down, layer.b_down)):
-                a[:, one] = 0
+                a[one] = 0
                 b[one] = 0
             for target in LORA_TARGETS:
                 pair = weights.get((index, target))
@@ -188,50 +191,56 @@ class Qwen2Decoder:
                     seg = ("q_proj", "k_proj", "v_proj").index(target)
                     cols = slice(three.start + seg * r, three.start + seg * r + rank)
                     start = qkv_starts[target]
-                    layer.a_qkv[:, cols] = a_w.T
+                    layer.a_qkv[cols] = a_w
                     layer.b_qkv[cols, start:start + b_w.shape[0]] = b_w.T
                 elif target in ("gate_proj", "up_proj"):
                     seg = 0 if target == "gate_proj" else 1
-                    layer.a_gu[:, two.start + seg * r:two.start + seg * r + rank] = a_w.T
+                    layer.a_gu[two.start + seg * r:two.start + seg * r + rank] = a_w
                     layer.b_gu[seg, one.start:one.start + rank] = b_w.T
                 elif target == "o_proj":
-                    layer.a_o[:, one.start:one.start + rank] = a_w.T
+                    layer.a_o[one.start:one.start + rank] = a_w
                     layer.b_o[one.start:one.start + rank] = b_w.T
                 else:
-                    layer.a_down[:, one.start:one.start + rank] = a_w.T
+                    layer.a_down[one.start:one.start + rank] = a_w
                     layer.b_down[one.start:one.start + rank] = b_w.T
 
     # --- forward pieces -------------------------------------------------------------------------
-    def _lora(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
+    def _rows(self, mode: LoraMode, k: int) -> slice:
+        """The A/B rows of the slot `mode` names, for a target with k fused parts."""
+        width = k * self.lora_rank
+        return slice(int(mode) * width, (int(mode) + 1) * width)  # type: ignore[arg-type]
+
+    def _lora(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
               mode: LoraMode, masks: dict[int, torch.Tensor]) -> torch.Tensor:
-        """out += LoRA(x) for a target with k fused parts (B block diagonal), in place."""
+        """out += B(A(x)) in place for a single-part target (o_proj, down_proj)."""
         if mode is None:
             return out
         if mode == MIXED:
-            return out.addmm_((x @ a) * masks[k], b)
-        cols = slice(int(mode) * k * self.lora_rank, (int(mode) + 1) * k * self.lora_rank)
-        return out.addmm_(x @ a[:, cols], b[cols])
+            return out.addmm_((x @ a.T) * masks[1], b)
+        rows = self._rows(mode, 1)
+        return out.addmm_(x @ a[rows].T, b[rows])
 
     def _mlp(self, layer: Layer, x: torch.Tensor, mode: LoraMode, masks: dict[int, torch.Tensor]) -> torch.Tensor:
         d, r = self.dims, self.lora_rank
         h = F.rms_norm(x, (d.hidden,), layer.post_norm, d.eps)
         n = h.shape[0]
-        gu = h @ layer.gate_up_w.T
+        out = h @ layer.gate_up_w.T  # [n, 2I + S*2r]: base gate|up, then every slot's A(h)
+        gu = out[:, :2 * d.intermediate]
         if mode is not None:
+            tail = out[:, 2 * d.intermediate:]
             if mode == MIXED:
-                t = ((h @ layer.a_gu) * masks[2]).view(n, self.lora_slots, 2, r).transpose(1, 2)
+                t = (tail * masks[2]).view(n, self.lora_slots, 2, r).transpose(1, 2)
                 t, b = t.reshape(n, 2, self.lora_slots * r).transpose(0, 1), layer.b_gu
             else:
-                slot = int(mode)
-                t = (h @ layer.a_gu[:, slot * 2 * r:(slot + 1) * 2 * r]).view(n, 2, r).transpose(0, 1)
-                b = layer.b_gu[:, slot * r:(slot + 1) * r]
+                t = tail[:, self._rows(mode, 2)].view(n, 2, r).transpose(0, 1)
+                b = layer.b_gu[:, self._rows(mode, 1)]
             gu3 = torch.baddbmm(gu.view(n, 2, d.intermediate).transpose(0, 1), t, b)
             gate, up = gu3[0], gu3[1]
         else:
             gate, up = gu[:, :d.intermediate], gu[:, d.intermediate:]
         act = F.silu(gate) * up
         x = torch.addmm(x, act, layer.down_w.T)
-        return self._lora(x, act, layer.a_down, layer.b_down, 1, mode, masks)
+        return self._lora(x, act, layer.a_down, layer.b_down, mode, masks)
 
     def _qkv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: LoraMode,
              masks: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,7 +248,14 @@ class Qwen2Decoder:
         d = self.dims
         n = x.shape[0]
         h = F.rms_norm(x, (d.hidden,), layer.in_norm, d.eps)
-        qkv = self._lora(torch.addmm(layer.qkv_b, h, layer.qkv_w.T), h, layer.a_qkv, layer.b_qkv, 3, mode, masks)
+        out = torch.addmm(layer.qkv_b, h, layer.qkv_w.T)  # [n, q|k|v + S*3r]
+        base = d.q_out + 2 * d.kv_out
+        qkv = out[:, :base]
+        if mode == MIXED:
+            qkv.addmm_(out[:, base:] * masks[3], layer.b_qkv)
+        elif mode is not None:
+            rows = self._rows(mode, 3)
+            qkv.addmm_(out[:, base:][:, rows], layer.b_qkv[rows])
         qk = qkv[:, :d.q_out + d.kv_out].view(n, d.heads + d.kv_heads, d.head_dim)
         qk = torch.addcmul(qk * cos, qk.roll(d.head_dim // 2, dims=-1), sin)
         v = qkv[:, d.q_out + d.kv_out:].view(n, d.kv_heads, d.head_dim)
@@ -276,7 +292,7 @@ class Qwen2Decoder:
                 attn[span] = out[0].transpose(0, 1)
                 start += n
             flat = attn.view(total, d.q_out)
-            x = self._lora(torch.addmm(x, flat, layer.o_w.T), flat, layer.a_o, layer.b_o, 1, mode, masks)
+            x = self._lora(torch.addmm(x, flat, layer.o_w.T), flat, layer.a_o, layer.b_o, mode, masks)
             x = self._mlp(layer, x, mode, masks)
         last = torch.tensor([sum(lengths[:i + 1]) - 1 for i in range(len(lengths))], device=self.device)
         out = F.rms_norm(x[last], (d.hidden,), self.final_norm, d.eps)
@@ -305,7 +321,7 @@ class Qwen2Decoder:
             scores = torch.baddbmm(bias, q.reshape(rows * d.kv_heads, group, d.head_dim), keys.transpose(1, 2),
                                    alpha=scale)
             attn = torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, d.q_out)
-            x = self._lora(torch.addmm(x, attn, layer.o_w.T), attn, layer.a_o, layer.b_o, 1, mode, masks)
+            x = self._lora(torch.addmm(x, attn, layer.o_w.T), attn, layer.a_o, layer.b_o, mode, masks)
             x = self._mlp(layer, x, mode, masks)
         x = F.rms_norm(x, (d.hidden,), self.final_norm, d.eps)
         return (x @ self.lm_head.T).float()

@@ -40,7 +40,8 @@ def setup(tiny_model: Path, tiny_adapter: Path, tiny_adapter_2: Path,
     v2 = store.add_adapter(name="v2", path=str(tiny_adapter_2), base_model=str(tiny_model), data_hash="",
                            eval_scores={}, eval_passed=True)
     store.set_active(v1.id)
-    worker = ChatWorker(server.url, db_url, tiny_model, root / "data", name="chat1", concurrency=4).start()
+    worker = ChatWorker(server.url, db_url, tiny_model, root / "data", name="chat1", concurrency=4,
+                        env={"PERSONABOT_CONTEXT_TOKENS": "4096"}).start()
     client = redis.Redis.from_url(server.url)
     try:
         yield {"server": server, "store": store, "worker": worker, "client": client, "v1": v1, "v2": v2,
@@ -127,7 +128,7 @@ def test_concurrent_requests_share_decode_steps(setup: dict[str, Any]) -> None:
 def test_empty_and_oversized_prompts_get_clear_errors(setup: dict[str, Any]) -> None:
     _, empty = ask(setup, "   ")
     assert empty.finish_reason == "error" and "non-empty user message" in empty.error
-    _, huge = ask(setup, "hello " * 2000)
+    _, huge = ask(setup, "hello " * 5000)
     assert huge.finish_reason == "error" and "PERSONABOT_CONTEXT_TOKENS" in huge.error
     _, unknown = ask(setup, "hi", adapter="no-such-version")
     assert unknown.finish_reason == "error" and "does not exist" in unknown.error
@@ -135,7 +136,7 @@ def test_empty_and_oversized_prompts_get_clear_errors(setup: dict[str, Any]) -> 
 
 def test_cancel_stops_the_reply_and_frees_the_slot(setup: dict[str, Any]) -> None:
     request = ChatRequest(messages=[Message(role="user", content=LONG[0])], adapter="base",
-                          sampling=SamplingParams(temperature=0, max_new_tokens=450, min_new_tokens=450))
+                          sampling=SamplingParams(temperature=0, max_new_tokens=3500, min_new_tokens=3500))
     submit_chat(request, app=setup["app"])
     entries = []
     for entry in read_reply(setup["client"], request.request_id, timeout_s=60):
@@ -143,7 +144,7 @@ def test_cancel_stops_the_reply_and_frees_the_slot(setup: dict[str, Any]) -> Non
         if entry.kind == "token":
             cancel_chat(setup["client"], request.request_id)
     result = entries[-1].result
-    assert result.finish_reason == "cancelled" and result.completion_tokens < 450
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 3500
     import json
 
     assert json.loads(setup["client"].hget(STATS_KEY, setup["worker"].hostname))["running"] == 0
@@ -159,13 +160,22 @@ def test_base_active_and_named_adapters(setup: dict[str, Any]) -> None:
     assert len({base.text, active.text, named.text}) == 3
 
 
+def test_stop_strings_end_the_reply(setup: dict[str, Any]) -> None:
+    _, full = ask(setup, "Write Python code.", adapter="base", sampling={"max_new_tokens": 30})
+    stop = full.text[12:15]
+    entries, stopped = ask(setup, "Write Python code.", adapter="base",
+                           sampling={"max_new_tokens": 30, "stop": ["never-there", stop]})
+    assert stopped.finish_reason == "stop" and stopped.text == full.text[:full.text.find(stop)]
+    assert "".join(e.text for e in entries if e.kind == "token") == stopped.text
+
+
 def test_duplicate_delivery_gives_one_reply(setup: dict[str, Any]) -> None:
     request = ChatRequest(messages=[Message(role="user", content=LONG[1])], adapter="base",
                           sampling=SamplingParams(temperature=0, max_new_tokens=200, min_new_tokens=200))
     payload = [request.model_dump(mode="json")]
     for _ in range(2):
         setup["app"].send_task("personabot.chat", args=payload, task_id=request.request_id)
-    final = [e for e in read_reply(setup["client"], request.request_id, timeout_s=60) if e.kind == "final"][0]
+    final = next(e for e in read_reply(setup["client"], request.request_id, timeout_s=60) if e.kind == "final")
     setup["app"].send_task("personabot.chat", args=payload, task_id=request.request_id)
     time.sleep(3)
     raw = setup["client"].xrange(stream_key(request.request_id))
@@ -235,6 +245,12 @@ def test_gpu_release_answers_updating_then_reclaim_serves_again(setup: dict[str,
         time.sleep(0.2)
     assert result.text == "I'm being updated, back in about 2 minutes."
     assert result.finish_reason == "stop" and result.adapter_version is None
+    # A promotion while the GPU is released is taken up on reclaim, not refused.
+    since = time.time()
+    store, v1 = setup["store"], setup["v1"]
+    store.set_active(v1.id)
+    events.publish(client, "adapter.promoted", version="v1", id=v1.id, path=str(setup["adapters"]["v1"]),
+                   base_model=str(setup["model"]))
     events.publish(client, "gpu.reclaim")
     deadline = time.monotonic() + 60
     while True:
@@ -242,4 +258,5 @@ def test_gpu_release_answers_updating_then_reclaim_serves_again(setup: dict[str,
         if result.error != "updating" or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert result.error == "" and result.adapter_version == setup["store"].active_adapter().name
+    assert result.error == "" and result.adapter_version == "v1"
+    assert not [e for e in events.recent(client, 100) if e.type == "adapter.refused" and e.at >= since]

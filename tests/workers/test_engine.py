@@ -92,7 +92,7 @@ def test_cancel_frees_the_slot(engine: HFEngine) -> None:
     assert running[0].next_batch(timeout=30)
     engine.cancel(queued.request.request_id)
     engine.cancel(running[0].request.request_id)
-    tokens, done = collect(running[0])
+    _tokens, done = collect(running[0])
     assert done.finish_reason == "cancelled" and done.completion_tokens < 200
     assert collect(queued)[1].finish_reason == "cancelled"
     # The freed row takes a new request while the others are still running.

@@ -41,7 +41,7 @@ def ask(stack: dict[str, Any], text: str, **sampling: Any) -> ChatResult:
     request = ChatRequest(messages=[Message(role="user", content=text)], adapter="base",
                           sampling=SamplingParams(temperature=0, **sampling))
     submit_chat(request, app=stack["app"])
-    return [e for e in read_reply(stack["client"], request.request_id, timeout_s=60) if e.kind == "final"][0].result
+    return next(e for e in read_reply(stack["client"], request.request_id, timeout_s=60) if e.kind == "final").result
 
 
 def test_two_workers_both_serve_and_both_swap(stack: dict[str, Any], chat_worker) -> None:  # type: ignore[no-untyped-def]
@@ -73,8 +73,8 @@ def test_two_workers_both_serve_and_both_swap(stack: dict[str, Any], chat_worker
         request = ChatRequest(messages=[Message(role="user", content="What is your name?")],
                               sampling=SamplingParams(temperature=0, max_new_tokens=20))
         submit_chat(request, app=stack["app"])
-        after.append([e for e in read_reply(stack["client"], request.request_id, timeout_s=60)
-                      if e.kind == "final"][0].result)
+        after.append(next(e for e in read_reply(stack["client"], request.request_id, timeout_s=60)
+                      if e.kind == "final").result)
 
     threads = [threading.Thread(target=active_request) for _ in range(8)]
     for thread in threads:
