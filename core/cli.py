@@ -9,7 +9,6 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
 
 from core.settings import Settings, SettingsError, get_settings
 
@@ -49,8 +48,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     module = {"chat": "workers.chat_tasks", "train": "workers.train_tasks"}[args.kind]
     _require(module, f"the {args.kind} worker")
-    # A stable name (e.g. "chat@%h" in compose) lets health checks ping this worker.
-    node = os.environ.get("PERSONABOT_WORKER_NAME") or f"{args.kind}-{os.getpid()}@{socket.gethostname()}"
+    # A stable name (e.g. "chat@%h" in compose) lets health checks ping this worker, and lets a
+    # restarted train worker recognise the runs its predecessor left running. Several chat workers
+    # may share a host, so theirs carry the pid unless a name is given.
+    default = f"train@{socket.gethostname()}" if args.kind == "train" else \
+        f"chat-{os.getpid()}@{socket.gethostname()}"
+    node = os.environ.get("PERSONABOT_WORKER_NAME") or default
     argv = [sys.executable, "-m", "celery", "-A", f"{module}:app", "worker", "-Q", args.kind,
             "-n", node, "--loglevel", args.loglevel, "--prefetch-multiplier", "1", "--without-gossip",
             "--without-mingle"]

@@ -44,6 +44,7 @@ class ImportReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
     source_rows: list[int] = field(default_factory=list)  # source row number of each valid row
+    limits: Limits | None = None
 
     @property
     def ok(self) -> bool:
@@ -237,14 +238,22 @@ def parse_pairs(
         raise ValueError(f"default kind {default_kind!r} is not one of {PAIR_KINDS}")
     try:
         text = _decode(data)
+        if "\x00" in text:
+            raise ValueError("the file contains NUL bytes, which no text field may hold; remove them")
         fmt = fmt or detect_format(filename, text)
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
         items = _iter_items("json" if fmt == "messages" else fmt, text)
     except ValueError as error:
-        return ImportReport(format=fmt or "unknown", errors=[RowError(0, str(error))])
+        return ImportReport(format=fmt or "unknown", errors=[RowError(0, str(error))], limits=limits)
+    except csv.Error as error:
+        return ImportReport(format="csv", errors=[RowError(0, f"the CSV is malformed ({error}); "
+                                                             "check quoting and cell sizes")], limits=limits)
+    except RecursionError:
+        return ImportReport(format=fmt or "json", errors=[RowError(0, "the JSON is nested too deeply to be "
+                                                                     "a list of pairs")], limits=limits)
 
-    report = ImportReport(format=fmt)
+    report = ImportReport(format=fmt, limits=limits)
     seen: dict[tuple[str, str], tuple[int, str]] = {}
     for number, item in items:
         try:
@@ -265,6 +274,18 @@ def parse_pairs(
         report.rows.append(row)
         report.source_rows.append(number)
 
+    report.errors.extend(store_conflicts(report, store, replace=replace))
+    report.errors.sort(key=lambda e: e.row)
+    return report
+
+
+def store_conflicts(report: ImportReport, store: Any, *, replace: bool) -> list[RowError]:
+    """Rows that clash with stored pairs (unless `replace`), and the pair limit. No store = limit only.
+
+    The same question with the same answer is a duplicate, with another answer a contradiction.
+    """
+    limits = report.limits or Limits()
+    errors: list[RowError] = []
     if store is not None and not replace:
         existing = {(p.kind, question_key(p.instruction, p.input)): p for p in store.list_pairs()}
         for number, row in zip(report.source_rows, report.rows, strict=True):
@@ -272,24 +293,31 @@ def parse_pairs(
             if match is None:
                 continue
             if match.output == row["output"]:
-                report.errors.append(RowError(number, f"already stored as pair {match.id}; remove the row"))
+                errors.append(RowError(number, f"already stored as pair {match.id}; remove the row"))
             else:
-                report.errors.append(RowError(
+                errors.append(RowError(
                     number, f"contradicts stored pair {match.id} (same question, different answer); "
                     "edit that pair or import with replace"))
         total = len(existing) + len(report.rows)
     else:
         total = len(report.rows)
     if total > limits.max_pairs:
-        report.errors.append(RowError(
+        errors.append(RowError(
             0, f"the persona would hold {total} pairs, over the limit of {limits.max_pairs} (PERSONABOT_MAX_PAIRS)"))
-    report.errors.sort(key=lambda e: e.row)
-    return report
+    return errors
 
 
 def import_pairs(store: Any, report: ImportReport, *, replace: bool = False, actor: str = "system") -> list[int]:
-    """Save a clean report in one transaction; raise PairImportError (store untouched) otherwise."""
+    """Save a clean report in one transaction; raise PairImportError (store untouched) otherwise.
+
+    The rows are checked against the store again here, with this call's `replace`: the store may
+    have changed since the report was made, or it was made with another `replace`.
+    """
     if not report.ok:
+        raise PairImportError(report)
+    conflicts = store_conflicts(report, store, replace=replace)
+    if conflicts:
+        report.errors.extend(conflicts)
         raise PairImportError(report)
     from core.store import StoreError
 

@@ -72,10 +72,22 @@ class RedisServer:
                 raise RedisServerError(f"redis-server exited: {err.strip()[:500]}")
             try:
                 if client.ping():
+                    self._check_it_is_ours(client)
                     return
             except redis.RedisError:
                 time.sleep(0.05)
         raise RedisServerError(f"redis-server did not answer on port {self.port} within {timeout}s")
+
+    def _check_it_is_ours(self, client: redis.Redis) -> None:
+        """A server already on the port answers pings too: make sure the one answering is ours."""
+        if self.process is None:
+            return
+        pid = int(client.info("server").get("process_id", -1))
+        if pid != self.process.pid:
+            self.process.wait(5)
+            raise RedisServerError(
+                f"port {self.port} is already served by another redis-server (pid {pid}); ours could not bind"
+            )
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         5.0, ge=0, le=300,
         description="After publishing gpu.release, how long training waits for chat workers to free memory.",
     )
+    gpu_host: str = Field(
+        "",
+        description="Name of the GPU this process shares (training releases only chat workers with the same "
+        "name); empty = this machine's hostname.",
+    )
 
     # --- evaluation gate ----------------------------------------------------------------------
     eval_identity_min: float = Field(0.8, ge=0, le=1, description="Identity pass rate needed.")

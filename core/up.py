@@ -97,7 +97,8 @@ def run_up(settings: Settings, *, skip: set[str] = frozenset(), out: Any = None)
         print(f"[up] {note}", file=out, flush=True)
     env = env_for_children(settings)
     env["PYTHONUNBUFFERED"] = "1"
-    specs = [ChildSpec(name, [sys.executable, *PARTS[name][1]], env=env) for name in names]
+    specs = [ChildSpec(name, [sys.executable, *PARTS[name][1]], env=_without_secrets(env, name))
+             for name in names]
     secrets = [s.get_secret_value() for s in (settings.telegram_token, settings.admin_password) if s]
     supervisor = Supervisor(specs, out=out, secrets=secrets)
 
@@ -117,6 +118,16 @@ def run_up(settings: Settings, *, skip: set[str] = frozenset(), out: Any = None)
             signal.signal(sig, handler)
         print("[up] stopped", file=out, flush=True)
     return 0
+
+
+# Each part gets only the secrets it uses.
+_SECRETS_FOR = {"bot": {"PERSONABOT_TELEGRAM_TOKEN"}, "ui": {"PERSONABOT_ADMIN_PASSWORD"}}
+
+
+def _without_secrets(env: dict[str, str], part: str) -> dict[str, str]:
+    keep = _SECRETS_FOR.get(part, set())
+    secrets = {"PERSONABOT_TELEGRAM_TOKEN", "PERSONABOT_ADMIN_PASSWORD"} - keep
+    return {key: value for key, value in env.items() if key not in secrets}
 
 
 def _mask_url(url: str) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+import redis
 
 from core.models import AdapterVersion
 from core.store import StoreError, isoformat
@@ -74,6 +75,11 @@ class AdaptersTab:
             adapter = method(int(adapter_id), actor=actor(request))
         except (StoreError, ValueError, RuntimeError, OSError) as error:
             return (notice(str(error), ok=False), *self.table())
+        except redis.RedisError as error:
+            # The store changed; only the swap event could not be sent. Workers re-sync on their own.
+            return (notice(f"{action} saved, but the swap event could not be sent ({type(error).__name__}); "
+                           "chat workers pick up the active version at their next sync", ok=False),
+                    *self.table())
         done = {"activate": "activated", "rollback": "rolled back to", "delete": "deleted"}[action]
         return (notice(f"{done} {adapter.name}; chat workers swap to the active version now"
                        if action != "delete" else f"{done} {adapter.name}"), *self.table())

@@ -18,6 +18,7 @@ from core.pairs_io import (
     export_pairs,
     import_pairs,
     parse_pairs,
+    question_key,
 )
 from core.store import StoreError
 from training.dataset import preview_training_set
@@ -135,6 +136,7 @@ class PersonaTab:
             try:
                 stored = self.ctx.store.get_pair(pair_id)
                 row = self._validate_row(row, against_store=False)
+                self._refuse_clash(pair_id, row)
                 fields = {key: row[key] for key in ("kind", "instruction", "input", "output", "enabled")
                           if getattr(stored, key) != row[key]}
                 if fields:
@@ -146,6 +148,13 @@ class PersonaTab:
         if problems:
             text += f"; {len(problems)} refused: " + "; ".join(problems)
         return notice(text, ok=not problems), self.pairs_frame(filter_kind, search)
+
+    def _refuse_clash(self, pair_id: int, row: dict[str, Any]) -> None:
+        """An edited question may not become the same question as another stored pair."""
+        key = (row["kind"], question_key(row["instruction"], row["input"]))
+        for other in self.ctx.store.list_pairs(row["kind"]):
+            if other.id != pair_id and (other.kind, question_key(other.instruction, other.input)) == key:
+                raise StoreError(f"asks the same question as pair {other.id}; edit or delete that one")
 
     @staticmethod
     def _parse_ids(text: str) -> list[int]:

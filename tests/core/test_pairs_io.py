@@ -103,3 +103,30 @@ def test_conflicts_with_stored_pairs(store: Store) -> None:
     replace = parse_pairs(json.dumps(clash[:1]).encode(), "x.json", store=store, replace=True)
     import_pairs(store, replace, replace=True)
     assert [p.output for p in store.list_pairs()] == ["Someone else."]
+
+
+def test_malformed_csv_nested_json_and_nul_bytes_are_reported(sqlite_store: Store) -> None:
+    import csv
+
+    huge = b"instruction,output\n\"" + b"x" * (csv.field_size_limit() + 10) + b"\",y\n"
+    assert "the CSV is malformed" in parse_pairs(huge, "big.csv").summary()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert "nested too deeply" in parse_pairs(deep, "deep.json").summary()
+    nul = b'[{"instruction": "a\\u0000b", "output": "x"}]'
+    assert "NUL" in parse_pairs(nul.replace(b"\\u0000", b"\x00"), "nul.json").summary()
+
+
+def test_import_rechecks_the_store_at_save_time(store: Store) -> None:
+    """A report checked with replace, or before another admin's edit, cannot slip past the store."""
+    store.add_pairs(SEEDS)
+    clash = json.dumps([{"instruction": "who are you", "output": "Someone else."}]).encode()
+    checked_with_replace = parse_pairs(clash, "x.json", store=store, replace=True)
+    assert checked_with_replace.ok
+    with pytest.raises(PairImportError, match="contradicts stored pair"):
+        import_pairs(store, checked_with_replace, replace=False)
+    fresh = parse_pairs(json.dumps([{"instruction": "New?", "output": "a"}]).encode(), "x.json", store=store)
+    assert fresh.ok
+    store.add_pairs([{"kind": "identity", "instruction": "new", "output": "b"}])  # another admin, meanwhile
+    with pytest.raises(PairImportError, match="contradicts stored pair"):
+        import_pairs(store, fresh)
+    assert len(store.list_pairs()) == 3

@@ -116,3 +116,32 @@ def test_failed_adapter_cannot_be_activated_and_active_cannot_be_deleted(store: 
         store.delete_adapter(good.id)
     store.delete_adapter(bad.id)
     assert [a.name for a in store.list_adapters()] == ["good"]
+
+
+def test_concurrent_activations_leave_exactly_one_active(store: Store) -> None:
+    """Admins activating different versions at once: one wins, the others get a clear StoreError."""
+    import threading
+
+    ids = [store.add_adapter(name=f"c{i}", path=f"c{i}", base_model="m", data_hash="h", eval_scores={},
+                             eval_passed=True).id for i in range(6)]
+    errors: list[Exception] = []
+    barrier = threading.Barrier(len(ids))
+
+    def activate(adapter_id: int) -> None:
+        other = Store(store.url, migrate=False)
+        barrier.wait()
+        try:
+            other.set_active(adapter_id)
+        except StoreError as error:
+            errors.append(error)
+        finally:
+            other.close()
+
+    threads = [threading.Thread(target=activate, args=(i,)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    actives = [a for a in store.list_adapters() if a.active]
+    assert len(actives) == 1
+    assert all("at the same moment" in str(e) for e in errors)

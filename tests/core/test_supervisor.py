@@ -47,3 +47,23 @@ def test_secrets_are_masked_and_stop_kills_the_group() -> None:
     sup.stop(timeout=5)
     assert "token=***" in out.getvalue() and "123:ABC" not in out.getvalue()
     assert _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 10)
+
+
+def test_embedded_redis_refuses_a_port_someone_else_serves(redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from core.redis_server import RedisServer, RedisServerError
+
+    second = RedisServer(tmp_path / "second", port=redis_server.port, persist=False)
+    with pytest.raises(RedisServerError, match="already served by another redis-server"):
+        second.start()
+    second.stop()
+
+
+def test_up_gives_each_part_only_its_secrets() -> None:
+    from core.up import _without_secrets
+
+    env = {"PERSONABOT_TELEGRAM_TOKEN": "t", "PERSONABOT_ADMIN_PASSWORD": "p", "PATH": "/bin"}
+    assert _without_secrets(env, "chat") == {"PATH": "/bin"}
+    assert _without_secrets(env, "bot") == {"PERSONABOT_TELEGRAM_TOKEN": "t", "PATH": "/bin"}
+    assert _without_secrets(env, "ui") == {"PERSONABOT_ADMIN_PASSWORD": "p", "PATH": "/bin"}
