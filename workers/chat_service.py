@@ -20,6 +20,9 @@ from core.schemas import ChatRequest, ChatResult, Event
 from core.settings import Settings
 from core.store import Store
 from core.streams import ReplyStreamWriter, cancel_key, is_finished, stream_key
+from training.gpu_share import drop_holder, gpu_host, mark_holder, read_lease
+from training.model_source import resolve_model_dir
+from training.registry import AdapterPathError, AdapterRegistry
 from workers.engine import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -39,6 +42,9 @@ STATS_KEY = "personabot:chat-workers"
 CANCEL_POLL_S = 0.2
 FLUSH_S = 0.03  # tokens produced within this long go out as one stream entry (fewer XADDs, less GIL)
 CLAIM_TTL_S = 10  # a reply's owner refreshes its claim; a dead owner's claim lapses this fast
+SYNC_POLL_S = 1.0  # how often a worker checks its host's GPU lease and refreshes its holder entry
+ADAPTER_SYNC_S = 10.0  # how often it compares its adapter with the store's active one
+LOAD_HOLD_S = 600.0  # while the model loads, the worker counts as holding the GPU for up to this long
 
 
 def claim_key(request_id: str) -> str:
@@ -50,97 +56,188 @@ def updating_text(eta_s: float) -> str:
     return f"I'm being updated, back in about {minutes} minute{'s' if minutes != 1 else ''}."
 
 
-def default_engine(settings: Settings) -> Engine:
+def gpu_memory() -> dict[str, int]:
+    """Device-wide GPU memory in MB once this process uses CUDA; empty on CPU."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    return {"gpu_memory_used_mb": (total - free) // 2**20, "gpu_memory_total_mb": total // 2**20}
+
+
+def default_engine(settings: Settings, *, model_dir: Path, load: bool = True) -> Engine:
     from workers.hf_engine import HFEngine, load_hf_model
 
-    return HFEngine(lambda: load_hf_model(settings.model, device=settings.device, dtype=settings.dtype),
+    return HFEngine(lambda: load_hf_model(str(model_dir), device=settings.device, dtype=settings.dtype),
                     model_name=settings.model, max_batch=settings.max_batch,
                     max_len=settings.context_tokens, lora_slots=settings.lora_slots,
-                    lora_rank=settings.lora_max_rank)
+                    lora_rank=settings.lora_max_rank, load=load)
 
 
 class ChatRuntime:
-    """Everything one chat worker process holds: engine, tokenizer, store, Redis, swap listener."""
+    """Everything one chat worker process holds: engine, tokenizer, store, Redis, swap listener, GPU lease sync."""
 
     def __init__(self, settings: Settings, *, worker_name: str = "",
-                 engine_factory: Callable[[Settings], Engine] = default_engine) -> None:
+                 engine_factory: Callable[..., Engine] = default_engine) -> None:
         from transformers import AutoTokenizer
 
         self.settings = settings
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.host = gpu_host(settings.gpu_host)
         self.client = redis.Redis.from_url(settings.effective_redis_url)
         self.store = Store(settings.db_url)
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
-        self._tokenizer_lock = threading.Lock()
-        self.engine = engine_factory(settings)
-        self.updating_eta_s: float | None = None
+        self.registry = AdapterRegistry(self.store, settings.adapters_path)
+        self._lock = threading.RLock()
+        self._refused: set[str] = set()
+        self._last_error = ""
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="swap-listener", daemon=True)
+        self._syncer = threading.Thread(target=self._sync_loop, name="gpu-adapter-sync", daemon=True)
+        try:
+            self.model_dir = resolve_model_dir(settings)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self._tokenizer_lock = threading.Lock()
+            # A worker that starts while training holds this host's GPU stays unloaded until the lease ends.
+            lease = read_lease(self.client, self.host)
+            self.updating_eta_s: float | None = None if lease is None else _eta(lease)
+            if lease is None:
+                mark_holder(self.client, self.host, self.worker_name, "loaded", LOAD_HOLD_S)
+            self.engine = engine_factory(settings, model_dir=self.model_dir, load=lease is None)
+        except BaseException:
+            self._drop_connections()
+            raise
 
     def start(self, timeout_s: float = 120.0) -> ChatRuntime:
         """Subscribe to events, then load the store's active adapter; returns once that is done."""
         self._listener.start()
-        if not self._synced.wait(timeout_s):
-            raise EngineError("the swap listener could not reach Redis; check PERSONABOT_REDIS_URL")
+        deadline = time.monotonic() + timeout_s
+        while not self._synced.wait(0.1):
+            if self._last_error or time.monotonic() >= deadline:
+                raise EngineError(f"the chat worker could not subscribe to events and load the active "
+                                  f"adapter: {self._last_error or f'no answer within {timeout_s:.0f}s'}; "
+                                  "check PERSONABOT_REDIS_URL, PERSONABOT_DATABASE_URL and the worker log")
+        self._syncer.start()
         events.publish(self.client, "worker.online", worker=self.worker_name, kind="chat",
-                       model=self.settings.model, adapter=self.engine.active)
+                       model=self.settings.model, adapter=self.engine.active, host=self.host, **gpu_memory())
         return self
 
     def close(self) -> None:
         self._stop.set()
-        self._listener.join(timeout=5)
+        for thread in (self._listener, self._syncer):
+            if thread.is_alive():
+                thread.join(timeout=5)
         self.engine.close()
+        self._drop_connections()
+
+    def _drop_connections(self) -> None:
+        try:
+            drop_holder(self.client, self.host, self.worker_name)
+        except redis.RedisError as error:
+            log.warning("cannot remove this worker's GPU holder entry (%s); it lapses by itself", error)
         self.store.close()
         self.client.close()
 
     # --- adapters -------------------------------------------------------------------------------
-    def adapter_path(self, path: str) -> Path:
-        candidate = Path(path)
-        return candidate if candidate.is_absolute() else self.settings.adapters_path / candidate
+    def adapter_dir(self, version: str, stored: str = "") -> Path:
+        """A version's files in this worker's adapter store: by name, else by its stored path (relative,
+        or a legacy absolute one inside the store). Anything outside the store raises AdapterPathError."""
+        by_name = self.registry.resolve_path(version)
+        if by_name.is_dir() or not stored:
+            return by_name
+        return self.registry.resolve_path(stored)
 
     def sync_active(self) -> None:
         """Make the engine serve whatever the store says is active (a worker that starts later)."""
+        with self._lock:
+            if self.engine.released:
+                return
+            active = self.store.active_adapter()
+            if active is None:
+                self.engine.set_active(None)
+                return
+            self.swap(active.name, active.path, active.base_model)
+
+    def check_active(self) -> None:
+        """Catch up with the store when an adapter.promoted event was lost (Redis failed after the commit)."""
         if self.engine.released:
             return
         active = self.store.active_adapter()
-        if active is None:
-            self.engine.set_active(None)
-            return
-        self.swap(active.name, active.path, active.base_model)
+        name = active.name if active is not None else None
+        if name != self.engine.active and name not in self._refused:
+            log.warning("serving %s but the store's active adapter is %s; syncing", self.engine.active, name)
+            self.sync_active()
 
     def swap(self, version: str | None, path: str, base_model: str) -> None:
         """Load a version next to the current one, then point new requests at it."""
-        if self.engine.released:
-            log.info("adapter %s noted while the GPU is released; loaded on reclaim", version)
-            return
-        if version is None:
-            self.engine.set_active(None)
-            events.publish(self.client, "adapter.swapped", worker=self.worker_name, version=None, stall_ms=0.0)
-            return
-        try:
-            stall_ms = self.engine.load_adapter(version, str(self.adapter_path(path)), base_model)
-            self.engine.set_active(version)
-        except (AdapterRefusedError, EngineError) as error:
-            log.warning("adapter %s refused: %s", version, error)
-            events.publish(self.client, "adapter.refused", worker=self.worker_name, version=version,
-                           reason=str(error), serving=self.engine.active)
-            return
+        with self._lock:
+            if self.engine.released:
+                log.info("adapter %s noted while the GPU is released; loaded on reclaim", version)
+                return
+            if version is None:
+                self.engine.set_active(None)
+                events.publish(self.client, "adapter.swapped", worker=self.worker_name, version=None,
+                               stall_ms=0.0)
+                return
+            try:
+                stall_ms = self.engine.load_adapter(version, str(self.adapter_dir(version, path)), base_model)
+                self.engine.set_active(version)
+            except (AdapterPathError, EngineError) as error:
+                if isinstance(error, (AdapterPathError, AdapterRefusedError)):
+                    self._refused.add(version)
+                self._refused_event(version, str(error))
+                return
+            self._refused.discard(version)
         log.info("adapter %s active (decode stalled %.1f ms)", version, stall_ms)
         events.publish(self.client, "adapter.swapped", worker=self.worker_name, version=version,
                        stall_ms=round(stall_ms, 2))
+
+    def _refused_event(self, version: str | None, reason: str) -> None:
+        log.warning("adapter %s refused: %s", version, reason)
+        events.publish(self.client, "adapter.refused", worker=self.worker_name, version=version,
+                       reason=reason, serving=self.engine.active)
+
+    # --- GPU sharing ----------------------------------------------------------------------------
+    def release_gpu(self, eta_s: float) -> None:
+        """Finish running replies, unload the model, then tell the trainer (holder entry "released")."""
+        with self._lock:
+            self.updating_eta_s = eta_s
+            if not self.engine.released:
+                log.info("releasing the GPU for training (eta %.0f s)", eta_s)
+                self.engine.release()
+            mark_holder(self.client, self.host, self.worker_name, "released")
+
+    def reclaim_gpu(self) -> None:
+        """Load the model again and the store's active adapter; replies answer "updating" until done."""
+        with self._lock:
+            if self.engine.released:
+                log.info("reclaiming the GPU")
+                mark_holder(self.client, self.host, self.worker_name, "loaded", LOAD_HOLD_S)
+                self.engine.reclaim()
+            self.sync_active()
+            self.updating_eta_s = None
+            mark_holder(self.client, self.host, self.worker_name, "loaded")
 
     def handle_event(self, event: Event) -> None:
         data = event.data
         if event.type == "adapter.promoted":
             self.swap(data.get("version"), str(data.get("path") or ""), str(data.get("base_model") or ""))
-        elif event.type == "gpu.release":
-            self.updating_eta_s = float(data.get("eta_s") or 600)
-            self.engine.release()
-        elif event.type == "gpu.reclaim":
-            self.engine.reclaim()
-            self.sync_active()
-            self.updating_eta_s = None
+        elif event.type in ("gpu.release", "gpu.reclaim") and data.get("host") in (None, "", self.host):
+            if event.type == "gpu.release":
+                self.release_gpu(float(data.get("eta_s") or 600))
+            elif read_lease(self.client, self.host) is None:
+                self.reclaim_gpu()
+
+    def _handle_safely(self, event: Event) -> None:
+        try:
+            self.handle_event(event)
+        except redis.RedisError:
+            raise
+        except Exception as error:
+            log.exception("the %s event could not be handled; still listening", event.type)
+            if event.type == "adapter.promoted":
+                self._refused_event(str(event.data.get("version")), one_line(error))
 
     def _listen(self) -> None:
         while not self._stop.is_set():
@@ -153,10 +250,30 @@ class ChatRuntime:
                     if self._stop.is_set():
                         return
                     if event is not None:
-                        self.handle_event(event)
-            except redis.RedisError as error:
-                log.warning("event listener lost Redis (%s); reconnecting", error)
-                time.sleep(1.0)
+                        self._handle_safely(event)
+            except Exception as error:
+                self._last_error = one_line(error)
+                log.warning("event listener failed (%s); reconnecting", self._last_error)
+                self._stop.wait(1.0)
+
+    def _sync_loop(self) -> None:
+        """Follow this host's GPU lease (also when events were missed or the trainer died) and the store."""
+        next_adapter_check = time.monotonic() + ADAPTER_SYNC_S
+        while not self._stop.wait(SYNC_POLL_S):
+            try:
+                lease = read_lease(self.client, self.host)
+                if lease is not None and not self.engine.released:
+                    self.release_gpu(_eta(lease))
+                elif lease is None and self.engine.released:
+                    self.reclaim_gpu()
+                else:
+                    mark_holder(self.client, self.host, self.worker_name,
+                                "released" if self.engine.released else "loaded")
+                if time.monotonic() >= next_adapter_check:
+                    next_adapter_check = time.monotonic() + ADAPTER_SYNC_S
+                    self.check_active()
+            except Exception as error:
+                log.warning("GPU lease / adapter sync failed (%s); retrying", one_line(error))
 
     # --- requests -------------------------------------------------------------------------------
     def count_tokens(self, messages: list[dict[str, str]]) -> int:
@@ -193,7 +310,20 @@ class ChatRuntime:
                 self.client.delete(key)
 
     def publish_stats(self) -> None:
-        self.client.hset(STATS_KEY, self.worker_name, json.dumps(self.engine.stats()))
+        self.client.hset(STATS_KEY, self.worker_name, json.dumps({**self.engine.stats(), **gpu_memory()}))
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line of the message` (database errors carry their SQL on further lines)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+
+
+def _eta(lease: dict[str, object]) -> float:
+    try:
+        return float(lease.get("eta_s") or 600)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 600.0
 
 
 class _Reply:
@@ -218,6 +348,16 @@ class _Reply:
         return result
 
     def run(self) -> ChatResult:
+        """Answer the request; any failure still ends the stream with a final record naming it."""
+        try:
+            return self._run()
+        except Exception as error:
+            log.exception("reply %s failed", self.request.request_id)
+            self.rt.engine.cancel(self.request.request_id, FINISH_ERROR)
+            return self.final("", FINISH_ERROR, None,
+                              error=f"the chat worker failed: {one_line(error)}; see the worker log")
+
+    def _run(self) -> ChatResult:
         rt, request, settings = self.rt, self.request, self.rt.settings
         self.writer.reset()
         if rt.updating_eta_s is not None or rt.engine.released:
@@ -264,7 +404,11 @@ class _Reply:
             if version is None:
                 raise EngineError(f"adapter version {name!r} does not exist; pick one listed in the "
                                   "Adapters tab, 'active' or 'base'")
-            self.rt.engine.load_adapter(name, str(self.rt.adapter_path(version.path)), version.base_model)
+            try:
+                folder = self.rt.adapter_dir(name, version.path)
+            except AdapterPathError as error:
+                raise EngineError(f"adapter version {name!r} cannot be used: {error}") from None
+            self.rt.engine.load_adapter(name, str(folder), version.base_model)
         return name
 
     def stream_tokens(self, stream: GenerationStream, prompt_tokens: int) -> ChatResult:

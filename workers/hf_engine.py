@@ -64,7 +64,9 @@ class HFEngine:
     """Implements `workers.engine.Engine` over `Qwen2Decoder` with a background decode loop."""
 
     def __init__(self, loader: Callable[[], Any], *, model_name: str, max_batch: int, max_len: int,
-                 lora_slots: int = 3, lora_rank: int = 32, eos_ids: tuple[int, ...] = ()) -> None:
+                 lora_slots: int = 3, lora_rank: int = 32, eos_ids: tuple[int, ...] = (),
+                 load: bool = True) -> None:
+        """`load=False` starts released: nothing is loaded until `reclaim` (the GPU is lent to training)."""
         self.model_name = model_name
         self._loader = loader
         self.max_batch, self.max_len = max_batch, max_len
@@ -83,7 +85,13 @@ class HFEngine:
         self._releasing = False
         self._stop = False
         self._counters: dict[str, int | float] = dict.fromkeys(COUNTERS, 0)
-        self._build()
+        self.eos_ids: set[int] = set(self._extra_eos)
+        self.decoder: Qwen2Decoder | None = None
+        self.sampler: RowSampler | None = None
+        if load:
+            self._build()
+        else:
+            self._releasing = True
         self._thread = threading.Thread(target=self._run, name="engine-decode", daemon=True)
         self._thread.start()
 
@@ -92,12 +100,12 @@ class HFEngine:
         model = self._loader()
         eos = model.generation_config.eos_token_id if model.generation_config else None
         self.eos_ids = set(self._extra_eos) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.decoder: Qwen2Decoder | None = Qwen2Decoder(
+        self.decoder = Qwen2Decoder(
             model, max_rows=self.max_batch, max_len=self.max_len,
             lora_slots=self.lora_slots, lora_rank=self.lora_rank)
         del model
         gc.collect()
-        self.sampler: RowSampler | None = RowSampler(self.max_batch, self.decoder.dims.vocab, self.decoder.device)
+        self.sampler = RowSampler(self.max_batch, self.decoder.dims.vocab, self.decoder.device)
         self._active_rows = torch.zeros(self.max_batch, dtype=torch.long, device=self.decoder.device)
 
     @property
@@ -327,7 +335,7 @@ class HFEngine:
             self._counters["prefill_tokens"] += len(stream.request.prompt_ids)
         self._counters["prefills"] += len(admits)
         self._counters["prefill_passes"] += 1
-        for (index, _), token in zip(admits, torch.cat(firsts).tolist()):
+        for (index, _), token in zip(admits, torch.cat(firsts).tolist(), strict=True):
             self._deliver(index, token)
 
     def _step(self) -> None:

@@ -8,7 +8,8 @@ Reuse from other test folders (the bot, the end-to-end training test) by importi
 `celery -A workers.chat_tasks:app worker -Q chat --pool threads` against that Redis and database
 with the tiny model, waits until the worker has loaded the model and the store's active adapter
 (its `worker.online` event), and `stop()`/`kill()` end it (`kill()` is kill -9). Its log is
-`data_dir/<name>.log`. The fixture `chat_worker` gives a factory that stops every worker it
+`data_dir/<name>.log`. Adapters it serves must lie in its store, `data_dir/adapters/<version>` (paths
+outside the store are refused). The fixture `chat_worker` gives a factory that stops every worker it
 started at the end of the test.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from core.schemas import ChatRequest, ChatResult, Message, SamplingParams
 from core.store import Store
 from core.streams import read_reply, stream_key
 from tests.workers.conftest import ChatWorker
+from training.gpu_share import gpu_released, loaded_holders
 from workers.app import make_celery
 from workers.chat_service import STATS_KEY
 from workers.client import cancel_chat, submit_chat
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 SYSTEM = "You are a helpful assistant."
 LONG = ["Hello!", "Count to one thousand."]
+GPU_HOST = "pytest-gpu"
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +38,22 @@ def setup(tiny_model: Path, tiny_adapter: Path, tiny_adapter_2: Path,
     server = RedisServer(root / "redis", persist=False).start()
     db_url = f"sqlite:///{root / 'store.db'}"
     store = Store(db_url)
-    v1 = store.add_adapter(name="v1", path=str(tiny_adapter), base_model=str(tiny_model), data_hash="",
+    adapter_store = root / "data" / "adapters"
+    shutil.copytree(tiny_adapter, adapter_store / "v1")
+    shutil.copytree(tiny_adapter_2, adapter_store / "v2")
+    # v1 as the registry stores paths now (relative), v2 as older rows did (absolute, inside the store).
+    v1 = store.add_adapter(name="v1", path="v1", base_model=str(tiny_model), data_hash="",
                            eval_scores={}, eval_passed=True)
-    v2 = store.add_adapter(name="v2", path=str(tiny_adapter_2), base_model=str(tiny_model), data_hash="",
+    v2 = store.add_adapter(name="v2", path=str(adapter_store / "v2"), base_model=str(tiny_model), data_hash="",
                            eval_scores={}, eval_passed=True)
     store.set_active(v1.id)
     worker = ChatWorker(server.url, db_url, tiny_model, root / "data", name="chat1", concurrency=4,
-                        env={"PERSONABOT_CONTEXT_TOKENS": "4096"}).start()
+                        env={"PERSONABOT_CONTEXT_TOKENS": "4096", "PERSONABOT_GPU_HOST": GPU_HOST}).start()
     client = redis.Redis.from_url(server.url)
     try:
         yield {"server": server, "store": store, "worker": worker, "client": client, "v1": v1, "v2": v2,
                "app": make_celery(server.url), "model": tiny_model,
-               "adapters": {"v1": tiny_adapter, "v2": tiny_adapter_2}}
+               "adapters": {"v1": tiny_adapter, "v2": tiny_adapter_2}, "adapter_store": adapter_store}
     finally:
         worker.stop()
         client.close()
@@ -219,9 +226,9 @@ def test_swap_under_concurrent_load(setup: dict[str, Any]) -> None:
             assert result.adapter_version == "v2"
 
 
-def test_broken_adapter_is_refused_and_the_old_one_keeps_serving(setup: dict[str, Any], tmp_path: Path) -> None:
+def test_broken_adapter_is_refused_and_the_old_one_keeps_serving(setup: dict[str, Any]) -> None:
     client, worker = setup["client"], setup["worker"]
-    broken = tmp_path / "broken"
+    broken = setup["adapter_store"] / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{not json")
     (broken / "adapter_model.safetensors").write_bytes(b"garbage")
@@ -234,24 +241,52 @@ def test_broken_adapter_is_refused_and_the_old_one_keeps_serving(setup: dict[str
     assert ask(setup, "What is your name?")[1].adapter_version == serving
 
 
+def test_adapters_outside_the_adapter_store_are_refused(setup: dict[str, Any]) -> None:
+    client, worker, store = setup["client"], setup["worker"], setup["store"]
+    serving = ask(setup, "What is your name?")[1].adapter_version
+    since = time.time()
+    # A valid adapter, but the event points outside the store: refused, never read.
+    events.publish(client, "adapter.promoted", version="outsider", id=998, path=str(setup["adapters"]["v1"]),
+                   base_model=str(setup["model"]))
+    refused = wait_event(client, "adapter.refused", worker.hostname, since)
+    assert refused["version"] == "outsider" and "outside the adapter store" in refused["reason"]
+    assert ask(setup, "What is your name?")[1].adapter_version == serving
+    # The same for a database row with an absolute path elsewhere.
+    store.add_adapter(name="elsewhere", path=str(setup["adapters"]["v2"]), base_model=str(setup["model"]),
+                      data_hash="", eval_scores={}, eval_passed=True)
+    _, named = ask(setup, "hi", adapter="elsewhere")
+    assert named.finish_reason == "error" and "outside the adapter store" in named.error
+
+
+def test_a_bad_event_does_not_stop_the_swap_listener(setup: dict[str, Any]) -> None:
+    client, worker = setup["client"], setup["worker"]
+    events.publish(client, "gpu.release", eta_s="soon", host=GPU_HOST)  # cannot be handled
+    since = time.time()
+    target = "v2" if ask(setup, "Hello!", sampling={"max_new_tokens": 2})[1].adapter_version == "v1" else "v1"
+    version = setup[target]
+    # Only the listener answers this event (the store is not changed, so the periodic sync does not).
+    events.publish(client, "adapter.promoted", version=target, id=version.id, path=target,
+                   base_model=str(setup["model"]))
+    assert wait_event(client, "adapter.swapped", worker.hostname, since, timeout_s=8)["version"] == target
+
+
 def test_gpu_release_answers_updating_then_reclaim_serves_again(setup: dict[str, Any]) -> None:
     client = setup["client"]
-    events.publish(client, "gpu.release", eta_s=120)
-    deadline = time.monotonic() + 30
-    while True:
+    # Training on another host leaves this worker alone.
+    with gpu_released(client, release=True, eta_s=120, wait_s=0, host="another-box"):
+        assert ask(setup, "Hello!", sampling={"max_new_tokens": 5})[1].error == ""
+    with gpu_released(client, release=True, eta_s=120, wait_s=60, host=GPU_HOST):
+        # The trainer went on only once this worker acknowledged the release.
+        assert loaded_holders(client, GPU_HOST) == []
         result = ask(setup, "Hello!", sampling={"max_new_tokens": 5})[1]
-        if result.error == "updating" or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert result.text == "I'm being updated, back in about 2 minutes."
-    assert result.finish_reason == "stop" and result.adapter_version is None
-    # A promotion while the GPU is released is taken up on reclaim, not refused.
-    since = time.time()
-    store, v1 = setup["store"], setup["v1"]
-    store.set_active(v1.id)
-    events.publish(client, "adapter.promoted", version="v1", id=v1.id, path=str(setup["adapters"]["v1"]),
-                   base_model=str(setup["model"]))
-    events.publish(client, "gpu.reclaim")
+        assert result.text == "I'm being updated, back in about 2 minutes."
+        assert result.finish_reason == "stop" and result.adapter_version is None
+        # A promotion while the GPU is released is taken up on reclaim, not refused.
+        since = time.time()
+        store, v1 = setup["store"], setup["v1"]
+        store.set_active(v1.id)
+        events.publish(client, "adapter.promoted", version="v1", id=v1.id, path="v1",
+                       base_model=str(setup["model"]))
     deadline = time.monotonic() + 60
     while True:
         result = ask(setup, "Hello!", sampling={"max_new_tokens": 5})[1]
@@ -260,3 +295,4 @@ def test_gpu_release_answers_updating_then_reclaim_serves_again(setup: dict[str,
         time.sleep(0.2)
     assert result.error == "" and result.adapter_version == "v1"
     assert not [e for e in events.recent(client, 100) if e.type == "adapter.refused" and e.at >= since]
+    assert loaded_holders(client, GPU_HOST) == [setup["worker"].hostname]

@@ -67,7 +67,7 @@ def test_greedy_matches_hf_generate_in_one_mixed_batch(engine: HFEngine, tiny_mo
     jobs = [(p, a) for p in PROMPTS for a in (ACTIVE, None)]
     streams = [engine.submit(request(p, a)) for p, a in jobs]
     results = [collect(s) for s in streams]
-    for (prompt, adapter), (tokens, done) in zip(jobs, results):
+    for (prompt, adapter), (tokens, done) in zip(jobs, results, strict=True):
         expected = reference(tiny_model, tiny_adapter if adapter else None, prompt, 24)
         assert tokens == expected, (prompt, adapter)
         assert done.adapter == ("v1" if adapter else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -24,9 +25,11 @@ pytestmark = pytest.mark.slow
 def stack(redis_server, tmp_path: Path, tiny_model: Path, tiny_adapter: Path, tiny_adapter_2: Path):  # type: ignore[no-untyped-def]
     db_url = f"sqlite:///{tmp_path / 'store.db'}"
     store = Store(db_url)
-    v1 = store.add_adapter(name="v1", path=str(tiny_adapter), base_model=str(tiny_model), data_hash="",
+    shutil.copytree(tiny_adapter, tmp_path / "data" / "adapters" / "v1")
+    shutil.copytree(tiny_adapter_2, tmp_path / "data" / "adapters" / "v2")
+    v1 = store.add_adapter(name="v1", path="v1", base_model=str(tiny_model), data_hash="",
                            eval_scores={}, eval_passed=True)
-    v2 = store.add_adapter(name="v2", path=str(tiny_adapter_2), base_model=str(tiny_model), data_hash="",
+    v2 = store.add_adapter(name="v2", path="v2", base_model=str(tiny_model), data_hash="",
                            eval_scores={}, eval_passed=True)
     store.set_active(v1.id)
     client = redis.Redis.from_url(redis_server.url)
@@ -48,8 +51,9 @@ def test_two_workers_both_serve_and_both_swap(stack: dict[str, Any], chat_worker
     workers = [chat_worker(stack["url"], stack["db"], stack["model"], stack["data"], name=f"w{i}", concurrency=2)
                for i in (1, 2)]
     results: list[ChatResult] = []
-    threads = [threading.Thread(target=lambda: results.append(ask(stack, "Hello!", max_new_tokens=120, min_new_tokens=120)))
-               for _ in range(8)]
+    threads = [threading.Thread(
+        target=lambda: results.append(ask(stack, "Hello!", max_new_tokens=120, min_new_tokens=120)))
+        for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
