@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.prompting import question_text, render, system_prompt_for
-from training.runner import TrainingCancelled, failure_reason, stop_process
+from training.runner import TrainingCancelled, die_with_parent, failure_reason, stop_process
 
 # Paraphrases that are not in the built-in identity set, and questions that push the base identity.
 HELD_OUT_IDENTITY = [
@@ -238,8 +238,14 @@ def evaluate_in_subprocess(
     env: dict[str, str] | None = None,
     timeout_s: float = 3600,
     should_cancel: Callable[[], bool] | None = None,
+    heartbeat: Callable[[], None] | None = None,
+    heartbeat_s: float = 10.0,
 ) -> EvalReport:
-    """`evaluate_adapter` in a child process, so its GPU memory is returned when it ends."""
+    """`evaluate_adapter` in a child process, so its GPU memory is returned when it ends.
+
+    `heartbeat()` is called every `heartbeat_s` while the child works, so a long evaluation keeps
+    its run alive for the stale-run sweep; the child dies with this process.
+    """
     request = {
         "base_model_path": base_model_path,
         "adapter_path": adapter_path,
@@ -254,9 +260,14 @@ def evaluate_in_subprocess(
     with (work_dir / "eval.log").open("ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "training.evaluate", str(work_dir / "eval_request.json"),
                                  str(out)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+                                cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
+                                preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout_s
+        beat = time.monotonic()
         while proc.poll() is None:
+            if heartbeat is not None and time.monotonic() - beat >= heartbeat_s:
+                beat = time.monotonic()
+                heartbeat()
             if (should_cancel is not None and should_cancel()) or time.monotonic() > deadline:
                 stop_process(proc)
                 if time.monotonic() > deadline:

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from core.events import publish
 from core.models import AdapterVersion
 
@@ -97,10 +99,15 @@ class AdapterRegistry:
             raise
 
     def _announce(self, adapter: AdapterVersion, action: str) -> None:
+        """Tell the chat workers; a Redis failure only delays them (they sync with the store's active one)."""
         if self.redis is None:
             return
-        publish(self.redis, "adapter.promoted", version=adapter.name, id=adapter.id,
-                path=str(self.resolve_path(adapter.path)), base_model=adapter.base_model, action=action)
+        try:
+            publish(self.redis, "adapter.promoted", version=adapter.name, id=adapter.id,
+                    path=str(self.resolve_path(adapter.path)), base_model=adapter.base_model, action=action)
+        except (RedisError, OSError) as error:
+            log.warning("adapter %s is active, but the swap event could not be sent (%s); "
+                        "the chat workers will pick it up from the store", adapter.name, error)
 
     def promote(self, version_id: int, *, actor: str) -> AdapterVersion:
         """Make a version active (it must have passed its evaluation) and tell the chat workers."""

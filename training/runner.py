@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -59,6 +60,29 @@ def liger_available() -> bool:
 KILL_GRACE_S = 4.0
 _DATASET_FAILED = re.compile(r"Dataset (\S+) load failed")
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*):\s*(.+)$")
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A Popen `preexec_fn` that makes the child get SIGKILL when the process starting it dies.
+
+    The children run in their own session (so a cancel can stop their whole group), which keeps
+    them out of the worker's process group; without this a killed worker would leave ms-swift
+    holding the GPU. Linux ties the signal to the starting thread, which here waits for the child
+    anyway. None where prctl does not exist (not Linux).
+    """
+    if _LIBC is None:
+        return None
+    parent = os.getpid()
+    prctl = _LIBC.prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 class TrainingCancelled(Exception):
@@ -267,7 +291,7 @@ def run_sft(
     peak_mem: float | None = None
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env,
-                                   cwd=output_dir, start_new_session=True)
+                                   cwd=output_dir, start_new_session=True, preexec_fn=die_with_parent())
         try:
             while True:
                 returncode = process.poll()

@@ -6,12 +6,16 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from core.events import publish
-from core.models import TrainingRun
+from core.models import RUN_FINAL, TrainingRun, utcnow
 from core.settings import Settings, env_for_children, get_settings
+from core.store import latest_heartbeat_age
 from training.dataset import (
     DatasetUnavailableError,
     EmptyPersonaError,
@@ -22,6 +26,7 @@ from training.dataset import (
 )
 from training.evaluate import EvaluationError, evaluate_in_subprocess
 from training.gpu_share import gpu_memory_gb, gpu_released, should_release
+from training.model_source import ModelUnavailableError, hub_env, resolve_model_dir
 from training.params import TrainParams
 from training.registry import AdapterRegistry
 from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command
@@ -30,6 +35,11 @@ log = logging.getLogger(__name__)
 # Training speed per mode in tokens/s measured on one H200 (bench/RESULTS.md), for the release ETA.
 SPEED_TOK_S = {"fast": 6400.0, "24gb": 2900.0, "seeds": 830.0}
 ASSUMED_GENERAL_TOKENS = 300
+# A running run whose heartbeat is older than this belongs to a dead worker (it beats every few s).
+STALE_AFTER = timedelta(minutes=2)
+# A queued run with no sign of life for this long has no Celery message left (a waiting task
+# touches its run at every retry, once a minute): it would block the schedule for good.
+QUEUED_STALE_AFTER = timedelta(minutes=10)
 
 
 class TrainingRequestError(ValueError):
@@ -48,8 +58,44 @@ def request_training(store: Any, params: TrainParams, *, actor: str, trigger: st
 
 
 def cancel_training(store: Any, run_id: int, actor: str) -> TrainingRun:
-    """Ask a run to stop: a queued run is cancelled at once, a running one within seconds."""
-    return store.request_cancel(run_id, actor=actor)
+    """Ask a run to stop: a queued run is cancelled at once, a running one within seconds.
+
+    A running run whose worker stopped beating (dead worker) is ended here, since nobody else would.
+    """
+    run = store.request_cancel(run_id, actor=actor)
+    age = latest_heartbeat_age(run) if run.status == "running" else None
+    if age is not None and age > STALE_AFTER.total_seconds():
+        run = store.finish_run(run_id, "cancelled", error=(
+            f"cancelled by {actor}; its worker {run.worker or '?'} had stopped "
+            f"(no heartbeat for {age:.0f}s), nothing was registered"))
+    return run
+
+
+def sweep_stale_runs(store: Any) -> list[int]:
+    """End runs nobody works on; returns their ids.
+
+    'running' runs without a heartbeat for STALE_AFTER become failed. When then nothing runs,
+    'queued' runs without any sign of life for QUEUED_STALE_AFTER are cancelled: an idle worker
+    would have taken them, so their Celery message is gone (or held by a dead worker).
+    """
+    ids = store.fail_orphaned_runs(stale_after=STALE_AFTER)
+    runs = store.list_runs(limit=100)
+    if any(run.status == "running" for run in runs):
+        return _logged(ids)
+    cutoff = utcnow() - QUEUED_STALE_AFTER
+    for run in runs:
+        if run.status == "queued" and (run.heartbeat_at or run.created_at) < cutoff:
+            store.finish_run(run.id, "cancelled", error=(
+                f"no train worker took this run for {QUEUED_STALE_AFTER.total_seconds() / 60:.0f} min "
+                "(its task was lost); start it again"))
+            ids.append(run.id)
+    return _logged(ids)
+
+
+def _logged(ids: list[int]) -> list[int]:
+    if ids:
+        log.warning("ended stale runs %s: no worker was working on them", ids)
+    return ids
 
 
 def maybe_retrain(store: Any, settings: Settings | None = None, *, actor: str = "schedule") -> TrainingRun | None:
@@ -63,6 +109,7 @@ def maybe_retrain(store: Any, settings: Settings | None = None, *, actor: str = 
     active = store.active_adapter()
     if active is not None and active.data_hash == current:
         return None
+    sweep_stale_runs(store)
     if store.current_run() is not None:
         return None
     last = next((r for r in store.list_runs(limit=20) if r.data_hash == current), None)
@@ -85,6 +132,23 @@ def _one_line(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:500]
 
 
+def _publish(redis_client: Any, type_: str, **data: Any) -> None:
+    """Publish an event; a Redis failure is logged, never fatal (the store holds the truth)."""
+    if redis_client is None:
+        return
+    try:
+        publish(redis_client, type_, **data)
+    except (RedisError, OSError) as error:
+        log.warning("could not publish %s (%s)", type_, error)
+
+
+def _cancelled_by(store: Any, run_id: int) -> str:
+    for entry in store.list_audit(200):
+        if entry.action == "run.cancel" and entry.detail.get("run") == run_id:
+            return entry.actor
+    return "an admin"
+
+
 class _Job:
     """State of one run while it executes; every store write of the run goes through here."""
 
@@ -100,11 +164,16 @@ class _Job:
         self.last: dict[str, Any] = {}
 
     def cancelled(self) -> bool:
+        """A cancel was asked, or the run is no longer ours (ended by a stale-run sweep)."""
         now = time.monotonic()
         if not self._cancelled and now - self._cancel_checked >= 1.0:
             self._cancel_checked = now
-            self._cancelled = bool(self.store.get_run(self.run_id).cancel_requested)
+            run = self.store.get_run(self.run_id)
+            self._cancelled = bool(run.cancel_requested) or run.status != "running"
         return self._cancelled
+
+    def heartbeat(self) -> None:
+        self.store.update_run(self.run_id)
 
     def progress(self, progress: dict[str, Any], points: list[dict[str, Any]]) -> None:
         self.last = progress
@@ -113,8 +182,8 @@ class _Job:
             self.store.add_run_points(self.run_id, points)
         if self.report is not None:
             self.report({"run_id": self.run_id, **progress})
-        if self.redis is not None and points:
-            publish(self.redis, "run.progress", run_id=self.run_id, **{k: progress.get(k) for k in (
+        if points:
+            _publish(self.redis, "run.progress", run_id=self.run_id, **{k: progress.get(k) for k in (
                 "step", "max_steps", "epoch", "loss", "eta_s", "gpu_mem_gb")})
 
     def phase(self, name: str, **extra: Any) -> None:
@@ -149,10 +218,13 @@ def run_training(
             return run
         job = _Job(store, run_id, settings, redis_client, report)
         status, error, adapter_id, metrics = _execute(job, TrainParams.model_validate(run.params))
+        current = store.get_run(run_id)
+        if current.status in RUN_FINAL:
+            log.warning("run %s was ended as %s while it ran (%s); keeping that", run_id, current.status,
+                        current.error)
+            return current
         run = store.finish_run(run_id, status, error=error, metrics=metrics, adapter_id=adapter_id)
-        if redis_client is not None:
-            publish(redis_client, "run.finished", run_id=run_id, status=status, error=error,
-                    adapter_id=adapter_id)
+        _publish(redis_client, "run.finished", run_id=run_id, status=status, error=error, adapter_id=adapter_id)
         return run
     finally:
         if own_store:
@@ -185,7 +257,7 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
         command = sft_command(model=settings.model, dataset_args=built.dataset_args, output_dir=output_dir,
                               params=params, system=built.system_prompt, torch_dtype=dtype,
                               dataloader_workers=2 if on_gpu else 0)
-        env = env_for_children(settings)
+        env = {**env_for_children(settings), **hub_env(settings)}
         eta = _eta_s(built.counts, params)
         release = should_release(settings.gpu_share)
         with gpu_released(job.redis, release=release, eta_s=eta, wait_s=settings.gpu_release_wait_s,
@@ -199,9 +271,10 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
                                 "elapsed_s": result.elapsed_s, "peak_gpu_mem_gb": result.peak_gpu_mem_gb}
             job.phase("evaluating")
             report = evaluate_in_subprocess(
-                _local_model(settings), str(result.adapter_dir), persona,
+                str(resolve_model_dir(settings)), str(result.adapter_dir), persona,
                 [p for p in persona.pairs if p["kind"] == "faq"], settings, run_dir / "eval",
-                exclude_questions=_trained_questions(built.path), env=env, should_cancel=job.cancelled)
+                exclude_questions=_trained_questions(built.path), env=env, should_cancel=job.cancelled,
+                heartbeat=job.heartbeat)
         if job.cancelled():
             raise TrainingCancelled("the run was cancelled")
         metrics["eval"] = report.to_dict()
@@ -216,27 +289,15 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
         return "succeeded", "", adapter.id, metrics
     except TrainingCancelled:
         shutil.rmtree(output_dir, ignore_errors=True)
-        return "cancelled", "cancelled by an admin; nothing was registered", None, metrics
+        reason = f"cancelled by {_cancelled_by(store, job.run_id)}; nothing was registered"
+        return "cancelled", reason, None, metrics
     except TrainingFailed as error:
         return "failed", error.reason, None, metrics
-    except (EmptyPersonaError, DatasetUnavailableError, EvaluationError, OSError) as error:
+    except (EmptyPersonaError, DatasetUnavailableError, EvaluationError, ModelUnavailableError, OSError) as error:
         return "failed", _one_line(error), None, metrics
     except Exception as error:
         log.exception("run %s failed", job.run_id)
         return "failed", f"{type(error).__name__}: {_one_line(error)}", None, metrics
-
-
-def _local_model(settings: Settings) -> str:
-    """A directory for the base model: the setting itself, or the hub cache ms-swift filled."""
-    if Path(settings.model).is_dir():
-        return str(Path(settings.model).resolve())
-    if settings.use_hf:
-        from huggingface_hub import snapshot_download
-
-        return str(snapshot_download(settings.model))
-    from modelscope import snapshot_download as ms_snapshot_download
-
-    return str(ms_snapshot_download(settings.model))
 
 
 def _trained_questions(path: Path) -> list[str]:
@@ -247,5 +308,5 @@ def _trained_questions(path: Path) -> list[str]:
             for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-__all__ = ["TrainingRequestError", "cancel_training", "maybe_retrain", "request_training",
-           "run_training"]
+__all__ = ["QUEUED_STALE_AFTER", "STALE_AFTER", "TrainingRequestError", "cancel_training", "maybe_retrain",
+           "request_training", "run_training", "sweep_stale_runs"]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery.beat import Scheduler
 from celery.schedules import crontab
+from celery.schedules import schedule as every
 
 from core.settings import Settings, get_settings
 from workers.app import app
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 CRON_KEY = "retrain_cron"
 ENTRY_NAME = "maybe-retrain"
 REFRESH_S = 30.0
+# The stale-run sweep (runs of dead train workers end failed) runs on `train` this often.
+SWEEP_TASK = "personabot.train_sweep"
+SWEEP_ENTRY = "sweep-stale-runs"
+SWEEP_EVERY = timedelta(minutes=3)
 
 
 class CronError(ValueError):
@@ -89,6 +94,10 @@ class StoreCronScheduler(Scheduler):
     def setup_schedule(self) -> None:
         self.refresh()
 
+    def _sweep_entry(self) -> None:
+        self.schedule[SWEEP_ENTRY] = self.Entry(name=SWEEP_ENTRY, task=SWEEP_TASK,
+                                                schedule=every(SWEEP_EVERY), app=self.app)
+
     def refresh(self) -> None:
         if self._store is None:
             from core.store import Store
@@ -100,6 +109,7 @@ class StoreCronScheduler(Scheduler):
             return
         self._cron = cron
         self.schedule.clear()
+        self._sweep_entry()
         if cron:
             self.schedule[ENTRY_NAME] = self.Entry(name=ENTRY_NAME, task=MAYBE_RETRAIN_TASK,
                                                    schedule=cron_schedule(cron), app=self.app)

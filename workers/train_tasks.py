@@ -1,30 +1,30 @@
-"""Celery training tasks (`personabot.train`, `personabot.maybe_retrain`) and the train worker's start-up."""
+"""Celery training tasks (`personabot.train`, `personabot.maybe_retrain`, the stale-run sweep) and worker hooks."""
 
 # Start: celery -A workers.train_tasks:app worker -Q train --concurrency 1 --prefetch-multiplier 1
 # One job at a time: concurrency 1, and the store's job lock (one 'running' run) across hosts.
 # Early ack (no acks_late): a job that trains for hours is never redelivered by Redis's
-# visibility timeout; a worker that dies mid-run leaves the run 'running', and the next start of
-# a train worker marks it failed.
+# visibility timeout. A worker that dies mid-run leaves the run 'running' with a heartbeat that
+# stops; the stale-run sweep (worker start, beat every few minutes, any task that finds the job
+# lock taken, the schedule) marks it failed. A worker that shuts down cancels its own run first.
 
 from __future__ import annotations
 
 import logging
 import socket
-from datetime import timedelta
+import threading
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from core.store import RunLockedError, Store
 from training.service import maybe_retrain as plan_retrain
-from training.service import run_training
+from training.service import run_training, sweep_stale_runs
 from workers.app import app
+from workers.beat import SWEEP_TASK
 from workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
 
 log = logging.getLogger(__name__)
-# A run whose heartbeat is older than this belongs to a dead worker (progress is written every few s).
-STALE_AFTER = timedelta(minutes=2)
 LOCKED_RETRY_S = 60
 
 
@@ -47,12 +47,39 @@ def fail_orphaned_runs(sender: Any = None, **_: Any) -> list[int]:
     try:
         hostname = str(getattr(sender, "hostname", "") or "")
         ids = store.fail_orphaned_runs(worker=hostname) if hostname else []
-        ids += store.fail_orphaned_runs(stale_after=STALE_AFTER)
+        ids += sweep_stale_runs(store)
         if ids:
-            log.warning("marked runs %s failed: their worker stopped while they were running", ids)
+            log.warning("ended runs %s: their worker stopped while they were running or queued", ids)
         return ids
     finally:
         store.close()
+
+
+def cancel_worker_runs(hostname: str) -> list[int]:
+    """Ask the runs this worker is running to stop (ms-swift is stopped, the run ends cancelled)."""
+    store = Store(get_settings().db_url)
+    try:
+        ids = []
+        for run in store.list_runs(limit=20):
+            if run.status == "running" and run.worker == hostname:
+                store.request_cancel(run.id, actor=f"the shutdown of worker {hostname}")
+                ids.append(run.id)
+        if ids:
+            log.warning("worker %s is shutting down: cancelling runs %s", hostname, ids)
+        return ids
+    finally:
+        store.close()
+
+
+@signals.worker_shutting_down.connect
+def _cancel_on_shutdown(sender: Any = None, **_: Any) -> None:
+    """Ctrl-C / SIGTERM: cancel this worker's run so a warm shutdown ends within seconds.
+
+    Runs in a thread (this is a signal handler that may interrupt the task's own store access);
+    the thread is not a daemon, so the process finishes the write before it exits.
+    """
+    if sender:
+        threading.Thread(target=cancel_worker_runs, args=(str(sender),), name="cancel-runs").start()
 
 
 @app.task(name=TRAIN_TASK, bind=True, acks_late=False, ignore_result=False, max_retries=None)
@@ -67,11 +94,29 @@ def train(self: Any, run_id: int) -> dict[str, Any]:
                            worker=_worker_name(self), task_id=str(self.request.id or ""))
         return {"run_id": run.id, "status": run.status, "error": run.error, "adapter_id": run.adapter_id}
     except RunLockedError as error:
-        log.info("run %s waits: %s", run_id, error)
-        raise self.retry(countdown=LOCKED_RETRY_S) from error
+        store.update_run(run_id)  # a sign of life: this queued run still has a task
+        freed = sweep_stale_runs(store)
+        log.info("run %s waits: %s%s", run_id, error, f" (ended stale runs {freed})" if freed else "")
+        raise self.retry(countdown=1 if freed else LOCKED_RETRY_S) from error
     finally:
         client.close()
         store.close()
+
+
+def schedule_retrain(store: Any, settings: Settings, celery_app: Celery) -> dict[str, Any]:
+    """Create and enqueue a run if the persona changed; a run that cannot be enqueued is cancelled."""
+    run = plan_retrain(store, settings)
+    if run is None:
+        return {"queued": False}
+    try:
+        result = celery_app.send_task(TRAIN_TASK, kwargs={"run_id": run.id})
+    except Exception as error:  # kombu OperationalError, Redis errors: the run would never start
+        reason = f"could not be queued ({type(error).__name__}: {error}); check Redis, the schedule retries"
+        store.finish_run(run.id, "cancelled", error=reason[:500])
+        log.warning("scheduled run %s %s", run.id, reason)
+        return {"queued": False, "run_id": run.id, "error": reason}
+    store.update_run(run.id, task_id=str(result.id))
+    return {"queued": True, "run_id": run.id}
 
 
 @app.task(name=MAYBE_RETRAIN_TASK, ignore_result=False)
@@ -80,11 +125,16 @@ def maybe_retrain() -> dict[str, Any]:
     settings = get_settings()
     store = Store(settings.db_url)
     try:
-        run = plan_retrain(store, settings)
-        if run is None:
-            return {"queued": False}
-        result = train.apply_async(kwargs={"run_id": run.id})
-        store.update_run(run.id, task_id=str(result.id))
-        return {"queued": True, "run_id": run.id}
+        return schedule_retrain(store, settings, app)
+    finally:
+        store.close()
+
+
+@app.task(name=SWEEP_TASK, ignore_result=False)
+def sweep() -> list[int]:
+    """End runs whose worker died (sent by beat every few minutes)."""
+    store = Store(get_settings().db_url)
+    try:
+        return sweep_stale_runs(store)
     finally:
         store.close()

@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core.models import RUN_FINAL
+from core.models import RUN_FINAL, TrainingRun, utcnow
 from training.params import TrainParams
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,8 +67,9 @@ class TrainWorker:
     """A real `celery -A workers.train_tasks:app worker -Q train` subprocess (prefork, one job at a time)."""
 
     def __init__(self, redis_url: str, database_url: str, model_dir: Path, data_dir: Path,
-                 env: dict[str, str] | None = None, name: str = "train") -> None:
+                 env: dict[str, str] | None = None, name: str = "train", pool: str = "prefork") -> None:
         self.redis_url, self.database_url = redis_url, database_url
+        self.pool = pool
         self.model_dir, self.data_dir = Path(model_dir), Path(data_dir)
         self.hostname = f"{name}@pytest"
         self.extra_env = env or {}
@@ -101,7 +103,7 @@ class TrainWorker:
     def start(self, timeout_s: float = 60.0) -> TrainWorker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "celery", "-A", "workers.train_tasks:app", "worker", "-Q", "train",
-                   "--concurrency", "1", "--prefetch-multiplier", "1", "-n", self.hostname,
+                   "--pool", self.pool, "--concurrency", "1", "--prefetch-multiplier", "1", "-n", self.hostname,
                    "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=log,
@@ -138,3 +140,42 @@ def wait_for_run(store: Any, run_id: int, timeout_s: float = 240.0) -> Any:
             return run
         time.sleep(0.5)
     raise TimeoutError(f"run {run_id} still {store.get_run(run_id).status} after {timeout_s}s")
+
+
+def age_run(store: Any, run_id: int, *, minutes: float, field: str = "heartbeat_at") -> None:
+    """Move a run's heartbeat (or created_at) into the past, as if its worker went silent then."""
+    from sqlalchemy import update
+
+    with store.session() as session:
+        session.execute(update(TrainingRun).where(TrainingRun.id == run_id)
+                        .values({field: utcnow() - timedelta(minutes=minutes)}))
+
+
+def swift_pids(marker: str) -> list[int]:
+    """Live `swift.cli.sft` processes whose command line contains `marker` (e.g. the run's output dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((line for line in (entry / "status").read_text().splitlines()
+                          if line.startswith("State:")), "")
+        except OSError:
+            continue
+        if "swift.cli.sft" in cmdline and marker in cmdline and "zombie" not in state:
+            pids.append(int(entry.name))
+    return pids
+
+
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s}s")
+        time.sleep(0.2)

@@ -9,6 +9,8 @@ import pytest
 from workers.app import app
 from workers.beat import (
     ENTRY_NAME,
+    SWEEP_ENTRY,
+    SWEEP_TASK,
     CronError,
     StoreCronScheduler,
     current_cron,
@@ -53,4 +55,7 @@ def test_beat_follows_edits_without_a_restart(sqlite_store, settings_env, monkey
     set_retrain_cron(sqlite_store, "", actor="admin")
     scheduler.refresh()
     assert ENTRY_NAME not in scheduler.schedule
+    sweep = scheduler.schedule[SWEEP_ENTRY]
+    assert sweep.task == SWEEP_TASK, "runs of dead workers are swept even when retraining is off"
+    assert app.amqp.router.route({}, SWEEP_TASK)["queue"].name == "train"
     scheduler.close()

@@ -67,6 +67,9 @@ def test_the_base_model_fails_the_identity_gate(tiny_model: Path, tmp_path: Path
     assert report.scores["identity"] < settings.eval_identity_min and not report.passed
     assert report.reason.startswith("identity")
     assert report.scores["retention"] == 1.0, "the base model alone keeps all of its general ability"
+    beats: list[float] = []
     again = evaluate_in_subprocess(str(tiny_model), None, NOVA, faq, settings, tmp_path / "eval",
-                                   exclude_questions=[HELD_OUT_IDENTITY[0]])
+                                   exclude_questions=[HELD_OUT_IDENTITY[0]],
+                                   heartbeat=lambda: beats.append(1.0), heartbeat_s=0.5)
     assert again.to_dict() == report.to_dict(), "the child process gives the same greedy answers"
+    assert beats, "a long evaluation keeps its run's heartbeat going"

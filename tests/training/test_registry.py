@@ -103,3 +103,19 @@ def test_a_row_pointing_outside_the_store_is_refused(sqlite_store, tmp_path: Pat
     with pytest.raises(AdapterPathError):
         registry.delete(row.id, actor="admin")
     assert outside.exists() and sqlite_store.active_adapter() is None
+
+
+def test_a_redis_failure_after_activation_keeps_the_activation(sqlite_store, redis_server, tmp_path: Path) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url, socket_connect_timeout=2, socket_timeout=2)
+    registry = AdapterRegistry(sqlite_store, tmp_path / "adapters", client)
+    first, second = _register(registry, tmp_path, "a"), _register(registry, tmp_path, "b")
+    registry.promote(first.id, actor="admin")
+    redis_server.stop()
+    try:
+        assert registry.promote(second.id, actor="admin").id == second.id
+        assert registry.rollback(first.id, actor="admin").id == first.id
+        assert sqlite_store.active_adapter().id == first.id, "the store is the truth; workers sync from it"
+    finally:
+        client.close()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from core import events
-from tests.training.conftest import fill_persona
+from tests.training.conftest import age_run, fill_persona, swift_pids, wait_until
 from training.params import TrainParams
 from training.registry import AdapterRegistry
 from training.service import (
@@ -20,6 +21,7 @@ from training.service import (
     maybe_retrain,
     request_training,
     run_training,
+    sweep_stale_runs,
 )
 
 
@@ -200,3 +202,64 @@ def test_progress_lines_become_store_points(tmp_path: Path) -> None:
     train_log.write_text("[ERROR:swift] Dataset x/y load failed: subset_name=default with error: E1001\n"
                          "modelscope_hub._download_control._DownloadDeadlineError: [E1001] ...\n")
     assert failure_reason(train_log, 1).startswith("the dataset x/y could not be loaded (no network")
+
+
+def test_cancel_ends_a_running_run_whose_worker_died(sqlite_store) -> None:
+    fill_persona(sqlite_store)
+    live = request_training(sqlite_store, TrainParams(), actor="admin")
+    sqlite_store.start_run(live.id, worker="train@alive")
+    run = cancel_training(sqlite_store, live.id, "admin")
+    assert run.status == "running" and run.cancel_requested, "a live worker stops it itself"
+    age_run(sqlite_store, live.id, minutes=5)
+    run = cancel_training(sqlite_store, live.id, "admin")
+    assert run.status == "cancelled"
+    assert run.error.startswith("cancelled by admin; its worker train@alive had stopped")
+    nxt = request_training(sqlite_store, TrainParams(), actor="admin")
+    assert sqlite_store.start_run(nxt.id, worker="train@new").status == "running", "the job lock is free"
+
+
+def test_the_sweep_ends_dead_runs_and_lost_queued_runs(sqlite_store, cpu_settings) -> None:
+    fill_persona(sqlite_store)
+    dead = request_training(sqlite_store, TrainParams(), actor="admin")
+    sqlite_store.start_run(dead.id, worker="train@gone-1234")
+    lost = request_training(sqlite_store, TrainParams(), actor="admin")
+    age_run(sqlite_store, lost.id, minutes=30, field="created_at")
+    fresh = request_training(sqlite_store, TrainParams(), actor="admin")
+    assert sweep_stale_runs(sqlite_store) == [], "a beating run is alive; queued runs wait behind it"
+    age_run(sqlite_store, dead.id, minutes=3)
+    assert sweep_stale_runs(sqlite_store) == [dead.id, lost.id]
+    assert sqlite_store.get_run(dead.id).status == "failed"
+    assert sqlite_store.get_run(lost.id).status == "cancelled"
+    assert "task was lost" in sqlite_store.get_run(lost.id).error
+    assert sqlite_store.get_run(fresh.id).status == "queued"
+
+    # The schedule is not blocked for good by a queued run whose Celery message is gone.
+    sqlite_store.request_cancel(fresh.id, actor="admin")
+    orphan = request_training(sqlite_store, TrainParams(), actor="admin")
+    age_run(sqlite_store, orphan.id, minutes=30, field="created_at")
+    again = maybe_retrain(sqlite_store, cpu_settings)
+    assert again is not None and again.id != orphan.id
+    assert sqlite_store.get_run(orphan.id).status == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_run_ended_by_the_sweep_stops_training_and_keeps_its_status(sqlite_store, cpu_settings,
+                                                                     prior_active) -> None:
+    fill_persona(sqlite_store)
+    run = request_training(sqlite_store, TrainParams(epochs=100, identity_oversample=50, min_identity_pairs=0),
+                           actor="admin")
+    finished: list[Any] = []
+    thread = threading.Thread(target=lambda: finished.append(
+        run_training(run.id, settings=cpu_settings, store=sqlite_store)))
+    thread.start()
+    wait_until(lambda: sqlite_store.get_run(run.id).progress.get("step", 0) >= 1, 120, "training started")
+    output = str(cpu_settings.runs_path / f"run-{run.id}" / "output")
+    assert swift_pids(output)
+    # Another worker's sweep judged it dead (e.g. a long stall without heartbeat).
+    assert sqlite_store.fail_orphaned_runs(stale_after=timedelta(0)) == [run.id]
+    thread.join(timeout=30)
+    assert finished, "the run kept training after it was ended"
+    assert finished[0].status == "failed" and "worker stopped" in finished[0].error
+    assert sqlite_store.get_run(run.id).status == "failed", "the sweep's verdict is not overwritten"
+    assert not swift_pids(output)
+    assert [a.id for a in sqlite_store.list_adapters()] == [prior_active.id]

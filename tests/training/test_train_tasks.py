@@ -1,18 +1,34 @@
-"""The train worker (real Celery subprocess): orphaned runs on start, scheduled retraining."""
+"""The train worker (real Celery subprocess): dead runs, shutdown, kills and scheduled retraining."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import time
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
-from tests.training.conftest import TrainWorker, fill_persona, wait_for_run
+from tests.training.conftest import (
+    TrainWorker,
+    age_run,
+    fill_persona,
+    process_env,
+    swift_pids,
+    wait_for_run,
+    wait_until,
+)
 from training.params import TrainParams
 from training.registry import AdapterRegistry
 from training.service import request_training
 from workers.app import make_celery
-from workers.client import MAYBE_RETRAIN_TASK
+from workers.beat import SWEEP_TASK
+from workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
+from workers.train_tasks import schedule_retrain
+
+LONG = {"epochs": 100, "identity_oversample": 50, "min_identity_pairs": 0}
 
 
 @pytest.mark.slow
@@ -54,4 +70,110 @@ def test_worker_start_fails_orphans_and_retrains_only_on_change(tmp_path: Path, 
         assert sqlite_store.active_adapter().id == live.id
     finally:
         app.close()
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_a_run_left_by_a_dead_worker_does_not_block_the_next_one(tmp_path: Path, redis_server, sqlite_store,
+                                                                 tiny_model: Path) -> None:
+    fill_persona(sqlite_store)
+    worker = TrainWorker(redis_server.url, sqlite_store.url, tiny_model, tmp_path / "data").start()
+    app = make_celery(redis_server.url)
+    try:
+        # Beat's periodic sweep: a run whose worker died after this worker started ends failed.
+        gone = request_training(sqlite_store, TrainParams(), actor="admin")
+        sqlite_store.start_run(gone.id, worker="train@gone-4241")
+        assert app.send_task(SWEEP_TASK).get(timeout=30) == []
+        age_run(sqlite_store, gone.id, minutes=5)
+        assert app.send_task(SWEEP_TASK).get(timeout=30) == [gone.id]
+        # The next run finds the job lock taken by another dead run: it sweeps and goes ahead.
+        dead = request_training(sqlite_store, TrainParams(), actor="admin")
+        sqlite_store.start_run(dead.id, worker="train@gone-4242")
+        age_run(sqlite_store, dead.id, minutes=5)
+        missing = tmp_path / "missing.jsonl"
+        nxt = request_training(sqlite_store, TrainParams(min_identity_pairs=0, general_data=[f"{missing}#1"]),
+                               actor="admin")
+        app.send_task(TRAIN_TASK, kwargs={"run_id": nxt.id})
+        run = wait_for_run(sqlite_store, nxt.id, timeout_s=40)
+        assert run.status == "failed" and run.error.startswith("the local dataset"), worker.log_tail()
+        assert sqlite_store.get_run(dead.id).status == "failed"
+        assert "worker stopped" in sqlite_store.get_run(dead.id).error
+    finally:
+        app.close()
+        worker.stop()
+
+
+def test_a_scheduled_run_that_cannot_be_queued_is_cancelled(sqlite_store, cpu_settings) -> None:
+    fill_persona(sqlite_store)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # As inside a worker: publishing only (a worker task never waits on the result backend).
+    dead_broker = Celery("dead", broker=f"redis://127.0.0.1:{port}/0")
+    try:
+        result = schedule_retrain(sqlite_store, cpu_settings, dead_broker)
+    finally:
+        dead_broker.close()
+    assert result["queued"] is False and "could not be queued" in result["error"]
+    run = sqlite_store.get_run(result["run_id"])
+    assert run.status == "cancelled" and run.error == result["error"]
+    assert sqlite_store.current_run() is None, "the next schedule tick is not blocked"
+
+
+def _start_training(tmp_path: Path, redis_server, store, tiny_model: Path, general_file: Path,
+                    env: dict[str, str] | None = None) -> tuple[TrainWorker, int, str]:
+    """A solo-pool worker (as `personabot worker train` runs it) training a long run."""
+    fill_persona(store)
+    worker = TrainWorker(redis_server.url, store.url, tiny_model, tmp_path / "data", env=env, pool="solo").start()
+    run = request_training(store, TrainParams(**LONG, general_data=[f"{general_file}#4"]), actor="admin")
+    app = make_celery(redis_server.url)
+    try:
+        app.send_task(TRAIN_TASK, kwargs={"run_id": run.id})
+    finally:
+        app.close()
+    try:
+        wait_until(lambda: store.get_run(run.id).progress.get("step", 0) >= 1, 150, "training started")
+    except TimeoutError:
+        worker.stop()
+        raise
+    output = str(tmp_path / "data" / "runs" / f"run-{run.id}" / "output")
+    assert swift_pids(output), worker.log_tail()
+    return worker, run.id, output
+
+
+def _reap(output: str) -> None:
+    for pid in swift_pids(output):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_takes_ms_swift_with_it(tmp_path: Path, redis_server, sqlite_store, tiny_model: Path,
+                                                general_file: Path) -> None:
+    worker, run_id, output = _start_training(tmp_path, redis_server, sqlite_store, tiny_model, general_file,
+                                             env={"PERSONABOT_USE_HF": "1"})
+    try:
+        assert process_env(swift_pids(output)[0]).get("USE_HF") == "1", "ms-swift uses the same hub"
+        assert worker.process is not None
+        os.killpg(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(timeout=10)
+        wait_until(lambda: not swift_pids(output), 15, "ms-swift died with its worker")
+    finally:
+        _reap(output)
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_stopping_the_worker_cancels_its_run(tmp_path: Path, redis_server, sqlite_store, tiny_model: Path,
+                                             general_file: Path) -> None:
+    worker, run_id, output = _start_training(tmp_path, redis_server, sqlite_store, tiny_model, general_file)
+    try:
+        assert worker.process is not None
+        os.killpg(worker.process.pid, signal.SIGTERM)  # what `personabot up` and Ctrl-C do
+        worker.process.wait(timeout=30)
+        run = sqlite_store.get_run(run_id)
+        assert run.status == "cancelled", worker.log_tail()
+        assert run.error == "cancelled by the shutdown of worker train@pytest; nothing was registered"
+        assert not swift_pids(output)
+    finally:
+        _reap(output)
         worker.stop()
