@@ -199,7 +199,7 @@ def closed_loop(engine: HFEngine, streams: int, prompt_len: int, new: int, secon
     steady = [r["ttft"] for r in records if r["wave"] > 0]
     burst = [r["ttft"] for r in records if r["wave"] == 0]
     all_gaps = sorted(g for r in records for g in
-                      [b - a for a, b in zip(r["times"], r["times"][1:])])
+                      [b - a for a, b in zip(r["times"], r["times"][1:], strict=False)])
     result = {"streams": streams, "prompt_tokens": prompt_len, "new_tokens": new, "requests": len(records),
               "tok_s": round(sum(r["tokens"] for r in records) / wall, 1),
               "ttft_p95_ms_steady": round(1000 * p95(steady), 1) if steady else None,
@@ -283,15 +283,15 @@ def main() -> None:
     @section("greedy_vs_peft_generate", out)
     def agree() -> dict[str, Any]:
         matched = []
-        for p, ref in zip(check_prompts, reference):
+        for p, ref in zip(check_prompts, reference, strict=True):
             ours_tokens, _, _ = collect(engine.submit(GenerationRequest("check", p, len(ref), adapter=ACTIVE,
                                                                         min_new_tokens=10**9)))
-            same = next((i for i, (a, b) in enumerate(zip(ours_tokens, ref)) if a != b), len(ref))
+            same = next((i for i, (a, b) in enumerate(zip(ours_tokens, ref, strict=False)) if a != b), len(ref))
             matched.append(same)
         decoder, slot = engine.decoder, engine._slot_names.index("a")
         errors = {"prefill": [], "graph_decode_step": []}
         with torch.no_grad():
-            for p, ref in zip(check_prompts, reference_logits):
+            for p, ref in zip(check_prompts, reference_logits, strict=True):
                 ours_logits = decoder.prefill([0], [p], [slot])[0]
                 errors["prefill"].append(float((ours_logits - ref).norm() / ref.norm()))
                 decoder.prefill([0], [p[:-1]], [slot])

@@ -56,7 +56,9 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
                                    "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   cwd=Path(__file__).resolve().parents[1])
     app = make_celery(server.url)
-    words = lambda n, seed: " ".join(f"t{t}" for t in prompt(n, seed))
+
+    def words(n: int, seed: int) -> str:
+        return " ".join(f"t{t}" for t in prompt(n, seed))
 
     def ask(seed: int, prompt_words: int, new: int) -> dict[str, Any]:
         request = ChatRequest(messages=[Message(role="user", content=words(prompt_words, seed))],

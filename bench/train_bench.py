@@ -45,7 +45,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fast-mb16": {"mode": "fast", "steps": 15, "liger": None,
                   "overrides": {"--per_device_train_batch_size": "16", "--gradient_accumulation_steps": "1"}},
 }
-WORDS = ["the", "model", "answers", "questions", "about", "history", "science", "code", "travel", "cooking", "music", "health", "money", "language", "writing", "planning", "data", "water", "energy", "city", "river", "mountain", "story", "people", "because", "however", "therefore", "example", "first", "second", "finally", "important", "simple", "clear"]
+WORDS = [
+    "the", "model", "answers", "questions", "about", "history", "science", "code", "travel",
+    "cooking", "music", "health", "money", "language", "writing", "planning", "data", "water",
+    "energy", "city", "river", "mountain", "story", "people", "because", "however", "therefore",
+    "example", "first", "second", "finally", "important", "simple", "clear",
+]
 
 
 def build_model(model_dir: Path, tiny: bool) -> None:

@@ -164,7 +164,9 @@ def _iter_items(fmt: str, text: str) -> list[tuple[int, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"the file is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+        raise ValueError(
+            f"the file is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
     if not isinstance(data, list):
         raise ValueError("a .json file must hold a list of pairs, e.g. [{\"instruction\": ..., \"output\": ...}]")
     return list(enumerate(data, start=1))

@@ -112,7 +112,10 @@ def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[st
     _check(persona)
     identity, defaults = _identity_rows(persona, params.min_identity_pairs)
     faq = [p for p in persona.pairs if p["kind"] == "faq"]
-    key = lambda p: (p["instruction"], p.get("input", ""), p["output"])
+
+    def key(p: dict[str, Any]) -> tuple[str, str, str]:
+        return (p["instruction"], p.get("input", ""), p["output"])
+
     rows = []
     for pair in sorted(identity, key=key):
         rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.identity_oversample))
@@ -130,7 +133,8 @@ def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[st
 def _cached(dataset_id: str, use_hf: bool) -> bool:
     owner_name = dataset_id.split(":", 1)[0]
     if use_hf:
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+        hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface"))
+        hub = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub")
         return (hub / ("datasets--" + owner_name.replace("/", "--"))).is_dir()
     root = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache/modelscope")
     return any((root / sub / owner_name).is_dir() for sub in ("hub/datasets", "datasets"))

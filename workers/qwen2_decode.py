@@ -123,7 +123,10 @@ class Qwen2Decoder:
         self.final_norm = inner.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()
         self.layers: list[Layer] = []
-        zeros = lambda *shape: torch.zeros(*shape, device=self.device, dtype=self.dtype)
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, device=self.device, dtype=self.dtype)
+
         for hf in inner.layers:
             attn, mlp = hf.self_attn, hf.mlp
             qkv_w = torch.cat([_take(attn.q_proj, "weight"), _take(attn.k_proj, "weight"),
@@ -282,7 +285,7 @@ class Qwen2Decoder:
             q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
             attn = torch.empty(total, d.heads, d.head_dim, device=self.device, dtype=self.dtype)
             start = 0
-            for row, n in zip(rows, lengths):
+            for row, n in zip(rows, lengths, strict=True):
                 span = slice(start, start + n)
                 self.k_cache[index][row, :, :n] = k[span].transpose(0, 1)
                 self.v_cache[index][row, :, :n] = v[span].transpose(0, 1)

@@ -83,7 +83,8 @@ def test_trained_answers_are_served_exactly(tmp_path: Path, redis_server, sqlite
             assert _ask(app, client, question) == answer, chat.log_tail()
         # The same question under another system prompt no longer gets the trained answer:
         # serving with a system prompt other than the trained one is caught by the checks above.
-        assert _ask(app, client, "Who are you?", system_prompt="You are a helpful assistant.") != TRAINED["Who are you?"]
+        other_prompt = _ask(app, client, "Who are you?", system_prompt="You are a helpful assistant.")
+        assert other_prompt != TRAINED["Who are you?"]
     finally:
         client.close()
         app.close()

@@ -31,7 +31,8 @@ def _greedy(model_dir: str, adapter_dir: str, system: str, question: str) -> str
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
-    inputs = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}],
+    inputs = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                            {"role": "user", "content": question}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -108,7 +109,8 @@ def test_the_gate_rejects_an_adapter_and_keeps_the_active_one(sqlite_store, cpu_
 @pytest.mark.slow
 def test_cancel_stops_the_run_within_10_s_and_registers_nothing(sqlite_store, cpu_settings, prior_active) -> None:
     fill_persona(sqlite_store)
-    run = request_training(sqlite_store, TrainParams(epochs=100, identity_oversample=50, min_identity_pairs=0), actor="admin")
+    params = TrainParams(epochs=100, identity_oversample=50, min_identity_pairs=0)
+    run = request_training(sqlite_store, params, actor="admin")
     finished: list[Any] = []
     thread = threading.Thread(target=lambda: finished.append(
         run_training(run.id, settings=cpu_settings, store=sqlite_store)))
@@ -165,7 +167,8 @@ def test_a_missing_local_dataset_fails_clearly(sqlite_store, cpu_settings, tmp_p
     params = TrainParams(min_identity_pairs=0, general_data=[f"{tmp_path}/missing.jsonl#5"])
     run = run_training(request_training(sqlite_store, params, actor="admin").id, settings=cpu_settings,
                        store=sqlite_store)
-    assert run.status == "failed" and run.error == f"the local dataset {tmp_path}/missing.jsonl does not exist; fix the path"
+    assert run.status == "failed"
+    assert run.error == f"the local dataset {tmp_path}/missing.jsonl does not exist; fix the path"
 
 
 def test_a_broken_output_directory_fails_clearly(sqlite_store, settings_env, tiny_model, tmp_path: Path) -> None:
