@@ -11,7 +11,7 @@ import redis
 import redis.asyncio as aioredis
 from celery import Celery
 from telegram import Update
-from telegram.ext import Application, ApplicationBuilder
+from telegram.ext import Application, ApplicationBuilder, CallbackContext
 
 from bot.handlers import COMMANDS, BotContext, register
 from bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
@@ -88,20 +88,30 @@ def build_application(
         store = Store(settings.db_url, migrate=False)
     memory = ChatMemory(aredis, turns=settings.history_turns, tokens=settings.history_tokens,
                         ttl_s=settings.history_ttl_s)
-    pacing = Pacing(
+    limiter = ChatRateLimiter(
+        private=ChatPacer(PRIVATE_MESSAGES_PER_S, PRIVATE_BURST),
         group=ChatPacer(1.0 / settings.edit_interval_s, 1),
-        stream_budget=ChatPacer(settings.stream_updates_per_s, int(settings.stream_updates_per_s)),
-        draft_interval_s=settings.draft_interval_s,
-        edit_interval_s=settings.edit_interval_s,
+        max_retries=3,
     )
+    pacing = Pacing(limiter=limiter, draft_interval_s=settings.draft_interval_s,
+                    edit_interval_s=settings.edit_interval_s)
 
     async def post_init(application: Application) -> None:  # type: ignore[type-arg]
         await application.bot.set_my_commands(COMMANDS)
         owed = await service.owed()
-        if owed:
-            log.info("resuming %d pending replies after a restart", len(owed))
-        for pending in owed:
-            application.create_task(service.answer(pending, service.take_turn(pending.chat_id)))
+        if not owed:
+            return
+        log.info("resuming %d pending replies after a restart", len(owed))
+        # Their turns are taken now, before polling starts, so they go before any new message;
+        # the tasks start once the application runs (and so are awaited when it stops).
+        turns = [(pending, service.take_turn(pending.chat_id)) for pending in owed]
+
+        async def resume(context: CallbackContext) -> None:  # type: ignore[type-arg]
+            for pending, turn in turns:
+                context.application.create_task(service.answer(pending, turn))
+
+        assert application.job_queue is not None, "install python-telegram-bot[job-queue]"
+        application.job_queue.run_once(resume, 0)
 
     async def post_shutdown(_application: Application) -> None:  # type: ignore[type-arg]
         await aredis.aclose()
@@ -112,8 +122,7 @@ def build_application(
         ApplicationBuilder()
         .token(token)
         .base_url(settings.telegram_base_url)
-        .rate_limiter(ChatRateLimiter(ChatPacer(PRIVATE_MESSAGES_PER_S, PRIVATE_BURST),
-                                      max_retries=3))
+        .rate_limiter(limiter)
         .concurrent_updates(True)
         .post_init(post_init)
         .post_shutdown(post_shutdown)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from telegram.ext import AIORateLimiter
 
 RATE_PREFIX = "personabot:bot:rate:"
 WINDOW_S = 60.0
+MAX_IDLE_BUCKETS = 1024
 # Atomic check-and-count, so concurrent messages of one user cannot all slip through.
 _SLIDING_WINDOW = """
 local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -59,11 +60,9 @@ class UserRateLimiter:
 
 
 class ChatPacer:
-    """A token bucket per chat for what AIORateLimiter does not enforce: Telegram's per-chat limit.
-
-    `acquire` waits for a token (final messages); `try_acquire` takes one only if available
-    (intermediate stream updates are skipped rather than queued).
-    """
+    """A token bucket per chat, spent when a request *finishes*, with one request at a time per
+    chat: the next one starts at least 1/rate after the previous one was sent, whatever
+    queueing happened in between (Telegram measures when requests arrive)."""
 
     def __init__(self, rate_per_s: float, burst: int) -> None:
         self.rate = rate_per_s
@@ -75,41 +74,58 @@ class ChatPacer:
         tokens, at = self._buckets.get(chat_id, (float(self.burst), now))
         return min(float(self.burst), tokens + (now - at) * self.rate)
 
-    def try_acquire(self, chat_id: int) -> bool:
-        now = time.monotonic()
-        tokens = self._level(chat_id, now)
-        if tokens < 1.0:
-            return False
-        self._buckets[chat_id] = (tokens - 1.0, now)
-        return True
+    def ready(self, chat_id: int) -> bool:
+        """Would a request in this chat go out now, without waiting?"""
+        lock = self._locks.get(chat_id)
+        return (lock is None or not lock.locked()) and self._level(chat_id, time.monotonic()) >= 1
 
-    async def acquire(self, chat_id: int) -> None:
+    @contextlib.asynccontextmanager
+    async def slot(self, chat_id: int) -> AsyncIterator[None]:
+        """Wait for this chat's turn and a token; the token is spent when the block ends."""
+        if len(self._buckets) > MAX_IDLE_BUCKETS:
+            self.forget_idle()
         lock = self._locks.setdefault(chat_id, asyncio.Lock())
         async with lock:
-            while not self.try_acquire(chat_id):
+            while (level := self._level(chat_id, time.monotonic())) < 1.0:
+                await asyncio.sleep((1.0 - level) / self.rate)
+            try:
+                yield
+            finally:
                 now = time.monotonic()
-                await asyncio.sleep((1.0 - self._level(chat_id, now)) / self.rate)
+                self._buckets[chat_id] = (self._level(chat_id, now) - 1.0, now)
 
     def forget_idle(self) -> None:
         """Drop full buckets so memory stays bounded over many chats."""
         now = time.monotonic()
         for chat_id in [c for c in self._buckets if self._level(c, now) >= self.burst]:
-            self._buckets.pop(chat_id, None)
             lock = self._locks.get(chat_id)
-            if lock is not None and not lock.locked():
+            if lock is None or not lock.locked():
+                self._buckets.pop(chat_id, None)
                 self._locks.pop(chat_id, None)
 
 
 class ChatRateLimiter(AIORateLimiter):
-    """AIORateLimiter (bot-wide and group limits, retries after 429) plus Telegram's limit of
-    about one message per second in each private chat, which AIORateLimiter leaves out."""
+    """AIORateLimiter (bot-wide 30/s and 20/min per group, retries after 429) plus the
+    per-chat pacing it leaves out: about one message per second in each chat."""
 
     PACED = frozenset({"sendMessage", "editMessageText", "sendPhoto", "sendDocument",
                        "sendSticker", "sendVoice", "forwardMessage", "copyMessage"})
+    # Bot-wide sends per second kept free for replies: best-effort traffic (typing, drafts,
+    # intermediate edits) only goes out while this much room is left.
+    RESERVED = 10
 
-    def __init__(self, private: ChatPacer, **kwargs: Any) -> None:
+    def __init__(self, private: ChatPacer, group: ChatPacer, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.private = private
+        self.group = group
+
+    def pacer(self, chat_id: int) -> ChatPacer:
+        return self.private if chat_id > 0 else self.group
+
+    def has_room(self) -> bool:
+        """Is there bot-wide room for a best-effort request right now?"""
+        limiter = self._base_limiter
+        return limiter is None or limiter.has_capacity(self.RESERVED)
 
     async def process_request(
         self,
@@ -123,7 +139,9 @@ class ChatRateLimiter(AIORateLimiter):
         chat_id = None
         with contextlib.suppress(TypeError, ValueError):
             chat_id = int(data.get("chat_id"))  # type: ignore[arg-type]
-        if endpoint in self.PACED and chat_id is not None and chat_id > 0:
-            await self.private.acquire(chat_id)
-        return await super().process_request(callback, args, kwargs, endpoint, data,
-                                             rate_limit_args)
+        if endpoint not in self.PACED or chat_id is None:
+            return await super().process_request(callback, args, kwargs, endpoint, data,
+                                                 rate_limit_args)
+        async with self.pacer(chat_id).slot(chat_id):
+            return await super().process_request(callback, args, kwargs, endpoint, data,
+                                                 rate_limit_args)

@@ -16,7 +16,7 @@ from telegram import Bot
 from telegram.constants import ChatAction
 
 from bot.memory import ChatMemory
-from bot.streaming import GLOBAL, DeliveryState, Pacing, ReplyDelivery, read_reply_async
+from bot.streaming import DeliveryState, Pacing, ReplyDelivery, read_reply_async
 from core.schemas import ChatRequest, ChatResult, Message
 from workers.client import cancel_chat, submit_chat
 
@@ -189,7 +189,9 @@ class ReplyService:
                 if entry.kind == "token":
                     text += entry.text
                     await delivery.update(text)
-                elif entry.kind == "reset":
+                elif entry.kind == "reset" and text:
+                    # The worker started this reply over (it was redelivered after a crash);
+                    # a reset before any token is just how every stream begins.
                     text = ""
                     await delivery.restart()
                 elif entry.result is not None:
@@ -205,7 +207,7 @@ class ReplyService:
     async def _typing(self, chat_id: int) -> None:
         """'typing…' while the request waits in the queue (Telegram shows it for 5 s)."""
         while True:
-            if self.pacing.stream_budget.try_acquire(GLOBAL):  # best effort, like drafts
+            if self.pacing.limiter.has_room():  # best effort, like drafts
                 try:
                     await self.bot.send_chat_action(chat_id, ChatAction.TYPING)
                 except Exception as error:  # noqa: BLE001 - cosmetic; the reply reports errors

@@ -14,13 +14,11 @@ from telegram.constants import ParseMode
 from telegram.error import BadRequest
 
 from bot.formatting import split_text, to_html
-from bot.limits import ChatPacer
+from bot.limits import ChatRateLimiter
 from core.schemas import ChatResult
 from core.streams import StreamEntry, stream_key
 
 log = logging.getLogger(__name__)
-
-GLOBAL = 0  # ChatPacer key of the bot-wide budget for intermediate updates
 
 
 async def read_reply_async(
@@ -93,10 +91,9 @@ async def edit_text(bot: Bot, chat_id: int, message_id: int, text: str) -> None:
 
 @dataclass
 class Pacing:
-    """What a delivery respects beyond the rate limiter: group edit pacing, stream budget."""
+    """The limiter every request goes through, and how often a growing reply is shown."""
 
-    group: ChatPacer
-    stream_budget: ChatPacer
+    limiter: ChatRateLimiter
     draft_interval_s: float
     edit_interval_s: float
 
@@ -115,7 +112,7 @@ class ReplyDelivery:
     Private chats: the growing piece is a draft (sendMessageDraft) and each finished piece is a
     sendMessage. Groups: the first piece is sent once, then edited at most once per
     `edit_interval_s`; when it fills up it gets its final text and a new message continues.
-    Intermediate updates are skipped, never queued, when a pacer has no room.
+    Intermediate updates (best effort) are skipped, never queued, when the limiter has no room.
     """
 
     def __init__(self, bot: Bot, chat_id: int, *, private: bool, reply_to: int | None,
@@ -132,20 +129,12 @@ class ReplyDelivery:
         self._last_update = 0.0
         self._first_token_at: float | None = None
         self._live_text = ""
-        self.updates = 0  # intermediate drafts/edits sent
 
     async def _changed(self) -> None:
         if self.on_state is not None:
             await self.on_state(self.state)
 
-    async def _paced(self) -> None:
-        """Groups: at most one message or edit per edit interval (private chats are paced by
-        `bot.limits.ChatRateLimiter`, which sees every request)."""
-        if not self.private:
-            await self.pacing.group.acquire(self.chat_id)
-
     async def _send(self, text: str) -> int:
-        await self._paced()
         first = not self.state.sent_ids and self.state.live_id is None
         message = await send_text(self.bot, self.chat_id, text,
                                   reply_to=self.reply_to if first else None)
@@ -155,7 +144,6 @@ class ReplyDelivery:
         """Deliver one finished piece."""
         if self.state.live_id is not None:
             if to_html(piece) != self._live_text:
-                await self._paced()
                 await edit_text(self.bot, self.chat_id, self.state.live_id, piece)
             self.state.sent_ids.append(self.state.live_id)
             self.state.live_id = None
@@ -171,7 +159,7 @@ class ReplyDelivery:
 
     async def update(self, text: str) -> None:
         """The reply so far: settle finished pieces, maybe show the growing one."""
-        pieces = split_text(text)
+        pieces = split_text(text.lstrip())  # as `finish` will: the same pieces
         await self._settle_pieces(pieces[:-1])
         tail = pieces[-1]
         rendered = to_html(tail)
@@ -185,21 +173,20 @@ class ReplyDelivery:
             # Also waits one interval after the first token: a short reply is then sent once,
             # with no edit (groups) or draft, and no wait for the per-chat pacing.
             return
+        limiter = self.pacing.limiter
         if self.private:
-            if not self.pacing.stream_budget.try_acquire(GLOBAL):
+            if not limiter.has_room():
                 return
             await self._draft(tail)
         elif self.state.live_id is None:
             self.state.live_id = await self._send(tail)
             await self._changed()
         else:
-            if not (self.pacing.group.try_acquire(self.chat_id)
-                    and self.pacing.stream_budget.try_acquire(GLOBAL)):
+            if not (limiter.has_room() and limiter.pacer(self.chat_id).ready(self.chat_id)):
                 return
             await edit_text(self.bot, self.chat_id, self.state.live_id, tail)
         self._live_text = rendered
         self._last_update = time.monotonic()
-        self.updates += 1
 
     async def _draft(self, text: str) -> None:
         try:

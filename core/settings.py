@@ -161,7 +161,9 @@ class Settings(BaseSettings):
     webhook_listen: str = Field("127.0.0.1", description="Webhook mode: local address to listen on.")
     webhook_port: int = Field(8443, ge=1, le=65535, description="Webhook mode: local port.")
     draft_interval_s: float = Field(
-        0.5, ge=0.2, description="Private chats: least time between two draft updates of a reply."
+        0.5, ge=0.4,
+        description="Private chats: least time between two draft updates of a reply (Telegram does "
+        "not document a draft limit; about 3/s is assumed).",
     )
     edit_interval_s: float = Field(
         1.0, ge=1.0,

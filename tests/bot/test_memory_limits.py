@@ -61,12 +61,19 @@ async def test_user_rate_limit_sliding_window(redis_server) -> None:  # type: ig
     await client.aclose()
 
 
-async def test_chat_pacer_bursts_then_paces() -> None:
-    pacer = ChatPacer(rate_per_s=10.0, burst=2)
-    assert pacer.try_acquire(1) and pacer.try_acquire(1)
-    assert not pacer.try_acquire(1)
-    assert pacer.try_acquire(2)
-    started = time.monotonic()
-    await asyncio.gather(pacer.acquire(1), pacer.acquire(1))
-    assert time.monotonic() - started >= 0.15  # two more tokens at 10/s
-    pacer.forget_idle()
+async def test_chat_pacer_spaces_requests_from_when_they_finish() -> None:
+    finished: list[float] = []
+
+    async def request(pacer: ChatPacer, chat_id: int, takes_s: float) -> None:
+        async with pacer.slot(chat_id):
+            await asyncio.sleep(takes_s)
+            finished.append(time.monotonic())
+
+    bursty = ChatPacer(rate_per_s=10.0, burst=2)
+    assert bursty.ready(1)
+    await asyncio.gather(request(bursty, 1, 0.0), request(bursty, 1, 0.0))
+    assert not bursty.ready(1) and bursty.ready(2)
+    single = ChatPacer(rate_per_s=10.0, burst=1)
+    await asyncio.gather(request(single, 3, 0.3), request(single, 3, 0.0))
+    assert finished[-1] - finished[-2] >= 0.1, "spaced from the end of the slow request"
+    bursty.forget_idle()
