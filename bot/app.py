@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import socket
 from collections.abc import Callable
 from urllib.parse import urlparse
 
@@ -18,10 +20,13 @@ from bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
 from bot.memory import ChatMemory
 from bot.replies import ReplyService, ReplyTimings
 from bot.streaming import Pacing
+from core import events
 from core.settings import Settings, get_settings
 from core.store import Store
 
 log = logging.getLogger(__name__)
+HEARTBEAT_S = 60.0
+BOT_NAME = f"bot@{socket.gethostname()}"
 
 # Telegram's per-chat limit is about one message per second with short bursts.
 PRIVATE_MESSAGES_PER_S, PRIVATE_BURST = 1.0, 2
@@ -96,8 +101,19 @@ def build_application(
     pacing = Pacing(limiter=limiter, draft_interval_s=settings.draft_interval_s,
                     edit_interval_s=settings.edit_interval_s)
 
+    async def heartbeat(_context: CallbackContext | None = None) -> None:  # type: ignore[type-arg]
+        """Tell the admin's Status tab that the bot is alive (at start, then every HEARTBEAT_S)."""
+        try:
+            await asyncio.to_thread(events.publish, sync_redis, "worker.online", worker=BOT_NAME, kind="bot",
+                                    username=application.bot.username)
+        except redis.RedisError as error:
+            log.warning("bot heartbeat not sent: %s", type(error).__name__)
+
     async def post_init(application: Application) -> None:  # type: ignore[type-arg]
         await application.bot.set_my_commands(COMMANDS)
+        assert application.job_queue is not None, "install python-telegram-bot[job-queue]"
+        await heartbeat()
+        application.job_queue.run_repeating(heartbeat, interval=HEARTBEAT_S, first=HEARTBEAT_S)
         owed = await service.owed()
         if not owed:
             return

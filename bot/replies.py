@@ -16,8 +16,9 @@ from telegram import Bot
 from telegram.constants import ChatAction
 
 from bot.memory import ChatMemory
-from bot.streaming import DeliveryState, Pacing, ReplyDelivery, read_reply_async
+from bot.streaming import DeliveryState, Pacing, ReplyDelivery
 from core.schemas import ChatRequest, ChatResult, Message
+from core.streams import aread_reply
 from workers.client import cancel_chat, submit_chat
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class ReplyService:
         timings.after_final = time.perf_counter() - final_read
         timings.total = time.perf_counter() - started
         timings.generation = result
-        if result.finish_reason != "error":
+        if result.finish_reason != "error" and not result.error:  # "updating" notices are no answer
             await self.memory.add_turn(pending.chat_id, pending.user_text, result.text)
         if self.on_timings is not None:
             self.on_timings(timings)
@@ -183,7 +184,7 @@ class ReplyService:
         typing = asyncio.create_task(self._typing(pending.chat_id))
         text = ""
         try:
-            async for entry in read_reply_async(self.aredis, pending.request_id,
+            async for entry in aread_reply(self.aredis, pending.request_id,
                                                 timeout_s=self.reply_timeout_s):
                 typing.cancel()
                 if entry.kind == "token":

@@ -5,51 +5,17 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 from telegram import Bot, Message, ReplyParameters
 from telegram.constants import ParseMode
 from telegram.error import BadRequest
 
 from bot.formatting import split_text, to_html
 from bot.limits import ChatRateLimiter
-from core.schemas import ChatResult
-from core.streams import StreamEntry, stream_key
 
 log = logging.getLogger(__name__)
-
-
-async def read_reply_async(
-    client: aioredis.Redis, request_id: str, *, last_id: str = "0-0", timeout_s: float,
-    block_ms: int = 1000,
-) -> AsyncIterator[StreamEntry]:
-    """`core.streams.read_reply` over redis.asyncio: entries until the final one.
-
-    Raises TimeoutError when `timeout_s` passes without a new entry.
-    """
-    key = stream_key(request_id)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no reply for request {request_id} within {timeout_s:.0f}s")
-        response = await client.xread({key: last_id}, count=256,
-                                      block=max(1, int(min(block_ms, remaining * 1000))))
-        if not response:
-            continue
-        deadline = time.monotonic() + timeout_s
-        for entry_id, fields in response[0][1]:
-            last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            kind = fields.get(b"k", b"").decode()
-            if kind == "token":
-                yield StreamEntry(last_id, "token", text=fields[b"t"].decode("utf-8"))
-            elif kind == "final":
-                yield StreamEntry(last_id, "final", result=ChatResult.model_validate_json(fields[b"r"]))
-                return
-            elif kind == "reset":
-                yield StreamEntry(last_id, "reset")
 
 
 def _is_parse_error(error: BadRequest) -> bool:

@@ -93,7 +93,7 @@ def cmd_bot(args: argparse.Namespace) -> int:
         raise SettingsError("PERSONABOT_TELEGRAM_TOKEN: not set; get a token from @BotFather and set it")
     from bot.app import run_bot  # type: ignore[import-not-found]
 
-    run_bot()
+    run_bot(settings)
     return 0
 
 

@@ -69,7 +69,8 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise RedisServerError(f"redis-server exited: {err.strip()[:500]}")
+                raise RedisServerError(f"redis-server on port {self.port} exited with code "
+                                       f"{self.process.returncode} (is the port taken?) {err.strip()[:500]}")
             try:
                 if client.ping():
                     self._check_it_is_ours(client)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio as aioredis
 
 from core.schemas import ChatResult
 
@@ -87,12 +88,46 @@ def read_reply(
             continue
         deadline = time.monotonic() + timeout_s
         for entry_id, fields in response[0][1]:
-            last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            kind = fields.get(b"k", b"").decode()
-            if kind == "token":
-                yield StreamEntry(last_id, "token", text=fields[b"t"].decode("utf-8"))
-            elif kind == "final":
-                yield StreamEntry(last_id, "final", result=ChatResult.model_validate_json(fields[b"r"]))
+            entry = parse_entry(entry_id, fields)
+            last_id = entry.id
+            if entry.kind:
+                yield entry
+            if entry.kind == "final":
                 return
-            elif kind == "reset":
-                yield StreamEntry(last_id, "reset")
+
+
+async def aread_reply(
+    client: aioredis.Redis, request_id: str, *, last_id: str = "0-0", timeout_s: float = 120.0,
+    block_ms: int = 1000,
+) -> AsyncIterator[StreamEntry]:
+    """`read_reply` over redis.asyncio, for readers that live in an event loop (the bot)."""
+    key = stream_key(request_id)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no reply for request {request_id} within {timeout_s:.0f}s")
+        response = await client.xread({key: last_id}, count=256, block=max(1, int(min(block_ms, remaining * 1000))))
+        if not response:
+            continue
+        deadline = time.monotonic() + timeout_s
+        for entry_id, fields in response[0][1]:
+            entry = parse_entry(entry_id, fields)
+            last_id = entry.id
+            if entry.kind:
+                yield entry
+            if entry.kind == "final":
+                return
+
+
+def parse_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry:
+    """One raw stream entry; kind "" for entries a reader should skip."""
+    last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    kind = fields.get(b"k", b"").decode()
+    if kind == "token":
+        return StreamEntry(last_id, "token", text=fields[b"t"].decode("utf-8"))
+    if kind == "final":
+        return StreamEntry(last_id, "final", result=ChatResult.model_validate_json(fields[b"r"]))
+    if kind == "reset":
+        return StreamEntry(last_id, "reset")
+    return StreamEntry(last_id, "")

@@ -35,7 +35,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
-def redis_server(tmp_path: Path) -> Iterator["RedisServer"]:  # noqa: F821
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:  # noqa: F821
     """A real redis-server of our own on a free port; the test may stop and restart it."""
     from core.redis_server import RedisServer
 

@@ -202,3 +202,18 @@ async def test_flood_429_is_retried_after_retry_after(settings_env, redis_server
         assert retried.at - flooded[0].at >= 1.0, "retried after retry_after, not at once"
     finally:
         strict.stop()
+
+
+async def test_bot_reports_itself_to_the_admin_status(settings: Settings, store: Store, fake_api: FakeBotApi,
+                                                      redis_server) -> None:  # type: ignore[no-untyped-def]
+    import redis as sync_redis
+
+    from core.events import recent
+
+    client = sync_redis.Redis.from_url(redis_server.url)
+    async with running_bot(settings, store):
+        await until(lambda: [e for e in recent(client) if e.type == "worker.online" and e.data.get("kind") == "bot"],
+                    what="bot heartbeat event")
+    beat = next(e for e in recent(client) if e.type == "worker.online")
+    assert beat.data["worker"].startswith("bot@") and fake_api.token not in beat.model_dump_json()
+    client.close()
