@@ -134,11 +134,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                                   max_new_tokens=args.max_new_tokens), source="cli")
     submit_chat(request, app=make_celery(url))
     client = redis.Redis.from_url(url)
+    printed = False
     for entry in read_reply(client, request.request_id, timeout_s=args.timeout):
         if entry.kind == "token":
             print(entry.text, end="", flush=True)
-        elif entry.kind == "reset":
+            printed = True
+        elif entry.kind == "reset" and printed:  # every reply starts with a reset; a later one = redelivery
             print("\n[redelivered; starting over]", flush=True)
+            printed = False
         elif entry.kind == "final" and entry.result is not None:
             result = entry.result
             print()

@@ -296,3 +296,18 @@ def test_gpu_release_answers_updating_then_reclaim_serves_again(setup: dict[str,
     assert result.error == "" and result.adapter_version == "v1"
     assert not [e for e in events.recent(client, 100) if e.type == "adapter.refused" and e.at >= since]
     assert loaded_holders(client, GPU_HOST) == [setup["worker"].hostname]
+
+
+def test_cli_chat_streams_through_the_queue(setup: dict[str, Any], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}
+    env.update(PERSONABOT_REDIS_URL=setup["server"].url, PERSONABOT_DATA_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "core.cli", "chat", "Hello!", "--adapter", "base",
+                             "--temperature", "0", "--max-new-tokens", "8", "--timeout", "60"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "adapter base; 8 tokens" in result.stderr and "redelivered" not in result.stdout
