@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -71,20 +71,22 @@ def cancel_training(store: Any, run_id: int, actor: str) -> TrainingRun:
     return run
 
 
-def sweep_stale_runs(store: Any) -> list[int]:
+def sweep_stale_runs(store: Any, *, waiting: Collection[int] | None = None) -> list[int]:
     """End runs nobody works on; returns their ids.
 
     'running' runs without a heartbeat for STALE_AFTER become failed. When then nothing runs,
-    'queued' runs without any sign of life for QUEUED_STALE_AFTER are cancelled: an idle worker
-    would have taken them, so their Celery message is gone (or held by a dead worker).
+    'queued' runs without any sign of life for QUEUED_STALE_AFTER are cancelled — but only when
+    the caller can see the broker: `waiting` holds the run ids whose train task the broker still
+    has (queued, or delivered and not yet acknowledged); those are alive however old. With
+    `waiting=None` queued runs are left alone.
     """
     ids = store.fail_orphaned_runs(stale_after=STALE_AFTER)
     runs = store.list_runs(limit=100)
-    if any(run.status == "running" for run in runs):
+    if waiting is None or any(run.status == "running" for run in runs):
         return _logged(ids)
     cutoff = utcnow() - QUEUED_STALE_AFTER
     for run in runs:
-        if run.status == "queued" and (run.heartbeat_at or run.created_at) < cutoff:
+        if run.status == "queued" and run.id not in waiting and (run.heartbeat_at or run.created_at) < cutoff:
             store.finish_run(run.id, "cancelled", error=(
                 f"no train worker took this run for {QUEUED_STALE_AFTER.total_seconds() / 60:.0f} min "
                 "(its task was lost); start it again"))
@@ -98,7 +100,8 @@ def _logged(ids: list[int]) -> list[int]:
     return ids
 
 
-def maybe_retrain(store: Any, settings: Settings | None = None, *, actor: str = "schedule") -> TrainingRun | None:
+def maybe_retrain(store: Any, settings: Settings | None = None, *, actor: str = "schedule",
+                  waiting: Collection[int] | None = None) -> TrainingRun | None:
     """Create a run only if the persona data changed since the active adapter was trained.
 
     Skips when a run is already queued or running, or when the last run on this very data was
@@ -109,7 +112,7 @@ def maybe_retrain(store: Any, settings: Settings | None = None, *, actor: str = 
     active = store.active_adapter()
     if active is not None and active.data_hash == current:
         return None
-    sweep_stale_runs(store)
+    sweep_stale_runs(store, waiting=waiting)
     if store.current_run() is not None:
         return None
     last = next((r for r in store.list_runs(limit=20) if r.data_hash == current), None)

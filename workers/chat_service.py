@@ -195,8 +195,13 @@ class ChatRuntime:
                 log.info("reclaiming the GPU")
                 mark_holder(self.client, self.host, self.worker_name, "loaded", LOAD_HOLD_S)
                 self.engine.reclaim()
-            self.sync_active()
+            # The model is back: serve again even if the adapter sync below fails (the periodic
+            # sync with the store's active adapter retries it).
             self.updating_eta_s = None
+            try:
+                self.sync_active()
+            except Exception:
+                log.exception("could not load the active adapter after reclaiming the GPU; retrying later")
             mark_holder(self.client, self.host, self.worker_name, "loaded")
 
     def handle_event(self, event: Event) -> None:

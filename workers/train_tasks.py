@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import socket
 import threading
@@ -20,7 +22,7 @@ from core.settings import Settings, get_settings
 from core.store import RunLockedError, Store
 from training.service import maybe_retrain as plan_retrain
 from training.service import run_training, sweep_stale_runs
-from workers.app import app
+from workers.app import TRAIN_QUEUE, app
 from workers.beat import SWEEP_TASK
 from workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
 
@@ -35,6 +37,41 @@ def _redis() -> Any:
     return redis.Redis.from_url(url)
 
 
+def waiting_run_ids(client: Any) -> set[int]:
+    """Run ids whose `personabot.train` task the broker still holds: in the `train` list, or
+    delivered and not yet acknowledged (kombu's `unacked` hash; a retry with a countdown sits there)."""
+    raw = list(client.lrange(TRAIN_QUEUE, 0, -1)) + list(client.hvals("unacked"))
+    ids: set[int] = set()
+    for item in raw:
+        try:
+            message = json.loads(item)
+            if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
+                message = message[0]
+            if message.get("headers", {}).get("task") != TRAIN_TASK:
+                continue
+            body = message["body"]
+            if message.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            ids.add(int(json.loads(body)[1]["run_id"]))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            continue
+    return ids
+
+
+def _waiting() -> set[int] | None:
+    """`waiting_run_ids` from the broker; None (leave queued runs alone) when it cannot be read."""
+    import redis
+
+    client = _redis()
+    try:
+        return waiting_run_ids(client)
+    except redis.RedisError as error:
+        log.warning("cannot read the train queue (%s); queued runs are not swept", type(error).__name__)
+        return None
+    finally:
+        client.close()
+
+
 def _worker_name(task: Any) -> str:
     return str(getattr(task.request, "hostname", "") or socket.gethostname())
 
@@ -47,7 +84,7 @@ def fail_orphaned_runs(sender: Any = None, **_: Any) -> list[int]:
     try:
         hostname = str(getattr(sender, "hostname", "") or "")
         ids = store.fail_orphaned_runs(worker=hostname) if hostname else []
-        ids += sweep_stale_runs(store)
+        ids += sweep_stale_runs(store, waiting=_waiting())
         if ids:
             log.warning("ended runs %s: their worker stopped while they were running or queued", ids)
         return ids
@@ -95,7 +132,7 @@ def train(self: Any, run_id: int) -> dict[str, Any]:
         return {"run_id": run.id, "status": run.status, "error": run.error, "adapter_id": run.adapter_id}
     except RunLockedError as error:
         store.update_run(run_id)  # a sign of life: this queued run still has a task
-        freed = sweep_stale_runs(store)
+        freed = sweep_stale_runs(store, waiting=waiting_run_ids(client))
         log.info("run %s waits: %s%s", run_id, error, f" (ended stale runs {freed})" if freed else "")
         raise self.retry(countdown=1 if freed else LOCKED_RETRY_S) from error
     finally:
@@ -105,7 +142,7 @@ def train(self: Any, run_id: int) -> dict[str, Any]:
 
 def schedule_retrain(store: Any, settings: Settings, celery_app: Celery) -> dict[str, Any]:
     """Create and enqueue a run if the persona changed; a run that cannot be enqueued is cancelled."""
-    run = plan_retrain(store, settings)
+    run = plan_retrain(store, settings, waiting=_waiting())
     if run is None:
         return {"queued": False}
     try:
@@ -135,6 +172,6 @@ def sweep() -> list[int]:
     """End runs whose worker died (sent by beat every few minutes)."""
     store = Store(get_settings().db_url)
     try:
-        return sweep_stale_runs(store)
+        return sweep_stale_runs(store, waiting=_waiting())
     finally:
         store.close()

@@ -228,9 +228,15 @@ def test_the_sweep_ends_dead_runs_and_lost_queued_runs(sqlite_store, cpu_setting
     lost = request_training(sqlite_store, TrainParams(), actor="admin")
     age_run(sqlite_store, lost.id, minutes=30, field="created_at")
     fresh = request_training(sqlite_store, TrainParams(), actor="admin")
-    assert sweep_stale_runs(sqlite_store) == [], "a beating run is alive; queued runs wait behind it"
+    held = request_training(sqlite_store, TrainParams(), actor="admin")
+    age_run(sqlite_store, held.id, minutes=30, field="created_at")
+    assert sweep_stale_runs(sqlite_store, waiting=set()) == [], "a beating run is alive; queued runs wait"
     age_run(sqlite_store, dead.id, minutes=3)
-    assert sweep_stale_runs(sqlite_store) == [dead.id, lost.id]
+    assert sweep_stale_runs(sqlite_store) == [dead.id], "without a view of the broker queued runs stay"
+    # The broker still holds `held`'s task (e.g. requested while the worker was down): not lost.
+    assert sweep_stale_runs(sqlite_store, waiting={held.id}) == [lost.id]
+    assert sqlite_store.get_run(held.id).status == "queued"
+    sqlite_store.request_cancel(held.id, actor="admin")
     assert sqlite_store.get_run(dead.id).status == "failed"
     assert sqlite_store.get_run(lost.id).status == "cancelled"
     assert "task was lost" in sqlite_store.get_run(lost.id).error
@@ -240,7 +246,7 @@ def test_the_sweep_ends_dead_runs_and_lost_queued_runs(sqlite_store, cpu_setting
     sqlite_store.request_cancel(fresh.id, actor="admin")
     orphan = request_training(sqlite_store, TrainParams(), actor="admin")
     age_run(sqlite_store, orphan.id, minutes=30, field="created_at")
-    again = maybe_retrain(sqlite_store, cpu_settings)
+    again = maybe_retrain(sqlite_store, cpu_settings, waiting=set())
     assert again is not None and again.id != orphan.id
     assert sqlite_store.get_run(orphan.id).status == "cancelled"
 

@@ -177,3 +177,29 @@ def test_stopping_the_worker_cancels_its_run(tmp_path: Path, redis_server, sqlit
     finally:
         _reap(output)
         worker.stop()
+
+
+def test_the_broker_view_keeps_old_queued_runs_whose_task_waits(redis_server, sqlite_store) -> None:
+    """A run requested while no train worker ran is old but not lost: its task is in the broker."""
+    import redis
+
+    from tests.training.conftest import age_run, fill_persona
+    from training.service import sweep_stale_runs
+    from workers.train_tasks import waiting_run_ids
+
+    fill_persona(sqlite_store)
+    waiting = request_training(sqlite_store, TrainParams(), actor="admin")
+    lost = request_training(sqlite_store, TrainParams(), actor="admin")
+    app = make_celery(redis_server.url)
+    app.send_task(TRAIN_TASK, kwargs={"run_id": waiting.id})
+    app.send_task("personabot.chat", args=[{"request_id": "x", "messages": []}])
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert waiting_run_ids(client) == {waiting.id}
+        for run in (waiting, lost):
+            age_run(sqlite_store, run.id, minutes=30, field="created_at")
+        assert sweep_stale_runs(sqlite_store, waiting=waiting_run_ids(client)) == [lost.id]
+        assert sqlite_store.get_run(waiting.id).status == "queued"
+    finally:
+        client.close()
+        app.close()

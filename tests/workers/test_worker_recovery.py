@@ -126,6 +126,19 @@ def test_an_activation_whose_event_was_lost_is_caught_up(stack: dict[str, Any]) 
                for e in events.recent(stack["client"], 100))
 
 
+def test_a_failed_adapter_sync_after_reclaim_does_not_leave_the_worker_updating(stack: dict[str, Any]) -> None:
+    runtime = start_runtime(stack)
+    runtime.release_gpu(60)
+    assert runtime.serve(request()).error == "updating"
+    with sqlite3.connect(stack["db_path"]) as db:  # the store fails just as training ends
+        db.execute("ALTER TABLE adapter_versions RENAME TO adapter_versions_away")
+    runtime.reclaim_gpu()
+    result = runtime.serve(request())
+    assert result.error != "updating" and result.finish_reason in ("stop", "length"), result
+    with sqlite3.connect(stack["db_path"]) as db:
+        db.execute("ALTER TABLE adapter_versions_away RENAME TO adapter_versions")
+
+
 def test_an_unexpected_error_still_ends_the_reply(stack: dict[str, Any]) -> None:
     runtime = start_runtime(stack)
     with sqlite3.connect(stack["db_path"]) as db:
