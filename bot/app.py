@@ -13,12 +13,13 @@ import redis
 import redis.asyncio as aioredis
 from celery import Celery
 from telegram import Update
+from telegram.error import TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext
 
-from bot.handlers import COMMANDS, BotContext, register
+from bot.handlers import COMMANDS, ERROR_TEXT, BotContext, register
 from bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
 from bot.memory import ChatMemory
-from bot.replies import ReplyService, ReplyTimings
+from bot.replies import PendingReply, ReplyService, ReplyTimings, Turn
 from bot.streaming import Pacing
 from core import events
 from core.settings import Settings, get_settings
@@ -122,9 +123,22 @@ def build_application(
         # the tasks start once the application runs (and so are awaited when it stops).
         turns = [(pending, service.take_turn(pending.chat_id)) for pending in owed]
 
+        async def resume_one(pending: PendingReply, turn: Turn) -> None:
+            # No update to hand to the error handler: tell the chat here.
+            try:
+                await service.answer(pending, turn)
+            except Exception as error:  # noqa: BLE001 - reported to the log and the chat
+                log.error("chat %s: resumed reply failed: %s: %s", pending.chat_id,
+                          type(error).__name__, error, exc_info=error)
+                try:
+                    await application.bot.send_message(pending.chat_id, ERROR_TEXT)
+                except TelegramError as second:
+                    log.error("chat %s: could not report the error: %s", pending.chat_id,
+                              type(second).__name__)
+
         async def resume(context: CallbackContext) -> None:  # type: ignore[type-arg]
             for pending, turn in turns:
-                context.application.create_task(service.answer(pending, turn))
+                context.application.create_task(resume_one(pending, turn))
 
         assert application.job_queue is not None, "install python-telegram-bot[job-queue]"
         application.job_queue.run_once(resume, 0)

@@ -87,7 +87,10 @@ def addressed_text(message: Message, bot_username: str, bot_id: int) -> str | No
     parsed = message.parse_entities() if message.text else message.parse_caption_entities()
     for entity, value in parsed.items():
         if entity.type == MessageEntity.MENTION and value.lower() == mention:
-            return (text[:entity.offset] + text[entity.offset + entity.length:]).strip()
+            # Entity offsets count UTF-16 code units, not Python characters.
+            units = text.encode("utf-16-le")
+            start, end = 2 * entity.offset, 2 * (entity.offset + entity.length)
+            return (units[:start] + units[end:]).decode("utf-16-le").strip()
         if (entity.type == MessageEntity.TEXT_MENTION and entity.user is not None
                 and entity.user.id == bot_id):
             return text
@@ -106,20 +109,24 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         return
     ctx = bot_context(context)
     turn = ctx.service.take_turn(message.chat_id)  # before any await: keeps arrival order
-    decision = await ctx.rate_limiter.check(message.from_user.id)
-    if not decision.allowed:
-        turn.release()
-        if decision.notify:
-            await message.reply_text(
-                "You're sending messages a bit fast. Please wait about "
-                f"{int(decision.retry_after_s + 0.5)} s and try again."
-            )
-        return
-    pending = PendingReply(chat_id=message.chat_id, message_id=message.message_id,
-                           user_text=text, private=_is_private(message.chat))
-    # A reply can take a while: answer in a task so that this update (and its slot among
-    # PTB's concurrent updates) is done; /stop and other chats are never held up.
-    context.application.create_task(ctx.service.accept(pending, turn), update=update)
+    try:
+        decision = await ctx.rate_limiter.check(message.from_user.id)
+        if not decision.allowed:
+            turn.release()
+            if decision.notify:
+                await message.reply_text(
+                    "You're sending messages a bit fast. Please wait about "
+                    f"{int(decision.retry_after_s + 0.5)} s and try again."
+                )
+            return
+        pending = PendingReply(chat_id=message.chat_id, message_id=message.message_id,
+                               user_text=text, private=_is_private(message.chat))
+        # A reply can take a while: answer in a task so that this update (and its slot among
+        # PTB's concurrent updates) is done; /stop and other chats are never held up.
+        context.application.create_task(ctx.service.accept(pending, turn), update=update)
+    except BaseException:
+        turn.release()  # e.g. Redis down: the chat's next message must not wait for this one
+        raise
 
 
 async def on_unsupported(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from telegram import Bot
 from telegram.constants import ChatAction
 
@@ -161,16 +161,16 @@ class ReplyService:
         if result is None:
             await delivery.notice(BUSY_TEXT)
             return
-        text = result.text
+        # `finish` only completes the streamed text; the bot's own words go through `notice`,
+        # which is delivered however many pieces of the reply were sent before it.
         if result.finish_reason == "error":
             log.warning("chat %s: the worker failed request %s: %s", pending.chat_id,
                         result.request_id, result.error)
-            text = FAILED_TEXT
-        elif result.finish_reason == "cancelled" and not text.strip():
-            text = STOPPED_TEXT
-        elif not text.strip():
-            text = "…"
-        await delivery.finish(text)
+            await delivery.notice(FAILED_TEXT)
+        elif result.text.strip():
+            await delivery.finish(result.text)
+        else:
+            await delivery.notice(STOPPED_TEXT if result.finish_reason == "cancelled" else "…")
         timings.after_final = time.perf_counter() - final_read
         timings.total = time.perf_counter() - started
         timings.generation = result
@@ -229,5 +229,12 @@ class ReplyService:
         """After a restart: the messages still owed a reply, oldest first (answer them with
         `answer(pending, take_turn(chat_id))` in this order)."""
         raw = await self.aredis.hgetall(PENDING_KEY)
-        return sorted((PendingReply.model_validate_json(v) for v in raw.values()),
-                      key=lambda p: (p.received_at, p.message_id))
+        owed = []
+        for key, value in raw.items():
+            try:
+                owed.append(PendingReply.model_validate_json(value))
+            except ValidationError as error:
+                log.error("dropping unreadable pending reply %r: %d validation errors",
+                          key, error.error_count())
+                await self.aredis.hdel(PENDING_KEY, key)
+        return sorted(owed, key=lambda p: (p.received_at, p.message_id))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from telegram import Bot, Message, ReplyParameters
 from telegram.constants import ParseMode
-from telegram.error import BadRequest
+from telegram.error import BadRequest, TelegramError
 
 from bot.formatting import split_text, to_html
 from bot.limits import ChatRateLimiter
@@ -24,6 +24,10 @@ def _is_parse_error(error: BadRequest) -> bool:
 
 def _is_not_modified(error: BadRequest) -> bool:
     return "message is not modified" in error.message.lower()
+
+
+def _is_gone(error: TelegramError) -> bool:
+    return isinstance(error, BadRequest) and "message to edit not found" in error.message.lower()
 
 
 async def send_text(bot: Bot, chat_id: int, text: str, *, reply_to: int | None = None) -> Message:
@@ -125,7 +129,7 @@ class ReplyDelivery:
 
     async def update(self, text: str) -> None:
         """The reply so far: settle finished pieces, maybe show the growing one."""
-        pieces = split_text(text.lstrip())  # as `finish` will: the same pieces
+        pieces = split_text(text.strip())  # as `finish` will: the same pieces
         await self._settle_pieces(pieces[:-1])
         tail = pieces[-1]
         rendered = to_html(tail)
@@ -143,39 +147,83 @@ class ReplyDelivery:
         if self.private:
             if not limiter.has_room():
                 return
-            await self._draft(tail)
+            shown = await self._draft(tail)
         elif self.state.live_id is None:
-            self.state.live_id = await self._send(tail)
-            await self._changed()
+            shown = await self._show_live(tail)
         else:
             if not (limiter.has_room() and limiter.pacer(self.chat_id).ready(self.chat_id)):
                 return
-            await edit_text(self.bot, self.chat_id, self.state.live_id, tail)
-        self._live_text = rendered
+            shown = await self._edit_live(tail)
+        if shown:
+            self._live_text = rendered
         self._last_update = time.monotonic()
 
-    async def _draft(self, text: str) -> None:
+    def _skipped(self, what: str, error: TelegramError) -> None:
+        log.warning("chat %s: %s skipped: %s", self.chat_id, what, type(error).__name__)
+
+    async def _show_live(self, tail: str) -> bool:
+        """Group: send the message that will grow (best effort; False when skipped)."""
         try:
-            await self.bot.send_message_draft(self.chat_id, self.draft_id, to_html(text),
-                                              parse_mode=ParseMode.HTML)
-        except BadRequest as error:
-            if not _is_parse_error(error):
-                raise
-            await self.bot.send_message_draft(self.chat_id, self.draft_id, text)
+            self.state.live_id = await self._send(tail)
+        except TelegramError as error:
+            self._skipped("first group update", error)
+            return False
+        await self._changed()
+        return True
+
+    async def _edit_live(self, tail: str) -> bool:
+        """Group: edit the growing message (best effort; a deleted one is sent anew next time)."""
+        assert self.state.live_id is not None
+        try:
+            await edit_text(self.bot, self.chat_id, self.state.live_id, tail)
+        except TelegramError as error:
+            self._skipped("group edit", error)
+            if _is_gone(error):
+                self.state.live_id = None
+                self._live_text = ""
+                await self._changed()
+            return False
+        return True
+
+    async def _draft(self, text: str) -> bool:
+        """Private: show the growing piece as a draft (best effort; False when skipped)."""
+        try:
+            try:
+                await self.bot.send_message_draft(self.chat_id, self.draft_id, to_html(text),
+                                                  parse_mode=ParseMode.HTML)
+            except BadRequest as error:
+                if not _is_parse_error(error):
+                    raise
+                await self.bot.send_message_draft(self.chat_id, self.draft_id, text)
+        except TelegramError as error:
+            self._skipped("draft", error)
+            return False
+        return True
 
     async def finish(self, text: str) -> None:
         """Deliver the whole final text: the pieces not yet delivered."""
         await self._settle_pieces(split_text(text.strip()))
 
     async def notice(self, text: str) -> None:
-        """A message from the bot itself (e.g. 'busy'), after whatever was shown so far."""
+        """A message from the bot itself (e.g. 'busy'), after whatever was shown so far.
+
+        A group's growing message keeps what it shows and is settled first, so the notice
+        always reaches the chat, however much of the reply was delivered before it.
+        """
+        if self.state.live_id is not None:
+            self.state.sent_ids.append(self.state.live_id)
+            self.state.live_id = None
+            self._live_text = ""
         self.state.sent_ids.append(await self._send(text))
         await self._changed()
 
     async def restart(self) -> None:
         """The worker restarted this reply: remove what was shown of the old attempt."""
         for message_id in self.state.sent_ids:
-            await self.bot.delete_message(self.chat_id, message_id)
+            try:
+                await self.bot.delete_message(self.chat_id, message_id)
+            except TelegramError as error:  # e.g. the user deleted it already
+                self._skipped(f"deleting message {message_id}", error)
         self.state.sent_ids = []
         self._live_text = ""
         await self._changed()
