@@ -16,6 +16,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MODELSCOPE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**settings: str) -> dict[str, str]:
+    """Environment for a worker subprocess: no PERSONABOT_* from outside, offline hubs, this repo
+    importable, then `settings` (e.g. PERSONABOT_REDIS_URL=...)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}
+    env.update({
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MODELSCOPE_OFFLINE": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        **settings,
+    })
+    return env
+
+
 PG_ADMIN_URL = os.environ.get("PERSONABOT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

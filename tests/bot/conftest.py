@@ -15,3 +15,10 @@ def fake_api() -> Iterator[FakeBotApi]:
     server = FakeBotApi().start()
     yield server
     server.stop()
+
+
+@pytest.fixture()
+def settings(settings_env, fake_api: FakeBotApi, redis_server, store):  # type: ignore[no-untyped-def]
+    """Settings for a bot on the fake Bot API, a private Redis and the test module's `store`."""
+    return settings_env(telegram_token=fake_api.token, telegram_base_url=fake_api.base_url,
+                        redis_url=redis_server.url, database_url=store.url, reply_timeout_s=1.5)

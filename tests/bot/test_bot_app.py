@@ -30,12 +30,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-@pytest.fixture()
-def settings(settings_env, fake_api: FakeBotApi, redis_server, store: Store) -> Settings:  # type: ignore[no-untyped-def]
-    return settings_env(telegram_token=fake_api.token, telegram_base_url=fake_api.base_url,
-                        redis_url=redis_server.url, database_url=store.url, reply_timeout_s=1.5)
-
-
 def texts(api: FakeBotApi, chat_id: int) -> list[str]:
     return [m.text for m in api.bot_messages(chat_id)]
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from core.models import RUN_FINAL, TrainingRun, utcnow
+from tests.conftest import subprocess_env
 from training.params import TrainParams
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,26 +78,19 @@ class TrainWorker:
         self.process: subprocess.Popen[bytes] | None = None
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}
-        env.update({
-            "PERSONABOT_REDIS_URL": self.redis_url,
-            "PERSONABOT_DATABASE_URL": self.database_url,
-            "PERSONABOT_MODEL": str(self.model_dir),
-            "PERSONABOT_DATA_DIR": str(self.data_dir),
-            "PERSONABOT_DEVICE": "cpu",
-            "PERSONABOT_GPU_SHARE": "concurrent",
-            "PERSONABOT_GPU_RELEASE_WAIT_S": "0",
-            "PERSONABOT_EVAL_IDENTITY_MIN": "0",
-            "PERSONABOT_EVAL_FAQ_MIN": "1",
-            "PERSONABOT_EVAL_RETENTION_MIN": "0",
-            "OMP_NUM_THREADS": "2",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "MODELSCOPE_OFFLINE": "1",
-            "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        })
+        env = subprocess_env(
+            PERSONABOT_REDIS_URL=self.redis_url,
+            PERSONABOT_DATABASE_URL=self.database_url,
+            PERSONABOT_MODEL=str(self.model_dir),
+            PERSONABOT_DATA_DIR=str(self.data_dir),
+            PERSONABOT_DEVICE="cpu",
+            PERSONABOT_GPU_SHARE="concurrent",
+            PERSONABOT_GPU_RELEASE_WAIT_S="0",
+            PERSONABOT_EVAL_IDENTITY_MIN="0",
+            PERSONABOT_EVAL_FAQ_MIN="1",
+            PERSONABOT_EVAL_RETENTION_MIN="0",
+            OMP_NUM_THREADS="2",
+        )
         env.update(self.extra_env)
         return env
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import subprocess_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -65,22 +67,17 @@ class ChatWorker:
         return f"{self.name}@pytest"
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}
-        env.update({
-            "PERSONABOT_REDIS_URL": self.redis_url,
-            "PERSONABOT_DATABASE_URL": self.database_url,
-            "PERSONABOT_MODEL": str(self.model_dir),
-            "PERSONABOT_DATA_DIR": str(self.data_dir),
-            "PERSONABOT_MAX_BATCH": str(self.concurrency),
-            "PERSONABOT_CONTEXT_TOKENS": "512",
-            "PERSONABOT_DEVICE": "cpu",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        })
+        env = subprocess_env(
+            PERSONABOT_REDIS_URL=self.redis_url,
+            PERSONABOT_DATABASE_URL=self.database_url,
+            PERSONABOT_MODEL=str(self.model_dir),
+            PERSONABOT_DATA_DIR=str(self.data_dir),
+            PERSONABOT_MAX_BATCH=str(self.concurrency),
+            PERSONABOT_CONTEXT_TOKENS="512",
+            PERSONABOT_DEVICE="cpu",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+        )
         env.update(self.extra_env)
         return env
 
