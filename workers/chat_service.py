@@ -195,13 +195,14 @@ class ChatRuntime:
                 log.info("reclaiming the GPU")
                 mark_holder(self.client, self.host, self.worker_name, "loaded", LOAD_HOLD_S)
                 self.engine.reclaim()
-            # The model is back: serve again even if the adapter sync below fails (the periodic
-            # sync with the store's active adapter retries it).
-            self.updating_eta_s = None
+            # Serve again once the active adapter is loaded — and also when that fails (the
+            # periodic sync with the store's active adapter retries it), never "updating" for good.
             try:
                 self.sync_active()
             except Exception:
                 log.exception("could not load the active adapter after reclaiming the GPU; retrying later")
+            finally:
+                self.updating_eta_s = None
             mark_holder(self.client, self.host, self.worker_name, "loaded")
 
     def handle_event(self, event: Event) -> None:
