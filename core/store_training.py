@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -18,12 +18,11 @@ from core.store_errors import NotFoundError, RunLockedError, StoreError
 class TrainingRecords:
     """Runs and adapter versions; mixed into `core.store.Store`, which provides the session."""
 
-    def session(self) -> AbstractContextManager[Session]:  # provided by Store
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Store
+        def session(self) -> AbstractContextManager[Session]: ...
 
-    @staticmethod
-    def _audit(s: Session, actor: str, action: str, detail: dict[str, Any] | None = None) -> None:
-        raise NotImplementedError
+        @staticmethod
+        def _audit(s: Session, actor: str, action: str, detail: dict[str, Any] | None = None) -> None: ...
 
     # --- training runs ------------------------------------------------------------------------
     def create_run(self, params: dict[str, Any], *, trigger: str = "admin", actor: str = "system",

@@ -60,6 +60,14 @@ document.getElementById("login").addEventListener("submit", async (event) => {
 </script></body></html>
 """
 
+# (label, id, tab class): one module per tab; each tab builds itself and reads the store on load.
+TABS = [
+    ("Persona", "persona", persona_tab.PersonaTab),
+    ("Training", "training", training_tab.TrainingTab),
+    ("Adapters", "adapters", adapters_tab.AdaptersTab),
+    ("Playground", "playground", playground_tab.PlaygroundTab),
+    ("Status", "status", status_tab.StatusTab),
+]
 PUBLIC_POST = {"/login", "/login/"}
 CACHE_CLEANUP = (3600, 86400)  # every hour, delete uploads and exports older than a day
 FAILED_LOGIN_DELAY_S = 1.0
@@ -142,27 +150,14 @@ def build_blocks(ctx: AdminContext) -> gr.Blocks:
         with gr.Row(equal_height=True):
             gr.Markdown("## personabot admin")
             gr.Button("Sign out", link="/logout", size="sm", scale=0, min_width=100, elem_id="sign-out")
+        loaded = []
         with gr.Tabs():
-            with gr.Tab("Persona", id="persona"):
-                persona = persona_tab.PersonaTab(ctx)
-                persona_outputs = persona.build()
-            with gr.Tab("Training", id="training"):
-                training = training_tab.TrainingTab(ctx)
-                training_outputs = training.build()
-            with gr.Tab("Adapters", id="adapters"):
-                adapters = adapters_tab.AdaptersTab(ctx)
-                adapters_outputs = adapters.build()
-            with gr.Tab("Playground", id="playground"):
-                playground = playground_tab.PlaygroundTab(ctx)
-                playground_outputs = playground.build()
-            with gr.Tab("Status", id="status"):
-                status = status_tab.StatusTab(ctx)
-                status_outputs = status.build()
-        blocks.load(persona.on_load, None, persona_outputs, api_visibility="private")
-        blocks.load(training.on_load, None, training_outputs, api_visibility="private")
-        blocks.load(adapters.on_load, None, adapters_outputs, api_visibility="private")
-        blocks.load(playground.on_load, None, playground_outputs, api_visibility="private")
-        blocks.load(status.on_load, None, status_outputs, api_visibility="private")
+            for label, tab_id, tab_class in TABS:
+                with gr.Tab(label, id=tab_id):
+                    tab = tab_class(ctx)
+                    loaded.append((tab, tab.build()))
+        for tab, outputs in loaded:
+            blocks.load(tab.on_load, None, outputs, api_visibility="private")
     blocks.queue(default_concurrency_limit=8)
     return blocks
 
