@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -27,23 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.dataset import PersonaData, write_training_set
 from training.params import TrainParams
-from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command
+from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
 QWEN25_7B = {
     "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
     "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
     "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
 }
-# Product modes first (liger auto-detected), then the seeds' flags, the fallbacks used where
-# liger-kernel is not installed, and one exploratory variant.
+# Product modes first (liger auto-detected), then the seeds' flags, then variants that isolate one
+# change each: the previous fast mode (micro-batch 8 x 2, no plugin) and the plugin without lean LoRA.
 VARIANTS: dict[str, dict[str, Any]] = {
     "fast": {"mode": "fast", "steps": 66, "liger": None},
+    "seeds": {"mode": "seeds", "steps": 6, "liger": False},
     "24gb": {"mode": "24gb", "steps": 20, "liger": None},
-    "seeds": {"mode": "seeds", "steps": 8, "liger": False},
-    "fast-plain": {"mode": "fast", "steps": 20, "liger": False},
-    "24gb-plain": {"mode": "24gb", "steps": 15, "liger": False},
-    "fast-mb16": {"mode": "fast", "steps": 15, "liger": None,
-                  "overrides": {"--per_device_train_batch_size": "16", "--gradient_accumulation_steps": "1"}},
+    "fast-mb8-noplugin": {"mode": "fast", "steps": 16, "liger": None, "plugin": False,
+                          "overrides": {"--per_device_train_batch_size": "8", "--gradient_accumulation_steps": "2"}},
+    "fast-no-lean": {"mode": "fast", "steps": 16, "liger": None,
+                     "plugin": {"lean_lora": False, "adaptive_checkpointing": True, "mem_ceiling_gb": None}},
 }
 WORDS = [
     "the", "model", "answers", "questions", "about", "history", "science", "code", "travel",
@@ -158,8 +159,9 @@ def run_mode(name: str, variant: dict[str, Any], built: Any, model_dir: Path, wo
     command = sft_command(model=str(model_dir), dataset_args=built.dataset_args, output_dir=out_dir,
                           params=params, torch_dtype="float32" if tiny else "bfloat16",
                           dataloader_workers=0 if tiny else 2, system=built.system_prompt,
-                          liger=variant.get("liger"))
+                          liger=variant.get("liger"), plugin=variant.get("plugin", True) is not False)
     command = _override(command, variant.get("overrides", {}))
+    env = {**os.environ, **sft_env(params, variant.get("plugin", True))}
     points: list[dict[str, Any]] = []
     started = time.time()
 
@@ -172,16 +174,19 @@ def run_mode(name: str, variant: dict[str, Any], built: Any, model_dir: Path, wo
     poller = GpuMemPoller()
     if not tiny:
         poller.start()
-    result: dict[str, Any] = {"mode": mode, "variant": variant, "command": command, "stop_step": stop_step}
+    result: dict[str, Any] = {"mode": mode, "variant": variant, "command": command, "stop_step": stop_step,
+                              "plugin_env": {k: v for k, v in env.items() if k.startswith("PERSONABOT_SWIFT")}}
     try:
         run_sft(command, out_dir, out_dir / "train.log", on_progress=on_progress,
-                should_cancel=should_cancel, poll_s=0.1, progress_every_s=0.0)
+                should_cancel=should_cancel, poll_s=0.1, progress_every_s=0.0, env=env)
         result["ended"] = "finished"
     except TrainingCancelled:
         result["ended"] = "stopped at step" if points and points[-1]["step"] >= stop_step else "wall limit"
     except TrainingFailed as error:
         result["ended"] = f"failed: {error.reason}"
         result["log_tail"] = (out_dir / "train.log").read_text(errors="replace")[-3000:]
+    log_text = (out_dir / "train.log").read_text(errors="replace") if (out_dir / "train.log").exists() else ""
+    result["plugin_lines"] = [line for line in log_text.splitlines() if "swift_fast" in line][:6]
     poller.stop.set()
     max_steps = points[-1]["max_steps"] if points else 0
     steps_per_epoch = max_steps / 10 if max_steps else 0

@@ -19,12 +19,14 @@ from training.params import TrainParams
 
 # Flags per speed mode; each was measured in bench/train_bench.py (see bench/RESULTS.md).
 # seeds: the ms-swift self-cognition recipe's flags exactly (batch 1 x accumulation 16, checkpointing).
-# fast:  the same effective batch of 16 in micro-batches of 8 without activation checkpointing,
-#        no LoRA dropout, batches of similar length (little compute spent on padding) and, where
-#        liger-kernel is installed, fused kernels whose cross-entropy never materialises the logits.
-# 24gb:  the same with checkpointing and smaller micro-batches so that peak memory stays < 22 GB.
-# Without liger-kernel the micro-batches are smaller: the 152k-vocabulary logits dominate memory.
-_COMMON_FAST = ["--lora_dropout", "0", "--group_by_length", "true"]
+# fast:  the same effective batch of 16 as one micro-batch of 16, no LoRA dropout, batches of similar
+#        length (little compute spent on padding) and training/swift_fast.py loaded into ms-swift:
+#        lean LoRA GEMMs in the base model's dtype, and activation checkpointing only for the layers
+#        a long micro-batch needs to stay under the GPU's memory. Where liger-kernel is installed,
+#        its fused cross-entropy never materialises the 152k-vocabulary logits.
+# 24gb:  micro-batches of 4 with every layer checkpointed and the plugin's lean LoRA only, so that
+#        peak memory stays < 22 GB (adaptive checkpointing under a 19 GB ceiling peaked at 22.6 GB
+#        reserved: the allocator's cache of odd-sized blocks is not under the plugin's control).
 SPEED_FLAGS: dict[str, dict[bool, list[str]]] = {
     "seeds": {
         liger: ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "16",
@@ -32,18 +34,37 @@ SPEED_FLAGS: dict[str, dict[bool, list[str]]] = {
         for liger in (False, True)
     },
     "fast": {
-        True: ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
-               "--gradient_checkpointing", "false", *_COMMON_FAST, "--use_liger_kernel", "true"],
-        False: ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
-                "--gradient_checkpointing", "false", *_COMMON_FAST],
+        liger: ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
+                "--gradient_checkpointing", "false", "--lora_dropout", "0", "--group_by_length", "true",
+                *(["--use_liger_kernel", "true"] if liger else [])]
+        for liger in (False, True)
     },
     "24gb": {
-        True: ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
-               "--gradient_checkpointing", "true", *_COMMON_FAST, "--use_liger_kernel", "true"],
-        False: ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8",
-                "--gradient_checkpointing", "true", *_COMMON_FAST],
+        liger: ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
+                "--gradient_checkpointing", "true", "--lora_dropout", "0", "--group_by_length", "true",
+                *(["--use_liger_kernel", "true"] if liger else [])]
+        for liger in (False, True)
     },
 }
+# What training/swift_fast.py does per mode (PERSONABOT_SWIFT_FAST); None = no plugin.
+PLUGIN_CONFIG: dict[str, dict[str, Any] | None] = {
+    "seeds": None,
+    "fast": {"lean_lora": True, "adaptive_checkpointing": True, "mem_ceiling_gb": None},
+    "24gb": {"lean_lora": True, "adaptive_checkpointing": False, "mem_ceiling_gb": None},
+}
+PLUGIN_PATH = Path(__file__).resolve().parent / "swift_fast.py"
+
+
+def sft_env(params: TrainParams, plugin: dict[str, Any] | None | bool = True) -> dict[str, str]:
+    """Environment for the `swift sft` process of `sft_command`: the plugin's configuration.
+
+    `plugin` True = the mode's PLUGIN_CONFIG; a dict overrides it; False/None = none.
+    """
+    if plugin is True:
+        config = PLUGIN_CONFIG[params.speed_mode]
+    else:
+        config = plugin or None
+    return {"PERSONABOT_SWIFT_FAST": json.dumps(config)} if config else {}
 
 
 def liger_available() -> bool:
@@ -122,13 +143,17 @@ def sft_command(
     torch_dtype: str = "bfloat16",
     dataloader_workers: int = 2,
     liger: bool | None = None,
+    plugin: bool = True,
 ) -> list[str]:
     """The `swift sft` command line for one run: only typed parameters become flags.
 
     `system` (the persona's rendered system prompt) is the default for rows without one, so the
     general data trains under the same system prompt that serving uses. `liger` None = use the
-    fused kernels when `liger_available()`.
+    fused kernels when `liger_available()`. `plugin` loads training/swift_fast.py in the fast and
+    24gb modes (its configuration travels in `sft_env`).
     """
+    plugin_args = (["--external_plugins", str(PLUGIN_PATH)]
+                   if plugin and PLUGIN_CONFIG[params.speed_mode] is not None else [])
     if liger is None:
         liger = params.speed_mode != "seeds" and liger_available()
     return [
@@ -153,6 +178,7 @@ def sft_command(
         "--seed", str(params.seed),
         "--data_seed", str(params.seed),
         *SPEED_FLAGS[params.speed_mode][liger],
+        *plugin_args,
         "--dataloader_num_workers", str(dataloader_workers),
         "--logging_steps", "1",
         "--save_strategy", "steps",

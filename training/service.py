@@ -29,7 +29,7 @@ from training.gpu_share import gpu_memory_gb, gpu_released, should_release
 from training.model_source import ModelUnavailableError, hub_env, resolve_model_dir
 from training.params import TrainParams
 from training.registry import AdapterRegistry
-from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command
+from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
 log = logging.getLogger(__name__)
 # Training speed per mode in tokens/s measured on one H200 (bench/RESULTS.md), for the release ETA.
@@ -261,6 +261,7 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
                               params=params, system=built.system_prompt, torch_dtype=dtype,
                               dataloader_workers=2 if on_gpu else 0)
         env = {**env_for_children(settings), **hub_env(settings)}
+        sft_environment = {**env, **sft_env(params)}
         eta = _eta_s(built.counts, params)
         release = should_release(settings.gpu_share)
         with gpu_released(job.redis, release=release, eta_s=eta, wait_s=settings.gpu_release_wait_s,
@@ -269,7 +270,7 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
                 raise TrainingCancelled("the run was cancelled")
             job.phase("training", eta_s=eta)
             result = run_sft(command, output_dir, log_path, on_progress=job.progress,
-                             should_cancel=job.cancelled, env=env)
+                             should_cancel=job.cancelled, env=sft_environment)
             metrics["train"] = {"final_loss": result.final_loss, "steps": result.steps,
                                 "elapsed_s": result.elapsed_s, "peak_gpu_mem_gb": result.peak_gpu_mem_gb}
             job.phase("evaluating")
