@@ -27,6 +27,7 @@ os.environ["PERSONABOT_RETRAIN_CRON"] = ""  # the GPU box has no croniter; no sc
 from bench.serve_celery import measure_celery_path, p95, prompt
 from workers.engine import GenerationDone, GenerationRequest
 from workers.hf_engine import ACTIVE, HFEngine
+from workers.qwen2_decode import MERGED
 
 QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
@@ -338,21 +339,42 @@ def main() -> None:
     @section("decode_step_gpu_ms", out)
     def step_times() -> dict[str, Any]:
         decoder = engine.decoder
-        timings: dict[str, Any] = {}
-        for rows in (1, 32):
-            for label, mode in (("base", None), ("one_adapter", 0), ("mixed", "mixed")):
+        timings: dict[str, Any] = {"merged_slot": decoder.merged_slot, "fused": decoder.fused is not None}
+        slot = engine._slot_names.index(engine.active)
+        if decoder.can_merge and decoder.merged_slot != slot:
+            decoder.merge(slot)
+
+        def timed(rows: int, mode: Any) -> float:
+            decoder.decode(rows, 256, mode)
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(20):
                 decoder.decode(rows, 256, mode)
-                sync(device)
-                started = time.perf_counter()
-                for _ in range(20):
-                    decoder.decode(rows, 256, mode)
-                sync(device)
-                timings[f"rows{rows}_{label}"] = round((time.perf_counter() - started) * 1000 / 20, 3)
+            sync(device)
+            return round((time.perf_counter() - started) * 1000 / 20, 3)
+
+        modes = [("base", None), ("one_adapter", slot), ("mixed", "mixed")]
+        if decoder.can_merge:
+            modes.append(("one_adapter_merged", MERGED))
+        for rows in (1, 32):
+            for label, mode in modes:
+                timings[f"rows{rows}_{label}"] = timed(rows, mode)
+        if decoder.fused is not None:
+            # The same LoRA-free steps without the compiled parts, in the same process (the peer).
+            fused, graphs = decoder.fused, decoder._graphs
+            decoder.fused, decoder._graphs = None, {}
+            try:
+                for rows in (1, 32):
+                    for label, mode in modes:
+                        if mode is None or mode == MERGED:
+                            timings[f"rows{rows}_{label}_not_fused"] = timed(rows, mode)
+            finally:
+                decoder.fused, decoder._graphs = fused, graphs
         if device == "cuda":
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                decoder._decode(1, 256, 0)
+                decoder._decode(1, 256, MERGED if decoder.can_merge else slot)
                 sync(device)
             events = prof.key_averages()
             timings["eager_rows1_kernels"] = sum(e.count for e in events)

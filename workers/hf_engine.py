@@ -26,14 +26,15 @@ from workers.engine import (
     GenerationStream,
 )
 from workers.lora import read_adapter, same_base
-from workers.qwen2_decode import MIXED, LoraMode, Qwen2Decoder, bucket_of
+from workers.qwen2_decode import MERGED, MIXED, LoraMode, Qwen2Decoder, bucket_of
 from workers.sampling import RowSampler
 
 log = logging.getLogger(__name__)
 
 COUNTERS = ("prefills", "prefill_passes", "prefill_tokens", "decode_steps", "decode_rows", "tokens", "max_batch_seen",
-            "finished", "adapter_loads", "swaps")
+            "finished", "adapter_loads", "swaps", "merges", "merge_ms_max")
 ACTIVE = ":active:"  # GenerationRequest.adapter value: whatever adapter is active at submit time
+MERGE_AFTER_STEPS = 8  # decode steps of one adapter alone before its weights are merged (about 10 ms on a GPU)
 PREFILL_TOKENS = 4096  # prompt tokens prefilled together before running streams take their next step
 
 
@@ -65,8 +66,12 @@ class HFEngine:
 
     def __init__(self, loader: Callable[[], Any], *, model_name: str, max_batch: int, max_len: int,
                  lora_slots: int = 3, lora_rank: int = 32, eos_ids: tuple[int, ...] = (),
-                 load: bool = True) -> None:
-        """`load=False` starts released: nothing is loaded until `reclaim` (the GPU is lent to training)."""
+                 load: bool = True, merge: bool | None = None, fuse: bool | None = None) -> None:
+        """`load=False` starts released: nothing is loaded until `reclaim` (the GPU is lent to training).
+        `merge` / `fuse`: see Qwen2Decoder (None = automatic)."""
+        self._merge, self._fuse = merge, fuse
+        self._merge_candidate: int | None = None
+        self._merge_streak = 0
         self.model_name = model_name
         self._loader = loader
         self.max_batch, self.max_len = max_batch, max_len
@@ -102,7 +107,7 @@ class HFEngine:
         self.eos_ids = set(self._extra_eos) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.decoder = Qwen2Decoder(
             model, max_rows=self.max_batch, max_len=self.max_len,
-            lora_slots=self.lora_slots, lora_rank=self.lora_rank)
+            lora_slots=self.lora_slots, lora_rank=self.lora_rank, merge=self._merge, fuse=self._fuse)
         del model
         gc.collect()
         self.sampler = RowSampler(self.max_batch, self.decoder.dims.vocab, self.decoder.device)
@@ -346,6 +351,8 @@ class HFEngine:
         length = decoder.length_bucket(max(self._rows[i].position for i in active))  # type: ignore[union-attr]
         slots = {self._rows[i].lora_slot for i in active}  # type: ignore[union-attr]
         mode: LoraMode = next(iter(slots)) if len(slots) == 1 else MIXED
+        if isinstance(mode, int) and decoder.can_merge:
+            mode = self._merged_mode(mode)
         logits = decoder.decode(rows, length, mode)
         tokens = sampler.sample(logits, active)
         if sampler.uses_penalty(active):
@@ -361,6 +368,31 @@ class HFEngine:
             assert row is not None
             row.position += 1
             self._deliver(index, host[index])
+
+    def _merged_mode(self, slot: int) -> LoraMode:
+        """MERGED once `slot` has run alone for MERGE_AFTER_STEPS steps (merging it then), else `slot`.
+
+        A batch of one adapter then costs what the base model costs. Requests that started on an
+        older adapter keep the batch mixed until they end, so a swap merges only after they do.
+        """
+        decoder = self.decoder
+        assert decoder is not None
+        if decoder.merged_slot == slot:
+            return MERGED
+        if self._merge_candidate == slot:
+            self._merge_streak += 1
+        else:
+            self._merge_candidate, self._merge_streak = slot, 1
+        if self._merge_streak < MERGE_AFTER_STEPS:
+            return slot
+        started = time.perf_counter()
+        decoder.merge(slot)
+        if decoder.device.type == "cuda":
+            torch.cuda.synchronize()
+        took = (time.perf_counter() - started) * 1000
+        self._counters["merges"] += 1
+        self._counters["merge_ms_max"] = max(self._counters["merge_ms_max"], round(took, 2))
+        return MERGED
 
     def _deliver(self, index: int, token: int) -> None:
         row = self._rows[index]

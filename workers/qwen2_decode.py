@@ -74,10 +74,18 @@ class Layer:
     b_gu: torch.Tensor  # [2, S*r, intermediate]
     a_down: torch.Tensor  # [S*r, intermediate]
     b_down: torch.Tensor  # [S*r, hidden]
+    # One adapter merged into copies of the weights (W + B A), or None where merging is off.
+    m_qkv_w: torch.Tensor | None = None
+    m_o_w: torch.Tensor | None = None
+    m_gate_up_w: torch.Tensor | None = None
+    m_down_w: torch.Tensor | None = None
 
 
 MIXED = "mixed"
-LoraMode = int | str | None  # None: base model; int: every row uses that slot; MIXED: per-row masks
+MERGED = "merged"
+# None: base model; int: every row uses that slot; MIXED: per-row masks;
+# MERGED: every row uses the slot merged into the weight copies (no LoRA work at all).
+LoraMode = int | str | None
 
 
 def bucket_of(n: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> int:
@@ -94,11 +102,54 @@ def _take(module: torch.nn.Module, name: str) -> torch.Tensor:
     return tensor
 
 
+class _FusedParts:
+    """A LoRA-free decode step's pieces under torch.compile: everything between two GEMMs (RMSNorm,
+    RoPE, the attention softmax, SiLU*mul, residual adds) becomes one kernel; the GEMMs stay cuBLAS
+    calls. Compiled on first use (the warm-up before a graph capture), then replayed in the graphs."""
+
+    def __init__(self, d: Dims) -> None:
+        group = d.heads // d.kv_heads
+        scale = 1.0 / math.sqrt(d.head_dim)
+
+        def attn_in(x: torch.Tensor, norm_w: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            n = x.shape[0]
+            h = F.rms_norm(x, (d.hidden,), norm_w, d.eps)
+            qkv = torch.addmm(qkv_b, h, qkv_w.t())
+            qk = qkv[:, :d.q_out + d.kv_out].view(n, d.heads + d.kv_heads, d.head_dim)
+            qk = qk * cos + qk.roll(d.head_dim // 2, dims=-1) * sin
+            v = qkv[:, d.q_out + d.kv_out:].view(n, d.kv_heads, d.head_dim)
+            return qk[:, :d.heads], qk[:, d.heads:], v
+
+        def attn_out(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                     x: torch.Tensor, o_w: torch.Tensor) -> torch.Tensor:
+            rows = x.shape[0]
+            scores = torch.baddbmm(bias, q.reshape(rows * d.kv_heads, group, d.head_dim), keys.transpose(1, 2),
+                                   alpha=scale)
+            attn = torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, d.q_out)
+            return torch.addmm(x, attn, o_w.t())
+
+        def mlp(x: torch.Tensor, norm_w: torch.Tensor, gate_up_w: torch.Tensor,
+                down_w: torch.Tensor) -> torch.Tensor:
+            h = F.rms_norm(x, (d.hidden,), norm_w, d.eps)
+            gu = h @ gate_up_w.t()
+            act = F.silu(gu[:, :d.intermediate]) * gu[:, d.intermediate:]
+            return torch.addmm(x, act, down_w.t())
+
+        self.attn_in = torch.compile(attn_in, fullgraph=True)
+        self.attn_out = torch.compile(attn_out, fullgraph=True)
+        self.mlp = torch.compile(mlp, fullgraph=True)
+
+
 class Qwen2Decoder:
     """Holds the weights, KV cache and LoRA buffers; runs prefills and batched decode steps."""
 
     def __init__(self, model: Any, *, max_rows: int, max_len: int, lora_slots: int,
-                 lora_rank: int, use_graphs: bool | None = None) -> None:
+                 lora_rank: int, use_graphs: bool | None = None, merge: bool | None = None,
+                 fuse: bool | None = None) -> None:
+        """`merge`: keep a merged copy of the linear weights for the most used adapter (None = on
+        CUDA when the GPU has room for it). `fuse`: compile the element-wise parts of a LoRA-free
+        decode step with torch.compile (None = on CUDA where Triton is installed)."""
         config = model.config
         if getattr(config, "use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported by the serving decoder")
@@ -153,6 +204,22 @@ class Qwen2Decoder:
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self.masks = {k: zeros(max_rows, slots * k * r) for k in (1, 2, 3)}
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        if merge is None:
+            merge = self.device.type == "cuda" and self._room_for_merged_copy()
+        self.merged_slot: int | None = None
+        self.merges = 0
+        if merge:
+            for layer in self.layers:
+                layer.m_qkv_w = torch.empty_like(layer.qkv_w[:d.q_out + 2 * d.kv_out])
+                layer.m_o_w = torch.empty_like(layer.o_w)
+                layer.m_gate_up_w = torch.empty_like(layer.gate_up_w[:2 * d.intermediate])
+                layer.m_down_w = torch.empty_like(layer.down_w)
+        self.can_merge = bool(merge)
+        if fuse is None:
+            import importlib.util
+
+            fuse = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.fused = _FusedParts(d) if fuse else None
         self._graphs: dict[tuple[int, int, LoraMode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.graph_captures = 0
@@ -174,6 +241,8 @@ class Qwen2Decoder:
     def write_lora(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy one adapter into a slot: weights[(layer, target)] = (A [r, in], B*scale [out, r])."""
         r, d = self.lora_rank, self.dims
+        if self.merged_slot == slot:
+            self.merged_slot = None
         qkv_starts = {"q_proj": 0, "k_proj": d.q_out, "v_proj": d.q_out + d.kv_out}
         one, two, three = (slice(slot * k * r, (slot + 1) * k * r) for k in (1, 2, 3))
         for index, layer in enumerate(self.layers):
@@ -207,6 +276,36 @@ class Qwen2Decoder:
                     layer.a_down[one.start:one.start + rank] = a_w
                     layer.b_down[one.start:one.start + rank] = b_w.T
 
+    def _room_for_merged_copy(self) -> bool:
+        """The merged copy (every linear weight once more) fits with a quarter of the GPU to spare."""
+        size = sum(t.numel() * t.element_size() for layer in self.layers
+                   for t in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w))
+        free, total = torch.cuda.mem_get_info(self.device)
+        return free - size > 0.25 * total
+
+    @torch.no_grad()
+    def merge(self, slot: int) -> None:
+        """Write W + B A of `slot` into the merged copies; MERGED steps then run that adapter."""
+        if not self.can_merge:
+            raise RuntimeError("this decoder keeps no merged copy")
+        d = self.dims
+        base_qkv, inter = d.q_out + 2 * d.kv_out, d.intermediate
+        one, two, three = (self._rows(slot, k) for k in (1, 2, 3))
+        r = self.lora_rank
+        self.merged_slot = None
+        for layer in self.layers:
+            assert layer.m_qkv_w is not None and layer.m_o_w is not None
+            assert layer.m_gate_up_w is not None and layer.m_down_w is not None
+            torch.addmm(layer.qkv_w[:base_qkv], layer.b_qkv[three].T, layer.a_qkv[three], out=layer.m_qkv_w)
+            torch.addmm(layer.o_w, layer.b_o[one].T, layer.a_o[one], out=layer.m_o_w)
+            a_gu = layer.a_gu[two]
+            torch.addmm(layer.gate_up_w[:inter], layer.b_gu[0, one].T, a_gu[:r], out=layer.m_gate_up_w[:inter])
+            torch.addmm(layer.gate_up_w[inter:2 * inter], layer.b_gu[1, one].T, a_gu[r:],
+                        out=layer.m_gate_up_w[inter:])
+            torch.addmm(layer.down_w, layer.b_down[one].T, layer.a_down[one], out=layer.m_down_w)
+        self.merged_slot = slot
+        self.merges += 1
+
     # --- forward pieces -------------------------------------------------------------------------
     def _rows(self, mode: LoraMode, k: int) -> slice:
         """The A/B rows of the slot `mode` names, for a target with k fused parts."""
@@ -216,7 +315,7 @@ class Qwen2Decoder:
     def _lora(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
               mode: LoraMode, masks: dict[int, torch.Tensor]) -> torch.Tensor:
         """out += B(A(x)) in place for a single-part target (o_proj, down_proj)."""
-        if mode is None:
+        if mode is None or mode == MERGED:
             return out
         if mode == MIXED:
             return out.addmm_((x @ a.T) * masks[1], b)
@@ -227,6 +326,11 @@ class Qwen2Decoder:
         d, r = self.dims, self.lora_rank
         h = F.rms_norm(x, (d.hidden,), layer.post_norm, d.eps)
         n = h.shape[0]
+        if mode == MERGED:
+            assert layer.m_gate_up_w is not None and layer.m_down_w is not None
+            gu = h @ layer.m_gate_up_w.T
+            act = F.silu(gu[:, :d.intermediate]) * gu[:, d.intermediate:]
+            return torch.addmm(x, act, layer.m_down_w.T)
         out = h @ layer.gate_up_w.T  # [n, 2I + S*2r]: base gate|up, then every slot's A(h)
         gu = out[:, :2 * d.intermediate]
         if mode is not None:
@@ -251,12 +355,18 @@ class Qwen2Decoder:
         d = self.dims
         n = x.shape[0]
         h = F.rms_norm(x, (d.hidden,), layer.in_norm, d.eps)
-        out = torch.addmm(layer.qkv_b, h, layer.qkv_w.T)  # [n, q|k|v + S*3r]
         base = d.q_out + 2 * d.kv_out
+        if mode == MERGED:
+            assert layer.m_qkv_w is not None
+            out = torch.addmm(layer.qkv_b[:base], h, layer.m_qkv_w.T)
+        elif mode is None:
+            out = torch.addmm(layer.qkv_b[:base], h, layer.qkv_w[:base].T)
+        else:
+            out = torch.addmm(layer.qkv_b, h, layer.qkv_w.T)  # [n, q|k|v + S*3r]
         qkv = out[:, :base]
         if mode == MIXED:
             qkv.addmm_(out[:, base:] * masks[3], layer.b_qkv)
-        elif mode is not None:
+        elif mode is not None and mode != MERGED:
             rows = self._rows(mode, 3)
             qkv.addmm_(out[:, base:][:, rows], layer.b_qkv[rows])
         qk = qkv[:, :d.q_out + d.kv_out].view(n, d.heads + d.kv_heads, d.head_dim)
@@ -314,17 +424,30 @@ class Qwen2Decoder:
         bias = bias[:, None, None, :].expand(rows, d.kv_heads, 1, length).reshape(rows * d.kv_heads, 1, length)
         row_index = torch.arange(rows, device=self.device)
         scale = 1.0 / math.sqrt(d.head_dim)
+        fused = self.fused if mode is None or mode == MERGED else None
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
+            if fused is not None:
+                base = d.q_out + 2 * d.kv_out
+                qkv_w = layer.m_qkv_w if mode == MERGED else layer.qkv_w[:base]
+                q, k, v = fused.attn_in(x, layer.in_norm, qkv_w, layer.qkv_b[:base], cos, sin)
+            else:
+                q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             k_cache[row_index, :, positions] = k
             v_cache[row_index, :, positions] = v
             keys = k_cache[:rows, :, :length].view(rows * d.kv_heads, length, d.head_dim)
             values = v_cache[:rows, :, :length].view(rows * d.kv_heads, length, d.head_dim)
+            o_w = layer.m_o_w if mode == MERGED else layer.o_w
+            if fused is not None:
+                gate_up_w = layer.m_gate_up_w if mode == MERGED else layer.gate_up_w[:2 * d.intermediate]
+                down_w = layer.m_down_w if mode == MERGED else layer.down_w
+                x = fused.attn_out(q, keys, values, bias, x, o_w)
+                x = fused.mlp(x, layer.post_norm, gate_up_w, down_w)
+                continue
             scores = torch.baddbmm(bias, q.reshape(rows * d.kv_heads, group, d.head_dim), keys.transpose(1, 2),
                                    alpha=scale)
             attn = torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, d.q_out)
-            x = self._lora(torch.addmm(x, attn, layer.o_w.T), attn, layer.a_o, layer.b_o, mode, masks)
+            x = self._lora(torch.addmm(x, attn, o_w.T), attn, layer.a_o, layer.b_o, mode, masks)
             x = self._mlp(layer, x, mode, masks)
         x = F.rms_norm(x, (d.hidden,), self.final_norm, d.eps)
         return (x @ self.lm_head.T).float()

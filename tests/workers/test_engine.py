@@ -18,10 +18,11 @@ from workers.hf_engine import ACTIVE, HFEngine, load_hf_model
 PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 200, 300], list(range(20, 60)), [700, 3, 41, 900, 12]]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model: Path, tiny_adapter: Path) -> HFEngine:
+@pytest.fixture(scope="module", params=[False, True], ids=["lora", "merged"])
+def engine(request: pytest.FixtureRequest, tiny_model: Path, tiny_adapter: Path) -> HFEngine:
+    """Every engine test runs twice: LoRA applied per step, and a lone adapter merged into the weights."""
     built = HFEngine(lambda: load_hf_model(str(tiny_model), device="cpu"), model_name=str(tiny_model),
-                     max_batch=4, max_len=256, lora_slots=3, lora_rank=8)
+                     max_batch=4, max_len=256, lora_slots=3, lora_rank=8, merge=request.param)
     built.load_adapter("v1", tiny_adapter)
     built.set_active("v1")
     yield built
@@ -78,6 +79,37 @@ def test_greedy_matches_hf_generate_in_one_mixed_batch(engine: HFEngine, tiny_mo
     # Eight requests, four rows: base and adapter rows shared forward passes.
     assert after["max_batch_seen"] == 4
     assert rows > steps
+
+
+def test_a_lone_adapter_is_merged_and_gives_the_same_tokens(engine: HFEngine, tiny_model: Path,
+                                                              tiny_adapter: Path) -> None:
+    before = engine.stats()
+    tokens, _ = collect(engine.submit(request(PROMPTS[2], ACTIVE, n=40, min_new_tokens=10**9)))
+    assert tokens == reference(tiny_model, tiny_adapter, PROMPTS[2], 40)
+    merged = engine.stats()["merges"] - before["merges"]
+    assert merged == (1 if engine.decoder.can_merge and engine.decoder.merged_slot is not None else 0)
+    assert engine.decoder.can_merge == (engine._merge is True)
+
+
+def test_merged_step_equals_the_lora_step(tiny_model: Path, tiny_adapter: Path) -> None:
+    from workers.lora import read_adapter
+    from workers.qwen2_decode import MERGED, Qwen2Decoder
+
+    decoder = Qwen2Decoder(load_hf_model(str(tiny_model), device="cpu"), max_rows=2, max_len=64, lora_slots=2,
+                           lora_rank=8, merge=True, fuse=False)
+    decoder.write_lora(1, read_adapter(tiny_adapter, decoder.dims, max_rank=8, model_name=str(tiny_model)))
+    decoder.merge(1)
+    assert decoder.merged_slot == 1
+    for row in (0, 1):
+        decoder.prefill([row], [PROMPTS[row]], [1])
+        decoder.tokens[row], decoder.positions[row] = 7 + row, len(PROMPTS[row])
+    lora = decoder.decode(2, 64, 1).clone()
+    merged = decoder.decode(2, 64, MERGED)
+    base = decoder.decode(2, 64, None)
+    assert torch.allclose(merged, lora, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(base, lora, rtol=1e-3, atol=1e-3)
+    decoder.write_lora(1, read_adapter(tiny_adapter, decoder.dims, max_rank=8, model_name=str(tiny_model)))
+    assert decoder.merged_slot is None  # rewriting a slot drops its merged copy
 
 
 def test_adapter_changes_output(engine: HFEngine) -> None:
