@@ -35,16 +35,16 @@ QWEN25_7B = {
     "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
     "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
 }
-# Product modes first (liger auto-detected), then the seeds' flags, then variants that isolate one
-# change each: the previous fast mode (micro-batch 8 x 2, no plugin) and the plugin without lean LoRA.
+# Product modes (liger auto-detected) and the seeds' flags, as they are and on the fast mode's batches.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "fast": {"mode": "fast", "steps": 66, "liger": None},
+    "fast": {"mode": "fast", "steps": 66, "liger": None,
+             "plugin": {"lean_lora": True, "adaptive_checkpointing": True, "mem_ceiling_gb": None,
+                        "trace": "/tmp/train_bench/fast-trace.json"}},
     "seeds": {"mode": "seeds", "steps": 6, "liger": False},
+    # The seeds' flags on the fast mode's batches (same length grouping, hence the same samples in
+    # every step): the per-step losses of the two compare like for like.
+    "seeds-grouped": {"mode": "seeds", "steps": 6, "liger": False, "add": ["--group_by_length", "true"]},
     "24gb": {"mode": "24gb", "steps": 20, "liger": None},
-    "fast-mb8-noplugin": {"mode": "fast", "steps": 16, "liger": None, "plugin": False,
-                          "overrides": {"--per_device_train_batch_size": "8", "--gradient_accumulation_steps": "2"}},
-    "fast-no-lean": {"mode": "fast", "steps": 16, "liger": None,
-                     "plugin": {"lean_lora": False, "adaptive_checkpointing": True, "mem_ceiling_gb": None}},
 }
 WORDS = [
     "the", "model", "answers", "questions", "about", "history", "science", "code", "travel",
@@ -161,6 +161,7 @@ def run_mode(name: str, variant: dict[str, Any], built: Any, model_dir: Path, wo
                           dataloader_workers=0 if tiny else 2, system=built.system_prompt,
                           liger=variant.get("liger"), plugin=variant.get("plugin", True) is not False)
     command = _override(command, variant.get("overrides", {}))
+    command[command.index("--output_dir"):command.index("--output_dir")] = variant.get("add", [])
     env = {**os.environ, **sft_env(params, variant.get("plugin", True))}
     points: list[dict[str, Any]] = []
     started = time.time()

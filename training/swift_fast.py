@@ -228,7 +228,59 @@ def _tokens(inputs: Any) -> int:
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
-def install_adaptive_checkpointing(ceiling_gb: float | None) -> bool:
+class StepTrace:
+    """Bench only ({"trace": path}): wall time inside vs between training_step calls (no added
+    synchronisation: inside = issuing forward and backward), and one whole step profiled."""
+
+    PROFILE_AT, DUMP_AT = 30, 45
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.inside: list[float] = []
+        self.outside: list[float] = []
+        self.last_exit: float | None = None
+        self.profiler: Any = None
+
+    def enter(self) -> float:
+        import time
+
+        now = time.perf_counter()
+        if self.last_exit is not None:
+            self.outside.append(now - self.last_exit)
+        calls = len(self.inside)
+        if calls == self.PROFILE_AT:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+        elif calls == self.PROFILE_AT + 1 and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+        return now
+
+    def exit(self, started: float, tokens: int, kept: int) -> None:
+        import statistics
+        import time
+
+        self.last_exit = time.perf_counter()
+        self.inside.append(self.last_exit - started)
+        if len(self.inside) != self.DUMP_AT:
+            return
+        report: dict[str, Any] = {
+            "inside_ms_median": round(1000 * statistics.median(self.inside[5:]), 1),
+            "outside_ms_median": round(1000 * statistics.median(self.outside[5:]), 1),
+            "last": {"tokens": tokens, "kept_layers": kept},
+        }
+        if self.profiler is not None:
+            events = self.profiler.key_averages()
+            report["top_cpu"] = [(e.key[:70], e.count, round(e.self_cpu_time_total / 1000, 2))
+                                 for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]]
+            report["top_gpu"] = [(e.key[:70], e.count, round(e.self_device_time_total / 1000, 2))
+                                 for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]
+        with open(self.path, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=1)
+
+
+def install_adaptive_checkpointing(ceiling_gb: float | None, trace: str | None = None) -> bool:
     """Wrap transformers.Trainer.training_step (ms-swift's trainers call it for each micro-batch)."""
     if not torch.cuda.is_available():
         return False
@@ -245,6 +297,10 @@ def install_adaptive_checkpointing(ceiling_gb: float | None) -> bool:
             fused = bool(getattr(self.args, "use_liger_kernel", False))
             state = self._personabot_ckpt = AdaptiveCheckpointing(model, ceiling_gb, fused)
         tokens = _tokens(inputs)
+        tracer = getattr(self, "_personabot_trace", None)
+        if trace and tracer is None:
+            tracer = self._personabot_trace = StepTrace(trace)
+        started = tracer.enter() if tracer is not None else 0.0
         kept = state.plan(tokens)
         state.apply(kept)
         grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters() if p.requires_grad]
@@ -270,6 +326,8 @@ def install_adaptive_checkpointing(ceiling_gb: float | None) -> bool:
             return original(self, model, inputs, *args, **kwargs)
         if state.memory is not None:
             state.memory.observe(tokens, kept, torch.cuda.max_memory_allocated() - before)
+        if tracer is not None:
+            tracer.exit(started, tokens, kept)
         return loss
 
     training_step._personabot_adaptive = True  # type: ignore[attr-defined]
@@ -293,7 +351,8 @@ def install(config: dict[str, Any]) -> dict[str, bool]:
     if config.get("lean_lora"):
         done["lean_lora"] = install_lean_lora()
     if config.get("adaptive_checkpointing"):
-        done["adaptive_checkpointing"] = install_adaptive_checkpointing(config.get("mem_ceiling_gb"))
+        done["adaptive_checkpointing"] = install_adaptive_checkpointing(config.get("mem_ceiling_gb"),
+                                                                        config.get("trace"))
     if os.environ.get("PERSONABOT_SWIFT_FAST_QUIET") != "1":
         print(f"personabot swift_fast: {json.dumps(done)}", file=sys.stderr, flush=True)
     return done

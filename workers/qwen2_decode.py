@@ -383,6 +383,8 @@ class Qwen2Decoder:
         tokens = torch.tensor([t for p in prompts for t in p], device=self.device, dtype=torch.long)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         mode: LoraMode = slots[0] if len(set(slots)) == 1 else MIXED
+        if mode is not None and mode == self.merged_slot:
+            mode = MERGED  # the adapter's merged weights: no LoRA work in the prompt pass either
         masks = {}
         if mode == MIXED:
             counts = torch.tensor(lengths, device=self.device)
@@ -405,7 +407,8 @@ class Qwen2Decoder:
                 attn[span] = out[0].transpose(0, 1)
                 start += n
             flat = attn.view(total, d.q_out)
-            x = self._lora(torch.addmm(x, flat, layer.o_w.T), flat, layer.a_o, layer.b_o, mode, masks)
+            o_w = layer.m_o_w if mode == MERGED else layer.o_w
+            x = self._lora(torch.addmm(x, flat, o_w.T), flat, layer.a_o, layer.b_o, mode, masks)
             x = self._mlp(layer, x, mode, masks)
         last = torch.tensor([sum(lengths[:i + 1]) - 1 for i in range(len(lengths))], device=self.device)
         out = F.rms_norm(x[last], (d.hidden,), self.final_norm, d.eps)

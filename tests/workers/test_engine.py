@@ -98,8 +98,10 @@ def test_merged_step_equals_the_lora_step(tiny_model: Path, tiny_adapter: Path) 
     decoder = Qwen2Decoder(load_hf_model(str(tiny_model), device="cpu"), max_rows=2, max_len=64, lora_slots=2,
                            lora_rank=8, merge=True, fuse=False)
     decoder.write_lora(1, read_adapter(tiny_adapter, decoder.dims, max_rank=8, model_name=str(tiny_model)))
+    lora_prefill = decoder.prefill([0], [PROMPTS[2]], [1]).clone()
     decoder.merge(1)
     assert decoder.merged_slot == 1
+    assert torch.allclose(decoder.prefill([0], [PROMPTS[2]], [1]), lora_prefill, rtol=1e-4, atol=1e-4)
     for row in (0, 1):
         decoder.prefill([row], [PROMPTS[row]], [1])
         decoder.tokens[row], decoder.positions[row] = 7 + row, len(PROMPTS[row])
