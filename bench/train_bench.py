@@ -28,22 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.dataset import PersonaData, write_training_set
 from training.params import TrainParams
-from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
+from training.runner import PLUGIN_CONFIG, TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
 QWEN25_7B = {
     "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
     "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
     "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
 }
-# Product modes (liger auto-detected) and the seeds' flags, as they are and on the fast mode's batches.
+# Product modes (liger auto-detected; the fast run also traces its steps) and the seeds' flags.
 VARIANTS: dict[str, dict[str, Any]] = {
     "fast": {"mode": "fast", "steps": 66, "liger": None,
-             "plugin": {"lean_lora": True, "adaptive_checkpointing": True, "mem_ceiling_gb": None,
-                        "trace": "/tmp/train_bench/fast-trace.json"}},
+             "plugin": {**PLUGIN_CONFIG["fast"], "trace": "/tmp/train_bench/fast-trace.json"}},
     "seeds": {"mode": "seeds", "steps": 6, "liger": False},
-    # The seeds' flags on the fast mode's batches (same length grouping, hence the same samples in
-    # every step): the per-step losses of the two compare like for like.
-    "seeds-grouped": {"mode": "seeds", "steps": 6, "liger": False, "add": ["--group_by_length", "true"]},
     "24gb": {"mode": "24gb", "steps": 20, "liger": None},
 }
 WORDS = [

@@ -49,8 +49,8 @@ SPEED_FLAGS: dict[str, dict[bool, list[str]]] = {
 # What training/swift_fast.py does per mode (PERSONABOT_SWIFT_FAST); None = no plugin.
 PLUGIN_CONFIG: dict[str, dict[str, Any] | None] = {
     "seeds": None,
-    "fast": {"lean_lora": True, "adaptive_checkpointing": True, "mem_ceiling_gb": None},
-    "24gb": {"lean_lora": True, "adaptive_checkpointing": False, "mem_ceiling_gb": None},
+    "fast": {"lean_lora": True, "cudnn_attention": False, "adaptive_checkpointing": True, "mem_ceiling_gb": None},
+    "24gb": {"lean_lora": True, "cudnn_attention": False, "adaptive_checkpointing": False, "mem_ceiling_gb": None},
 }
 PLUGIN_PATH = Path(__file__).resolve().parent / "swift_fast.py"
 
