@@ -159,3 +159,34 @@ def test_checkpointing_some_layers_keeps_the_gradients(tiny_model: Path) -> None
         assert torch.allclose(grad, grads_ref[name], rtol=1e-5, atol=1e-7), name
     state.apply(kept=len(state.layers))
     assert not any(layer.gradient_checkpointing for layer in state.layers)
+
+
+@pytest.mark.slow
+def test_fast_mode_ends_at_the_seeds_final_loss_on_the_same_data(tiny_model: Path, general_file: Path,
+                                                                  tmp_path: Path) -> None:
+    """Both speed modes train the whole schedule on the same data through real `swift sft`; the fast
+    mode (micro-batch 16, no dropout, length grouping, the plugin) ends at an equal or lower loss."""
+    from tests.conftest import subprocess_env
+    from training.dataset import PersonaData, write_training_set
+    from training.params import TrainParams
+    from training.runner import run_sft, sft_command, sft_env
+
+    persona = PersonaData(name="Nova", author="Acme Lab", system_prompt="You are {name}.", pairs=[])
+    finals = {}
+    for mode in ("seeds", "fast"):
+        params = TrainParams(epochs=10, speed_mode=mode, learning_rate=1e-2, min_identity_pairs=30,
+                             general_data=[f"{general_file}#5"])
+        built = write_training_set(persona, params, tmp_path / mode / "data")
+        out = tmp_path / mode / "out"
+        command = sft_command(model=str(tiny_model), dataset_args=built.dataset_args, output_dir=out,
+                              params=params, system=built.system_prompt, torch_dtype="float32",
+                              dataloader_workers=0)
+        env = {**subprocess_env(OMP_NUM_THREADS="2"), **sft_env(params)}
+        result = run_sft(command, out, out / "train.log", env=env)
+        assert ("swift_fast" in (out / "train.log").read_text()) == (mode == "fast")
+        last_epoch = [p["loss"] for p in result.points if p["epoch"] > 9]
+        finals[mode] = sum(last_epoch) / len(last_epoch)
+        assert result.points[-1]["step"] == result.points[-1]["max_steps"]
+    first = result.points[0]["loss"]
+    assert finals["fast"] < 0.95 * first, (first, finals)  # training moved the loss
+    assert finals["fast"] <= finals["seeds"] * 1.01, finals
