@@ -21,12 +21,14 @@ from training.params import TrainParams
 # seeds: the ms-swift self-cognition recipe's flags exactly (batch 1 x accumulation 16, checkpointing).
 # fast:  the same effective batch of 16 as one micro-batch of 16, no LoRA dropout, batches of similar
 #        length (little compute spent on padding) and training/swift_fast.py loaded into ms-swift:
-#        lean LoRA GEMMs in the base model's dtype, and activation checkpointing only for the layers
-#        a long micro-batch needs to stay under the GPU's memory. Where liger-kernel is installed,
-#        its fused cross-entropy never materialises the 152k-vocabulary logits.
-# 24gb:  micro-batches of 4 with every layer checkpointed and the plugin's lean LoRA only, so that
+#        lean LoRA GEMMs in the base model's dtype, no cuDNN attention (it plans every new shape),
+#        and activation checkpointing only for the layers a long micro-batch needs to stay under the
+#        GPU's memory. liger-kernel's fused cross-entropy never materialises the 152k-vocabulary
+#        logits; without it (CPU, or no `gpu` extra) the micro-batches are those measured before.
+# 24gb:  micro-batches of 4 with every layer checkpointed, lean LoRA and no cuDNN attention, so that
 #        peak memory stays < 22 GB (adaptive checkpointing under a 19 GB ceiling peaked at 22.6 GB
 #        reserved: the allocator's cache of odd-sized blocks is not under the plugin's control).
+_COMMON_FAST = ["--lora_dropout", "0", "--group_by_length", "true"]
 SPEED_FLAGS: dict[str, dict[bool, list[str]]] = {
     "seeds": {
         liger: ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "16",
@@ -34,16 +36,16 @@ SPEED_FLAGS: dict[str, dict[bool, list[str]]] = {
         for liger in (False, True)
     },
     "fast": {
-        liger: ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
-                "--gradient_checkpointing", "false", "--lora_dropout", "0", "--group_by_length", "true",
-                *(["--use_liger_kernel", "true"] if liger else [])]
-        for liger in (False, True)
+        True: ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
+               "--gradient_checkpointing", "false", *_COMMON_FAST, "--use_liger_kernel", "true"],
+        False: ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
+                "--gradient_checkpointing", "false", *_COMMON_FAST],
     },
     "24gb": {
-        liger: ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
-                "--gradient_checkpointing", "true", "--lora_dropout", "0", "--group_by_length", "true",
-                *(["--use_liger_kernel", "true"] if liger else [])]
-        for liger in (False, True)
+        True: ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
+               "--gradient_checkpointing", "true", *_COMMON_FAST, "--use_liger_kernel", "true"],
+        False: ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8",
+                "--gradient_checkpointing", "true", *_COMMON_FAST],
     },
 }
 # What training/swift_fast.py does per mode (PERSONABOT_SWIFT_FAST); None = no plugin.

@@ -188,5 +188,6 @@ def test_fast_mode_ends_at_the_seeds_final_loss_on_the_same_data(tiny_model: Pat
         finals[mode] = sum(last_epoch) / len(last_epoch)
         assert result.points[-1]["step"] == result.points[-1]["max_steps"]
     first = result.points[0]["loss"]
+    print(f"first loss {first:.3f}, final {finals}")
     assert finals["fast"] < 0.95 * first, (first, finals)  # training moved the loss
     assert finals["fast"] <= finals["seeds"] * 1.01, finals

@@ -242,3 +242,25 @@ def test_release_and_reclaim(tiny_model: Path, tiny_adapter: Path) -> None:
         assert done.adapter == "v1" and again == reference(tiny_model, tiny_adapter, PROMPTS[0], 10)
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_compiled_parts_give_the_eager_step(tiny_model: Path, tiny_adapter: Path) -> None:
+    """The torch.compile'd element-wise parts (used for LoRA-free steps on GPUs) compute the same step."""
+    from workers.lora import read_adapter
+    from workers.qwen2_decode import MERGED, Qwen2Decoder
+
+    results = {}
+    for fuse in (False, True):
+        decoder = Qwen2Decoder(load_hf_model(str(tiny_model), device="cpu"), max_rows=2, max_len=64,
+                               lora_slots=2, lora_rank=8, merge=True, fuse=fuse)
+        assert (decoder.fused is not None) == fuse
+        decoder.write_lora(1, read_adapter(tiny_adapter, decoder.dims, max_rank=8, model_name=str(tiny_model)))
+        decoder.merge(1)
+        for row in (0, 1):
+            decoder.prefill([row], [PROMPTS[row]], [1])
+            decoder.tokens[row], decoder.positions[row] = 7 + row, len(PROMPTS[row])
+        results[fuse] = [decoder.decode(2, 64, MERGED).clone(), decoder.decode(2, 64, None).clone(),
+                         decoder.decode(1, 64, MERGED).clone()]
+    for eager, compiled in zip(results[False], results[True], strict=True):
+        assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
