@@ -199,10 +199,14 @@ class AdaptiveCheckpointing:
             available_bytes = torch.cuda.memory_reserved() + free - self.MARGIN
         available = available_bytes
         self.ceiling = available if ceiling_gb is None else min(available, ceiling_gb * 2**30)
-        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        # Non-reentrant: the layers' inputs need not require grad. ms-swift replaces
+        # torch.utils.checkpoint.checkpoint with a wrapper that forces its own use_reentrant (True on
+        # one GPU), under which the LoRA weights of a checkpointed layer would get no gradient; it
+        # keeps the original as `_old_checkpoint`.
+        original = getattr(torch.utils.checkpoint, "_old_checkpoint", torch.utils.checkpoint.checkpoint)
+        checkpoint = functools.partial(original, use_reentrant=False)
         for layer in self.layers:
-            if getattr(layer, "_gradient_checkpointing_func", None) is None:
-                layer._gradient_checkpointing_func = checkpoint
+            layer._gradient_checkpointing_func = checkpoint
         self.retries = 0
         log.info("adaptive checkpointing: %d layers, ceiling %.1f GB", len(self.layers), self.ceiling / 2**30)
 

@@ -140,7 +140,23 @@ def test_memory_model_learns_from_seen_peaks() -> None:
     assert memory.scale == pytest.approx(0.864)
 
 
-def test_checkpointing_some_layers_keeps_the_gradients(tiny_model: Path) -> None:
+def _force_reentrant_like_ms_swift(monkeypatch) -> None:
+    """ms-swift's Trainer._fix_gradient_checkpointing: checkpoint() always reentrant on one GPU."""
+    import torch.utils.checkpoint as ckpt
+
+    old = ckpt.checkpoint
+
+    def forced(*args, use_reentrant=None, **kwargs):
+        return old(*args, use_reentrant=True, **kwargs)
+
+    monkeypatch.setattr(ckpt, "_old_checkpoint", old, raising=False)
+    monkeypatch.setattr(ckpt, "checkpoint", forced)
+
+
+@pytest.mark.parametrize("swift_patched", [False, True], ids=["plain", "ms-swift-patched-checkpoint"])
+def test_checkpointing_some_layers_keeps_the_gradients(tiny_model: Path, swift_patched: bool, monkeypatch) -> None:
+    if swift_patched:
+        _force_reentrant_like_ms_swift(monkeypatch)
     model = _peft_model(tiny_model, torch.float32)
     batch = _batch(model.config.vocab_size)
     loss_ref, grads_ref = _loss_and_grads(model, batch)
