@@ -107,7 +107,8 @@ class _FusedParts:
     RoPE, the attention softmax, SiLU*mul, residual adds) becomes one kernel; the GEMMs stay cuBLAS
     calls. Compiled on first use (the warm-up before a graph capture), then replayed in the graphs."""
 
-    def __init__(self, d: Dims) -> None:
+    def __init__(self, d: Dims, compiled: bool = True) -> None:
+        """`compiled=False`: the same functions run eagerly (the LoRA-free parts of the eager path)."""
         group = d.heads // d.kv_heads
         scale = 1.0 / math.sqrt(d.head_dim)
 
@@ -136,9 +137,8 @@ class _FusedParts:
             act = F.silu(gu[:, :d.intermediate]) * gu[:, d.intermediate:]
             return torch.addmm(x, act, down_w.t())
 
-        self.attn_in = torch.compile(attn_in, fullgraph=True)
-        self.attn_out = torch.compile(attn_out, fullgraph=True)
-        self.mlp = torch.compile(mlp, fullgraph=True)
+        wrap = (lambda fn: torch.compile(fn, fullgraph=True)) if compiled else (lambda fn: fn)
+        self.attn_in, self.attn_out, self.mlp = wrap(attn_in), wrap(attn_out), wrap(mlp)
 
 
 class Qwen2Decoder:
@@ -220,6 +220,7 @@ class Qwen2Decoder:
 
             fuse = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.fused = _FusedParts(d) if fuse else None
+        self.plain = _FusedParts(d, compiled=False)
         self._graphs: dict[tuple[int, int, LoraMode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.graph_captures = 0
@@ -324,14 +325,12 @@ class Qwen2Decoder:
         return out.addmm_(x @ a[rows].T, b[rows])
 
     def _mlp(self, layer: Layer, x: torch.Tensor, mode: LoraMode, masks: dict[int, torch.Tensor]) -> torch.Tensor:
+        if mode == MERGED:
+            assert layer.m_gate_up_w is not None and layer.m_down_w is not None
+            return self.plain.mlp(x, layer.post_norm, layer.m_gate_up_w, layer.m_down_w)
         d, r = self.dims, self.lora_rank
         h = F.rms_norm(x, (d.hidden,), layer.post_norm, d.eps)
         n = h.shape[0]
-        if mode == MERGED:
-            assert layer.m_gate_up_w is not None and layer.m_down_w is not None
-            gu = h @ layer.m_gate_up_w.T
-            act = F.silu(gu[:, :d.intermediate]) * gu[:, d.intermediate:]
-            return torch.addmm(x, act, layer.m_down_w.T)
         out = h @ layer.gate_up_w.T  # [n, 2I + S*2r]: base gate|up, then every slot's A(h)
         gu = out[:, :2 * d.intermediate]
         if mode is not None:
