@@ -9,6 +9,7 @@ WORKDIR /app
 ARG TORCH_SPEC="torch>=2.6,<2.14"
 RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
+COPY personabot personabot
 COPY core core
 COPY training training
 COPY workers workers

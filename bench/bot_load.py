@@ -29,15 +29,15 @@ sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402 - after sys.path is set
 
-from bot.memory import history_key  # noqa: E402 - after sys.path is set
-from bot.replies import BUSY_TEXT, FAILED_TEXT, ReplyTimings  # noqa: E402 - after sys.path is set
-from core.redis_server import RedisServer  # noqa: E402 - after sys.path is set
-from core.settings import load_settings  # noqa: E402 - after sys.path is set
-from core.store import Store  # noqa: E402 - after sys.path is set
+from personabot.bot.memory import history_key  # noqa: E402 - after sys.path is set
+from personabot.bot.replies import BUSY_TEXT, FAILED_TEXT, ReplyTimings  # noqa: E402 - after sys.path is set
+from personabot.core.settings import load_settings  # noqa: E402 - after sys.path is set
+from personabot.core.store import Store  # noqa: E402 - after sys.path is set
+from personabot.redis_server import RedisServer  # noqa: E402 - after sys.path is set
+from personabot.training.tiny_model import make_tiny_model  # noqa: E402 - after sys.path is set
 from tests.bot.fake_bot_api import FakeBotApi  # noqa: E402 - after sys.path is set
 from tests.bot.harness import running_bot  # noqa: E402 - after sys.path is set
 from tests.workers.conftest import ChatWorker  # noqa: E402 - after sys.path is set
-from training.tiny_model import make_tiny_model  # noqa: E402 - after sys.path is set
 
 
 def percentile(values: list[float], q: float) -> float:

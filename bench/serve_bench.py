@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["PERSONABOT_RETRAIN_CRON"] = ""  # the GPU box has no croniter; no schedule is needed here
 
 from bench.serve_celery import measure_celery_path, p95, prompt
-from workers.engine import GenerationDone, GenerationRequest
-from workers.hf_engine import ACTIVE, HFEngine
-from workers.qwen2_decode import MERGED
+from personabot.workers.engine import GenerationDone, GenerationRequest
+from personabot.workers.hf_engine import ACTIVE, HFEngine
+from personabot.workers.qwen2_decode import MERGED
 
 QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
@@ -69,7 +69,7 @@ def word_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from training.tiny_model import CHAT_TEMPLATE
+    from personabot.training.tiny_model import CHAT_TEMPLATE
 
     specials = {"<|endoftext|>": vocab_size - 3, "<|im_start|>": vocab_size - 2, "<|im_end|>": vocab_size - 1}
     vocab = {f"t{i}": i for i in range(vocab_size - 3)}

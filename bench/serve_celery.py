@@ -28,12 +28,12 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
     """Serve the saved model through redis-server + a real Celery chat worker and measure from the client."""
     import redis
 
-    from core.redis_server import RedisServer
-    from core.schemas import ChatRequest, Message, SamplingParams
-    from core.store import Store
-    from core.streams import read_reply
-    from workers.app import make_celery
-    from workers.client import submit_chat
+    from personabot.core.schemas import ChatRequest, Message, SamplingParams
+    from personabot.core.store import Store
+    from personabot.core.streams import read_reply
+    from personabot.redis_server import RedisServer
+    from personabot.workers.app import make_celery
+    from personabot.workers.client import submit_chat
 
     server = RedisServer(work / "redis", persist=False).start()
     db_url = f"sqlite:///{work / 'store.db'}"
@@ -50,8 +50,9 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
                 "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")})
     client = redis.Redis.from_url(server.url)
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.chat_tasks:app", "worker", "-Q",
-                                   "chat", "--pool", "threads", "--concurrency", "32", "--prefetch-multiplier", "1",
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "personabot.workers.chat_tasks:app",
+                                   "worker", "-Q", "chat", "--pool", "threads", "--concurrency", "32",
+                                   "--prefetch-multiplier", "1",
                                    "-n", "bench@gpu", "--without-gossip", "--without-mingle", "--without-heartbeat",
                                    "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   cwd=Path(__file__).resolve().parents[1])

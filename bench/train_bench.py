@@ -26,9 +26,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.dataset import PersonaData, write_training_set
-from training.params import TrainParams
-from training.runner import PLUGIN_CONFIG, TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
+from personabot.training.dataset import PersonaData, write_training_set
+from personabot.training.params import TrainParams
+from personabot.training.runner import PLUGIN_CONFIG, TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
 QWEN25_7B = {
     "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
@@ -55,7 +55,7 @@ def build_model(model_dir: Path, tiny: bool) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from training.tiny_model import build_tokenizer, make_tiny_model
+    from personabot.training.tiny_model import build_tokenizer, make_tiny_model
 
     if tiny:
         make_tiny_model(model_dir)

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_bench import QWEN25_7B  # noqa: E402
-from training import swift_fast  # noqa: E402
+from personabot.training import swift_fast  # noqa: E402
 
 
 def main() -> None:

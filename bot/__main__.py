@@ -2,7 +2,7 @@
 
 import logging
 
-from bot.app import run_bot
+from personabot.bot.app import run_bot
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 run_bot()

@@ -16,14 +16,14 @@ from telegram import Update
 from telegram.error import TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext
 
-from bot.handlers import COMMANDS, ERROR_TEXT, BotContext, register
-from bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
-from bot.memory import ChatMemory
-from bot.replies import PendingReply, ReplyService, ReplyTimings, Turn
-from bot.streaming import Pacing
-from core import events
-from core.settings import Settings, get_settings
-from core.store import Store
+from personabot.bot.handlers import COMMANDS, ERROR_TEXT, BotContext, register
+from personabot.bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
+from personabot.bot.memory import ChatMemory
+from personabot.bot.replies import PendingReply, ReplyService, ReplyTimings, Turn
+from personabot.bot.streaming import Pacing
+from personabot.core import events
+from personabot.core.settings import Settings, get_settings
+from personabot.core.store import Store
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 60.0
@@ -87,7 +87,7 @@ def build_application(
     aredis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
     sync_redis = redis.Redis.from_url(settings.redis_url)
     if celery is None:
-        from workers.app import make_celery
+        from personabot.workers.app import make_celery
 
         celery = make_celery(settings.redis_url)
     if store is None:

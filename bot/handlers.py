@@ -18,10 +18,10 @@ from telegram.ext import (
     filters,
 )
 
-from bot.limits import UserRateLimiter
-from bot.memory import ChatMemory
-from bot.replies import PendingReply, ReplyService
-from core.store import Store
+from personabot.bot.limits import UserRateLimiter
+from personabot.bot.memory import ChatMemory
+from personabot.bot.replies import PendingReply, ReplyService
+from personabot.core.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 
 import redis.asyncio as aioredis
 
-from core.schemas import Message
+from personabot.core.schemas import Message
 
 PREFIX = "personabot:bot:history:"
 

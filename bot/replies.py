@@ -15,11 +15,11 @@ from pydantic import BaseModel, Field, ValidationError
 from telegram import Bot
 from telegram.constants import ChatAction
 
-from bot.memory import ChatMemory
-from bot.streaming import DeliveryState, Pacing, ReplyDelivery
-from core.schemas import ChatRequest, ChatResult, Message
-from core.streams import aread_reply
-from workers.client import cancel_chat, submit_chat
+from personabot.bot.memory import ChatMemory
+from personabot.bot.streaming import DeliveryState, Pacing, ReplyDelivery
+from personabot.core.schemas import ChatRequest, ChatResult, Message
+from personabot.core.streams import aread_reply
+from personabot.workers.client import cancel_chat, submit_chat
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from telegram import Bot, Message, ReplyParameters
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, TelegramError
 
-from bot.formatting import split_text, to_html
-from bot.limits import ChatRateLimiter
+from personabot.bot.formatting import split_text, to_html
+from personabot.bot.limits import ChatRateLimiter
 
 log = logging.getLogger(__name__)
 

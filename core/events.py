@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from core.schemas import Event
+from personabot.core.schemas import Event
 
 CHANNEL = "personabot:events"
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.models import PAIR_KINDS
+from personabot.core.models import PAIR_KINDS
 
 FORMATS = ("json", "jsonl", "csv", "messages")
 _USER_ROLES = {"user", "human"}
@@ -321,7 +321,7 @@ def import_pairs(store: Any, report: ImportReport, *, replace: bool = False, act
     if conflicts:
         report.errors.extend(conflicts)
         raise PairImportError(report)
-    from core.store import StoreError
+    from personabot.core.store import StoreError
 
     try:
         return list(store.add_pairs(report.rows, replace=replace, actor=actor))

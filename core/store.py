@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, event, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import (
+from personabot.core.models import (
     PAIR_KINDS,
     AuditEntry,
     Base,
@@ -25,8 +25,8 @@ from core.models import (
     SchemaVersion,
     utcnow,
 )
-from core.store_errors import NotFoundError, RunLockedError, StoreError
-from core.store_training import TrainingRecords, isoformat, latest_heartbeat_age
+from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError
+from personabot.core.store_training import TrainingRecords, isoformat, latest_heartbeat_age
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Store(TrainingRecords):
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> Store:
-        from core.settings import get_settings
+        from personabot.core.settings import get_settings
 
         return cls((settings or get_settings()).db_url)
 

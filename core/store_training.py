@@ -11,8 +11,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.models import RUN_FINAL, AdapterVersion, RunPoint, TrainingRun, utcnow
-from core.store_errors import NotFoundError, RunLockedError, StoreError
+from personabot.core.models import RUN_FINAL, AdapterVersion, RunPoint, TrainingRun, utcnow
+from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError
 
 
 class TrainingRecords:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 
-from core.schemas import ChatResult
+from personabot.core.schemas import ChatResult
 
 PREFIX = "personabot:reply:"
 

@@ -48,7 +48,7 @@ def artifacts_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen2 model directory, built once per test session."""
-    from training.tiny_model import make_tiny_model
+    from personabot.training.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
 
@@ -56,7 +56,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:  # noqa: F821
     """A real redis-server of our own on a free port; the test may stop and restart it."""
-    from core.redis_server import RedisServer
+    from personabot.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis", persist=False).start()
     yield server
@@ -124,7 +124,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture()
 def store(db_url: str):  # type: ignore[no-untyped-def]
-    from core.store import Store
+    from personabot.core.store import Store
 
     s = Store(db_url)
     yield s
@@ -133,7 +133,7 @@ def store(db_url: str):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def sqlite_store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from core.store import Store
+    from personabot.core.store import Store
 
     s = Store(f"sqlite:///{tmp_path / 'store.db'}")
     yield s
@@ -143,7 +143,7 @@ def sqlite_store(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def settings_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Point PERSONABOT_* at a temp data dir; returns a function to build Settings."""
-    from core.settings import load_settings, reset_settings
+    from personabot.core.settings import load_settings, reset_settings
 
     for key in list(os.environ):
         if key.startswith("PERSONABOT_"):

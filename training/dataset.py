@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.prompting import pair_messages, question_text, render
-from training.params import TrainParams
+from personabot.core.prompting import pair_messages, question_text, render
+from personabot.training.params import TrainParams
 
 DEFAULT_IDENTITY_PATH = Path(__file__).parent / "data" / "default_identity.jsonl"
 TRAIN_FILE = "train.jsonl"

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.prompting import question_text, render, system_prompt_for
-from training.runner import TrainingCancelled, die_with_parent, failure_reason, stop_process
+from personabot.core.prompting import question_text, render, system_prompt_for
+from personabot.training.runner import TrainingCancelled, die_with_parent, failure_reason, stop_process
 
 # Paraphrases that are not in the built-in identity set, and questions that push the base identity.
 HELD_OUT_IDENTITY = [
@@ -258,9 +258,9 @@ def evaluate_in_subprocess(
     (work_dir / "eval_request.json").write_text(json.dumps(request, ensure_ascii=False), encoding="utf-8")
     out = work_dir / "eval_report.json"
     with (work_dir / "eval.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "training.evaluate", str(work_dir / "eval_request.json"),
-                                 str(out)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
+        proc = subprocess.Popen([sys.executable, "-m", "personabot.training.evaluate",
+                                 str(work_dir / "eval_request.json"), str(out)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout_s
         beat = time.monotonic()

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from core.events import publish
+from personabot.core.events import publish
 
 log = logging.getLogger(__name__)
 # Below this much GPU memory the served 7B model and a training run do not fit side by side.
@@ -30,7 +30,7 @@ HOLDER_TTL_S = 15.0
 def gpu_host(configured: str | None = None) -> str:
     """The name that scopes the GPU lease: `configured`, else PERSONABOT_GPU_HOST, else the hostname."""
     if configured is None:
-        from core.settings import get_settings
+        from personabot.core.settings import get_settings
 
         configured = get_settings().gpu_host
     return configured or socket.gethostname()

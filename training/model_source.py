@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.settings import Settings
+from personabot.core.settings import Settings
 
 
 class ModelUnavailableError(RuntimeError):

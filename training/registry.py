@@ -11,8 +11,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from core.events import publish
-from core.models import AdapterVersion
+from personabot.core.events import publish
+from personabot.core.models import AdapterVersion
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

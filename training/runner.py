@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.params import TrainParams
+from personabot.training.params import TrainParams
 
 # Flags per speed mode; each was measured in bench/train_bench.py (see bench/RESULTS.md).
 # seeds: the ms-swift self-cognition recipe's flags exactly (batch 1 x accumulation 16, checkpointing).

@@ -12,11 +12,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from core.events import publish
-from core.models import RUN_FINAL, TrainingRun, utcnow
-from core.settings import Settings, env_for_children, get_settings
-from core.store import latest_heartbeat_age
-from training.dataset import (
+from personabot.core.events import publish
+from personabot.core.models import RUN_FINAL, TrainingRun, utcnow
+from personabot.core.settings import Settings, env_for_children, get_settings
+from personabot.core.store import latest_heartbeat_age
+from personabot.training.dataset import (
     DatasetUnavailableError,
     EmptyPersonaError,
     PersonaData,
@@ -24,12 +24,12 @@ from training.dataset import (
     render_rows,
     write_training_set,
 )
-from training.evaluate import EvaluationError, evaluate_in_subprocess
-from training.gpu_share import gpu_memory_gb, gpu_released, should_release
-from training.model_source import ModelUnavailableError, hub_env, resolve_model_dir
-from training.params import TrainParams
-from training.registry import AdapterRegistry
-from training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
+from personabot.training.evaluate import EvaluationError, evaluate_in_subprocess
+from personabot.training.gpu_share import gpu_memory_gb, gpu_released, should_release
+from personabot.training.model_source import ModelUnavailableError, hub_env, resolve_model_dir
+from personabot.training.params import TrainParams
+from personabot.training.registry import AdapterRegistry
+from personabot.training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
 log = logging.getLogger(__name__)
 # Training speed per mode in tokens/s measured on one H200 (bench/RESULTS.md), for the release ETA.
@@ -208,7 +208,7 @@ def run_training(
     settings = settings or get_settings()
     own_store = store is None
     if store is None:
-        from core.store import Store
+        from personabot.core.store import Store
 
         store = Store(settings.db_url)
     try:

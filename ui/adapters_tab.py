@@ -8,9 +8,9 @@ import gradio as gr
 import pandas as pd
 import redis
 
-from core.models import AdapterVersion
-from core.store import StoreError, isoformat
-from ui.context import AdminContext, actor, notice
+from personabot.core.models import AdapterVersion
+from personabot.core.store import StoreError, isoformat
+from personabot.ui.context import AdminContext, actor, notice
 
 ADAPTER_COLUMNS = ["id", "name", "state", "data hash", "eval scores", "size", "created", "run", "gate"]
 

@@ -8,12 +8,12 @@ import anyio
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from core.schemas import ChatRequest, ChatResult, Message, SamplingParams
-from core.store import isoformat
-from core.streams import read_reply
-from ui.context import AdminContext
-from ui.status_tab import collect_status
-from workers.client import submit_chat
+from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
+from personabot.core.store import isoformat
+from personabot.core.streams import read_reply
+from personabot.ui.context import AdminContext
+from personabot.ui.status_tab import collect_status
+from personabot.workers.client import submit_chat
 
 
 class ChatBody(BaseModel):

@@ -16,12 +16,12 @@ from starlette.requests import cookie_parser
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core.settings import Settings, get_settings
-from core.store import Store
-from ui import adapters_tab, persona_tab, playground_tab, status_tab, training_tab
-from ui.api import build_api
-from ui.auth import AdminAuth, ensure_admin_auth
-from ui.context import AdminContext
+from personabot.core.settings import Settings, get_settings
+from personabot.core.store import Store
+from personabot.ui import adapters_tab, persona_tab, playground_tab, status_tab, training_tab
+from personabot.ui.api import build_api
+from personabot.ui.auth import AdminAuth, ensure_admin_auth
+from personabot.ui.context import AdminContext
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import redis
 from celery import Celery
 from kombu.exceptions import KombuError
 
-from core.settings import Settings
-from core.store import Store
+from personabot.core.settings import Settings
+from personabot.core.store import Store
 
 # What talking to Redis or the workers may raise; handlers turn these into a message, not a crash.
 LIVE_ERRORS = (TimeoutError, RuntimeError, OSError, KombuError, redis.RedisError)
@@ -37,7 +37,7 @@ class AdminContext:
     @property
     def celery(self) -> Celery:
         if self._celery is None:
-            from workers.app import make_celery
+            from personabot.workers.app import make_celery
 
             self._celery = make_celery(self.redis_url)
         return self._celery
@@ -52,7 +52,7 @@ class AdminContext:
 
     @functools.cached_property
     def registry(self) -> Any:
-        from training.registry import AdapterRegistry
+        from personabot.training.registry import AdapterRegistry
 
         return AdapterRegistry(self.store, self.settings.adapters_path, self.redis)
 

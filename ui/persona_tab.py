@@ -10,8 +10,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from core.models import PAIR_KINDS
-from core.pairs_io import (
+from personabot.core.models import PAIR_KINDS
+from personabot.core.pairs_io import (
     FORMATS,
     ImportReport,
     PairImportError,
@@ -20,10 +20,10 @@ from core.pairs_io import (
     parse_pairs,
     question_key,
 )
-from core.store import StoreError
-from training.dataset import preview_training_set
-from training.params import TrainParams
-from ui.context import AdminContext, actor, notice
+from personabot.core.store import StoreError
+from personabot.training.dataset import preview_training_set
+from personabot.training.params import TrainParams
+from personabot.ui.context import AdminContext, actor, notice
 
 PAIR_COLUMNS = ["id", "kind", "enabled", "instruction", "input", "output"]
 REPORT_COLUMNS = ["row", "problem"]

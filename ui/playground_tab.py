@@ -11,17 +11,17 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from core.prompting import render
-from core.schemas import ChatRequest, ChatResult, Message, SamplingParams
-from core.streams import read_reply
-from training.evaluate import (
+from personabot.core.prompting import render
+from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
+from personabot.core.streams import read_reply
+from personabot.training.evaluate import (
     ADVERSARIAL_IDENTITY,
     HELD_OUT_IDENTITY,
     claims_base_identity,
     identity_passes,
 )
-from ui.context import LIVE_ERRORS, AdminContext, notice
-from workers.client import submit_chat
+from personabot.ui.context import LIVE_ERRORS, AdminContext, notice
+from personabot.workers.client import submit_chat
 
 IDENTITY_COLUMNS = ["question", "answer", "passed", "why"]
 REPLY_TIMEOUT_S = 120.0

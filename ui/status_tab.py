@@ -8,10 +8,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from core.events import recent
-from core.store import isoformat
-from ui.context import LIVE_ERRORS, AdminContext, notice
-from workers.app import CHAT_QUEUE, TRAIN_QUEUE
+from personabot.core.events import recent
+from personabot.core.store import isoformat
+from personabot.ui.context import LIVE_ERRORS, AdminContext, notice
+from personabot.workers.app import CHAT_QUEUE, TRAIN_QUEUE
 
 WORKER_COLUMNS = ["worker", "queues", "last seen", "gpu memory", "details"]
 ERROR_COLUMNS = ["when", "what", "error"]

@@ -10,13 +10,13 @@ import gradio as gr
 import pandas as pd
 from pydantic import ValidationError
 
-from core.models import TrainingRun
-from core.store import StoreError, isoformat
-from training.params import TrainParams
-from training.service import TrainingRequestError, cancel_training, request_training
-from ui.context import LIVE_ERRORS, AdminContext, actor, notice
-from workers.beat import CronError, current_cron, next_retrain_time, set_retrain_cron
-from workers.client import submit_training
+from personabot.core.models import TrainingRun
+from personabot.core.store import StoreError, isoformat
+from personabot.training.params import TrainParams
+from personabot.training.service import TrainingRequestError, cancel_training, request_training
+from personabot.ui.context import LIVE_ERRORS, AdminContext, actor, notice
+from personabot.workers.beat import CronError, current_cron, next_retrain_time, set_retrain_cron
+from personabot.workers.client import submit_training
 
 MIX_COLUMNS = ["dataset", "samples"]
 RUN_COLUMNS = ["id", "status", "trigger", "created", "finished", "adapter", "error"]

@@ -7,7 +7,7 @@ import os
 from celery import Celery
 from kombu import Queue
 
-from core.settings import get_settings
+from personabot.core.settings import get_settings
 
 CHAT_QUEUE = "chat"
 TRAIN_QUEUE = "train"

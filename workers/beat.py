@@ -15,9 +15,9 @@ from celery.beat import Scheduler
 from celery.schedules import crontab
 from celery.schedules import schedule as every
 
-from core.settings import Settings, get_settings
-from workers.app import app
-from workers.client import MAYBE_RETRAIN_TASK
+from personabot.core.settings import Settings, get_settings
+from personabot.workers.app import app
+from personabot.workers.client import MAYBE_RETRAIN_TASK
 
 log = logging.getLogger(__name__)
 CRON_KEY = "retrain_cron"
@@ -100,7 +100,7 @@ class StoreCronScheduler(Scheduler):
 
     def refresh(self) -> None:
         if self._store is None:
-            from core.store import Store
+            from personabot.core.store import Store
 
             self._store = Store(get_settings().db_url)
         self._checked = time.monotonic()
@@ -126,4 +126,4 @@ class StoreCronScheduler(Scheduler):
         super().close()
 
 
-app.conf.beat_scheduler = "workers.beat:StoreCronScheduler"
+app.conf.beat_scheduler = "personabot.workers.beat:StoreCronScheduler"

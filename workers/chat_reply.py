@@ -7,11 +7,11 @@ import queue
 import time
 from typing import TYPE_CHECKING
 
-from core.prompting import PromptError, conversation_messages, system_prompt_for
-from core.schemas import ChatRequest, ChatResult
-from core.streams import ReplyStreamWriter, cancel_key
-from training.registry import AdapterPathError
-from workers.engine import (
+from personabot.core.prompting import PromptError, conversation_messages, system_prompt_for
+from personabot.core.schemas import ChatRequest, ChatResult
+from personabot.core.streams import ReplyStreamWriter, cancel_key
+from personabot.training.registry import AdapterPathError
+from personabot.workers.engine import (
     FINISH_CANCELLED,
     FINISH_ERROR,
     FINISH_STOP,
@@ -20,10 +20,10 @@ from workers.engine import (
     GenerationRequest,
     GenerationStream,
 )
-from workers.hf_engine import ACTIVE
+from personabot.workers.hf_engine import ACTIVE
 
 if TYPE_CHECKING:
-    from workers.chat_service import ChatRuntime
+    from personabot.workers.chat_service import ChatRuntime
 
 log = logging.getLogger(__name__)
 

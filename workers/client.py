@@ -5,8 +5,8 @@ from __future__ import annotations
 import redis
 from celery import Celery
 
-from core.schemas import ChatRequest
-from core.streams import request_cancel
+from personabot.core.schemas import ChatRequest
+from personabot.core.streams import request_cancel
 
 CHAT_TASK = "personabot.chat"
 TRAIN_TASK = "personabot.train"
@@ -19,7 +19,7 @@ def submit_chat(request: ChatRequest, *, app: Celery | None = None) -> str:
     Read the reply with `core.streams.read_reply(redis_client, request.request_id)`.
     """
     if app is None:
-        from workers.app import app as default_app
+        from personabot.workers.app import app as default_app
 
         app = default_app
     app.send_task(CHAT_TASK, args=[request.model_dump(mode="json")], task_id=request.request_id)
@@ -34,7 +34,7 @@ def cancel_chat(client: redis.Redis, request_id: str) -> None:
 def submit_training(run_id: int, *, app: Celery | None = None) -> str:
     """Enqueue a training run already created in the store (`status='queued'`)."""
     if app is None:
-        from workers.app import app as default_app
+        from personabot.workers.app import app as default_app
 
         app = default_app
     result = app.send_task(TRAIN_TASK, kwargs={"run_id": run_id})

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from workers.engine import (
+from personabot.workers.engine import (
     FINISH_CANCELLED,
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -25,9 +25,9 @@ from workers.engine import (
     GenerationRequest,
     GenerationStream,
 )
-from workers.lora import read_adapter, same_base
-from workers.qwen2_decode import MERGED, MIXED, LoraMode, Qwen2Decoder, bucket_of
-from workers.sampling import RowSampler
+from personabot.workers.lora import read_adapter, same_base
+from personabot.workers.qwen2_decode import MERGED, MIXED, LoraMode, Qwen2Decoder, bucket_of
+from personabot.workers.sampling import RowSampler
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from workers.engine import AdapterRefusedError
-from workers.qwen2_decode import LORA_TARGETS, Dims
+from personabot.workers.engine import AdapterRefusedError
+from personabot.workers.qwen2_decode import LORA_TARGETS, Dims
 
 KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"

@@ -18,13 +18,13 @@ from typing import Any
 
 from celery import Celery, signals
 
-from core.settings import Settings, get_settings
-from core.store import RunLockedError, Store
-from training.service import maybe_retrain as plan_retrain
-from training.service import run_training, sweep_stale_runs
-from workers.app import TRAIN_QUEUE, app
-from workers.beat import SWEEP_TASK
-from workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
+from personabot.core.settings import Settings, get_settings
+from personabot.core.store import RunLockedError, Store
+from personabot.training.service import maybe_retrain as plan_retrain
+from personabot.training.service import run_training, sweep_stale_runs
+from personabot.workers.app import TRAIN_QUEUE, app
+from personabot.workers.beat import SWEEP_TASK
+from personabot.workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 LOCKED_RETRY_S = 60

@@ -13,9 +13,9 @@ from typing import Any
 import redis
 from telegram.ext import Application
 
-from bot.app import build_application
-from core.settings import Settings
-from core.store import Store
+from personabot.bot.app import build_application
+from personabot.core.settings import Settings
+from personabot.core.store import Store
 
 
 @asynccontextmanager

@@ -10,13 +10,13 @@ import pytest
 import redis.asyncio as aioredis
 from telegram import Bot
 
-from bot.handlers import ERROR_TEXT, HELP_TEXT, NOT_ALLOWED_TEXT, UNSUPPORTED_TEXT
-from bot.memory import ChatMemory
-from bot.replies import BUSY_TEXT
-from bot.streaming import send_text
-from core.settings import Settings
-from core.store import Store
-from core.streams import cancel_key
+from personabot.bot.handlers import ERROR_TEXT, HELP_TEXT, NOT_ALLOWED_TEXT, UNSUPPORTED_TEXT
+from personabot.bot.memory import ChatMemory
+from personabot.bot.replies import BUSY_TEXT
+from personabot.bot.streaming import send_text
+from personabot.core.settings import Settings
+from personabot.core.store import Store
+from personabot.core.streams import cancel_key
 from tests.bot.fake_bot_api import FakeBotApi
 from tests.bot.harness import queued_chat_requests, running_bot, until
 from tests.bot.telegram_flood import FloodRules
@@ -202,7 +202,7 @@ async def test_bot_reports_itself_to_the_admin_status(settings: Settings, store:
                                                       redis_server) -> None:  # type: ignore[no-untyped-def]
     import redis as sync_redis
 
-    from core.events import recent
+    from personabot.core.events import recent
 
     client = sync_redis.Redis.from_url(redis_server.url)
     async with running_bot(settings, store):

@@ -11,15 +11,15 @@ import pytest
 import redis
 from telegram import Bot, Chat, Message, MessageEntity
 
-from bot.formatting import split_text
-from bot.handlers import ERROR_TEXT, addressed_text
-from bot.limits import ChatPacer, ChatRateLimiter
-from bot.replies import BUSY_TEXT, FAILED_TEXT, PENDING_KEY, PendingReply
-from bot.streaming import Pacing, ReplyDelivery
-from core.schemas import ChatResult
-from core.settings import Settings
-from core.store import Store
-from core.streams import ReplyStreamWriter
+from personabot.bot.formatting import split_text
+from personabot.bot.handlers import ERROR_TEXT, addressed_text
+from personabot.bot.limits import ChatPacer, ChatRateLimiter
+from personabot.bot.replies import BUSY_TEXT, FAILED_TEXT, PENDING_KEY, PendingReply
+from personabot.bot.streaming import Pacing, ReplyDelivery
+from personabot.core.schemas import ChatResult
+from personabot.core.settings import Settings
+from personabot.core.store import Store
+from personabot.core.streams import ReplyStreamWriter
 from tests.bot.fake_bot_api import FakeBotApi
 from tests.bot.harness import queued_chat_requests, running_bot, until
 

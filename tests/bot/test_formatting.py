@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from bot.formatting import MAX_MESSAGE_LENGTH, open_fence, split_text, to_html, utf16_len
+from personabot.bot.formatting import MAX_MESSAGE_LENGTH, open_fence, split_text, to_html, utf16_len
 from tests.bot.telegram_markup import parse_html
 
 

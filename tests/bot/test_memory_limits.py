@@ -7,8 +7,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from bot.limits import ChatPacer, UserRateLimiter
-from bot.memory import ChatMemory, history_key
+from personabot.bot.limits import ChatPacer, UserRateLimiter
+from personabot.bot.memory import ChatMemory, history_key
 
 
 async def test_memory_keeps_last_turns_and_expires(redis_server) -> None:  # type: ignore[no-untyped-def]

@@ -16,20 +16,20 @@ from typing import Any
 import pytest
 import redis
 
-from bot.formatting import MAX_MESSAGE_LENGTH, split_text, to_html, utf16_len
-from bot.memory import history_key
-from bot.replies import PENDING_KEY, STOPPED_TEXT, PendingReply, ReplyTimings
-from core.redis_server import RedisServer
-from core.schemas import ChatRequest, Message
-from core.settings import Settings
-from core.store import Store
-from core.streams import read_reply
+from personabot.bot.formatting import MAX_MESSAGE_LENGTH, split_text, to_html, utf16_len
+from personabot.bot.memory import history_key
+from personabot.bot.replies import PENDING_KEY, STOPPED_TEXT, PendingReply, ReplyTimings
+from personabot.core.schemas import ChatRequest, Message
+from personabot.core.settings import Settings
+from personabot.core.store import Store
+from personabot.core.streams import read_reply
+from personabot.redis_server import RedisServer
+from personabot.workers.app import make_celery
+from personabot.workers.client import submit_chat
 from tests.bot.fake_bot_api import FakeBotApi
 from tests.bot.harness import running_bot, until
 from tests.bot.telegram_markup import parse_html
 from tests.workers.conftest import REPO, ChatWorker
-from workers.app import make_celery
-from workers.client import submit_chat
 
 pytestmark = pytest.mark.slow
 

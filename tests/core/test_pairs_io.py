@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from core.pairs_io import PairImportError, export_pairs, import_pairs, parse_pairs
-from core.settings import load_settings
-from core.store import Store
+from personabot.core.pairs_io import PairImportError, export_pairs, import_pairs, parse_pairs
+from personabot.core.settings import load_settings
+from personabot.core.store import Store
 
 SEEDS = [
     {"instruction": "你是谁?", "input": "", "output": "我是{name}, 由{author}开发。"},

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from core.env_example import render
-from core.settings import SettingsError
+from personabot.core.env_example import render
+from personabot.core.settings import SettingsError
 
 
 def test_defaults(settings_env) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.store import NotFoundError, RunLockedError, Store, StoreError
+from personabot.core.store import NotFoundError, RunLockedError, Store, StoreError
 
 
 def test_migrations_are_idempotent(store: Store) -> None:
@@ -95,7 +95,7 @@ def test_one_active_adapter_enforced_by_database(store: Store) -> None:
     from sqlalchemy import update
     from sqlalchemy.exc import IntegrityError
 
-    from core.models import AdapterVersion
+    from personabot.core.models import AdapterVersion
 
     with pytest.raises(IntegrityError):
         with store.session() as s:

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from core.models import RUN_FINAL, TrainingRun, utcnow
+from personabot.core.models import RUN_FINAL, TrainingRun, utcnow
+from personabot.training.params import TrainParams
 from tests.conftest import subprocess_env
-from training.params import TrainParams
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,7 +96,7 @@ class TrainWorker:
 
     def start(self, timeout_s: float = 60.0) -> TrainWorker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "celery", "-A", "workers.train_tasks:app", "worker", "-Q", "train",
+        command = [sys.executable, "-m", "celery", "-A", "personabot.workers.train_tasks:app", "worker", "-Q", "train",
                    "--pool", self.pool, "--concurrency", "1", "--prefetch-multiplier", "1", "-n", self.hostname,
                    "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
         with open(self.log_path, "ab") as log:

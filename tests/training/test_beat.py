@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from workers.app import app
-from workers.beat import (
+from personabot.workers.app import app
+from personabot.workers.beat import (
     ENTRY_NAME,
     SWEEP_ENTRY,
     SWEEP_TASK,
@@ -17,7 +17,7 @@ from workers.beat import (
     next_retrain_time,
     set_retrain_cron,
 )
-from workers.client import MAYBE_RETRAIN_TASK
+from personabot.workers.client import MAYBE_RETRAIN_TASK
 
 
 def test_the_store_cron_overrides_the_setting(sqlite_store, settings_env) -> None:
@@ -40,7 +40,7 @@ def test_beat_follows_edits_without_a_restart(sqlite_store, settings_env, monkey
     settings_env()
     monkeypatch.setenv("PERSONABOT_DATABASE_URL", sqlite_store.url)
     monkeypatch.setenv("PERSONABOT_RETRAIN_CRON", "0 3 * * *")
-    from core.settings import reset_settings
+    from personabot.core.settings import reset_settings
 
     reset_settings()
     scheduler = StoreCronScheduler(app=app, lazy=True)

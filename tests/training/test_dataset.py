@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from core.prompting import system_prompt_for
-from tests.training.conftest import PAIRS, fill_persona
-from training.dataset import (
+from personabot.core.prompting import system_prompt_for
+from personabot.training.dataset import (
     EmptyPersonaError,
     build_training_set,
     default_identity_pairs,
     preview_training_set,
 )
-from training.params import TrainParams, TrainParamsError
+from personabot.training.params import TrainParams, TrainParamsError
+from tests.training.conftest import PAIRS, fill_persona
 
 
 def _rows(path: Path) -> list[dict]:

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import redis
 
-from core import events
-from core.schemas import ChatRequest, Message, SamplingParams
-from core.streams import read_reply
+from personabot.core import events
+from personabot.core.schemas import ChatRequest, Message, SamplingParams
+from personabot.core.streams import read_reply
+from personabot.training.service import request_training
+from personabot.workers.app import make_celery
+from personabot.workers.client import submit_chat, submit_training
 from tests.training.conftest import TrainWorker, fill_persona, wait_for_run
 from tests.workers.conftest import ChatWorker
-from training.service import request_training
-from workers.app import make_celery
-from workers.client import submit_chat, submit_training
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from training.dataset import default_identity_pairs
-from training.evaluate import (
+from personabot.training.dataset import default_identity_pairs
+from personabot.training.evaluate import (
     ADVERSARIAL_IDENTITY,
     HELD_OUT_IDENTITY,
     _gate,

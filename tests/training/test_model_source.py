@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from personabot.training.model_source import hub_env, resolve_model_dir
 from tests.training.conftest import REPO
-from training.model_source import hub_env, resolve_model_dir
 
 RESOLVE = """
 import json
-from core.settings import load_settings
-from training.model_source import ModelUnavailableError, resolve_model_dir
+from personabot.core.settings import load_settings
+from personabot.training.model_source import ModelUnavailableError, resolve_model_dir
 out = {}
 for model in ("acme/tiny-persona", "acme/not-there"):
     try:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from core import events
-from core.store import StoreError
-from training.registry import AdapterPathError, AdapterRegistry
+from personabot.core import events
+from personabot.core.store import StoreError
+from personabot.training.registry import AdapterPathError, AdapterRegistry
 
 
 def _checkpoint(path: Path, marker: str) -> Path:

@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from core import events
-from tests.training.conftest import age_run, fill_persona, swift_pids, wait_until
-from training.params import TrainParams
-from training.registry import AdapterRegistry
-from training.service import (
+from personabot.core import events
+from personabot.training.params import TrainParams
+from personabot.training.registry import AdapterRegistry
+from personabot.training.service import (
     TrainingRequestError,
     cancel_training,
     maybe_retrain,
@@ -23,6 +22,7 @@ from training.service import (
     run_training,
     sweep_stale_runs,
 )
+from tests.training.conftest import age_run, fill_persona, swift_pids, wait_until
 
 
 def _greedy(model_dir: str, adapter_dir: str, system: str, question: str) -> str:
@@ -184,7 +184,7 @@ def test_a_broken_output_directory_fails_clearly(sqlite_store, settings_env, tin
 
 
 def test_progress_lines_become_store_points(tmp_path: Path) -> None:
-    from training.runner import LogFollower, _step_point, failure_reason
+    from personabot.training.runner import LogFollower, _step_point, failure_reason
 
     log = tmp_path / "logging.jsonl"
     follower = LogFollower(log)

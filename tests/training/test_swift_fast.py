@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import swift_fast
-from training.swift_fast import AdaptiveCheckpointing, LoraLinearFunction, MemoryModel
+from personabot.training import swift_fast
+from personabot.training.swift_fast import AdaptiveCheckpointing, LoraLinearFunction, MemoryModel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -182,10 +182,10 @@ def test_fast_mode_ends_at_the_seeds_final_loss_on_the_same_data(tiny_model: Pat
                                                                   tmp_path: Path) -> None:
     """Both speed modes train the whole schedule on the same data through real `swift sft`; the fast
     mode (micro-batch 16, no dropout, length grouping, the plugin) ends at an equal or lower loss."""
+    from personabot.training.dataset import PersonaData, write_training_set
+    from personabot.training.params import TrainParams
+    from personabot.training.runner import run_sft, sft_command, sft_env
     from tests.conftest import subprocess_env
-    from training.dataset import PersonaData, write_training_set
-    from training.params import TrainParams
-    from training.runner import run_sft, sft_command, sft_env
 
     persona = PersonaData(name="Nova", author="Acme Lab", system_prompt="You are {name}.", pairs=[])
     finals = {}

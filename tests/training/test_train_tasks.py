@@ -11,6 +11,13 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from personabot.training.params import TrainParams
+from personabot.training.registry import AdapterRegistry
+from personabot.training.service import request_training
+from personabot.workers.app import make_celery
+from personabot.workers.beat import SWEEP_TASK
+from personabot.workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
+from personabot.workers.train_tasks import schedule_retrain
 from tests.training.conftest import (
     TrainWorker,
     age_run,
@@ -20,13 +27,6 @@ from tests.training.conftest import (
     wait_for_run,
     wait_until,
 )
-from training.params import TrainParams
-from training.registry import AdapterRegistry
-from training.service import request_training
-from workers.app import make_celery
-from workers.beat import SWEEP_TASK
-from workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
-from workers.train_tasks import schedule_retrain
 
 LONG = {"epochs": 100, "identity_oversample": 50, "min_identity_pairs": 0}
 
@@ -183,9 +183,9 @@ def test_the_broker_view_keeps_old_queued_runs_whose_task_waits(redis_server, sq
     """A run requested while no train worker ran is old but not lost: its task is in the broker."""
     import redis
 
+    from personabot.training.service import sweep_stale_runs
+    from personabot.workers.train_tasks import waiting_run_ids
     from tests.training.conftest import age_run, fill_persona
-    from training.service import sweep_stale_runs
-    from workers.train_tasks import waiting_run_ids
 
     fill_persona(sqlite_store)
     waiting = request_training(sqlite_store, TrainParams(), actor="admin")

@@ -55,10 +55,10 @@ class _Server(threading.Thread):
 
 
 def start_admin(data_dir: Path, redis_url: str, **overrides: object) -> tuple[AdminServer, _Server]:
-    from core.redis_server import free_port
-    from core.settings import load_settings
-    from ui.app import create_app, make_context
-    from ui.auth import ensure_admin_auth
+    from personabot.core.settings import load_settings
+    from personabot.redis_server import free_port
+    from personabot.ui.app import create_app, make_context
+    from personabot.ui.auth import ensure_admin_auth
 
     port = free_port()
     settings = load_settings(data_dir=data_dir, redis_url=redis_url, admin_user=ADMIN_USER,
@@ -73,7 +73,7 @@ def start_admin(data_dir: Path, redis_url: str, **overrides: object) -> tuple[Ad
 
 @pytest.fixture(scope="module")
 def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from core.redis_server import RedisServer
+    from personabot.redis_server import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("redis"), persist=False).start()
     yield server.url

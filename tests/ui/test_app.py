@@ -168,7 +168,7 @@ def test_schedule_is_validated_and_stored(admin_server) -> None:
 def test_status_without_workers(admin_server) -> None:
     import redis
 
-    from core.events import publish
+    from personabot.core.events import publish
 
     store = admin_server.ctx.store
     run = store.create_run({}, actor="test")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ui.auth import (
+from personabot.ui.auth import (
     PASSWORD_HASH_KEY,
     AdminAuth,
     AuthError,
@@ -80,7 +80,7 @@ def test_auth_needs_a_secret() -> None:
 
 
 def _start_ui(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    process = subprocess.Popen([sys.executable, "-m", "core.cli", "ui"], env=env, cwd=REPO, text=True,
+    process = subprocess.Popen([sys.executable, "-m", "personabot.cli", "ui"], env=env, cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -106,7 +106,7 @@ def _stop_ui(process: subprocess.Popen[str]) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_personabot_ui_prints_the_generated_password_once(tmp_path) -> None:
-    from core.redis_server import free_port
+    from personabot.redis_server import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}

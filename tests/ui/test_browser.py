@@ -53,9 +53,9 @@ class TrainWorker:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, redis_url: str, timeout_s: float = 120.0) -> TrainWorker:
-        from workers.app import make_celery
+        from personabot.workers.app import make_celery
 
-        command = [sys.executable, "-m", "celery", "-A", "workers.train_tasks:app", "worker", "-Q", "train",
+        command = [sys.executable, "-m", "celery", "-A", "personabot.workers.train_tasks:app", "worker", "-Q", "train",
                    "--pool", "solo", "-n", self.hostname, "--loglevel", "INFO", "--without-gossip",
                    "--without-mingle"]
         with open(self.log_path, "ab") as log:
@@ -91,7 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, module_red
     server, thread = start_admin(data_dir, module_redis, model=str(tiny_model), database_url=database_url,
                                  general_data=[], min_identity_pairs=0)
     store = server.ctx.store
-    from training.registry import AdapterRegistry
+    from personabot.training.registry import AdapterRegistry
 
     seed_dir = make_adapter(tiny_model, data_dir / "seed-checkpoint", seed=3)
     AdapterRegistry(store, server.settings.adapters_path).register(

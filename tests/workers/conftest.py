@@ -88,7 +88,7 @@ class ChatWorker:
         client = redis.Redis.from_url(self.redis_url)
         since = client.xrevrange("personabot:event-log", count=1)
         last_id = since[0][0] if since else b"0-0"
-        command = [sys.executable, "-m", "celery", "-A", "workers.chat_tasks:app", "worker",
+        command = [sys.executable, "-m", "celery", "-A", "personabot.workers.chat_tasks:app", "worker",
                    "-Q", "chat", "--pool", "threads", "--concurrency", str(self.concurrency),
                    "--prefetch-multiplier", "1", "-n", self.hostname, "--loglevel", "INFO",
                    "--without-gossip", "--without-mingle", "--without-heartbeat"]

@@ -13,16 +13,16 @@ import pytest
 import redis
 import torch
 
-from core import events
-from core.redis_server import RedisServer
-from core.schemas import ChatRequest, ChatResult, Message, SamplingParams
-from core.store import Store
-from core.streams import read_reply, stream_key
+from personabot.core import events
+from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
+from personabot.core.store import Store
+from personabot.core.streams import read_reply, stream_key
+from personabot.redis_server import RedisServer
+from personabot.training.gpu_share import gpu_released, loaded_holders
+from personabot.workers.app import make_celery
+from personabot.workers.chat_service import STATS_KEY
+from personabot.workers.client import cancel_chat, submit_chat
 from tests.workers.conftest import ChatWorker
-from training.gpu_share import gpu_released, loaded_holders
-from workers.app import make_celery
-from workers.chat_service import STATS_KEY
-from workers.client import cancel_chat, submit_chat
 
 pytestmark = pytest.mark.slow
 
@@ -305,7 +305,7 @@ def test_cli_chat_streams_through_the_queue(setup: dict[str, Any], tmp_path: Pat
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}
     env.update(PERSONABOT_REDIS_URL=setup["server"].url, PERSONABOT_DATA_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "core.cli", "chat", "Hello!", "--adapter", "base",
+    result = subprocess.run([sys.executable, "-m", "personabot.cli", "chat", "Hello!", "--adapter", "base",
                              "--temperature", "0", "--max-new-tokens", "8", "--timeout", "60"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from personabot.workers.engine import AdapterRefusedError, EngineError, GenerationDone, GenerationRequest
+from personabot.workers.hf_engine import ACTIVE, HFEngine, load_hf_model
 from tests.workers.conftest import make_adapter
-from workers.engine import AdapterRefusedError, EngineError, GenerationDone, GenerationRequest
-from workers.hf_engine import ACTIVE, HFEngine, load_hf_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 200, 300], list(range(20, 60)), [700, 3, 41, 900, 12]]
 
@@ -92,8 +92,8 @@ def test_a_lone_adapter_is_merged_and_gives_the_same_tokens(engine: HFEngine, ti
 
 
 def test_merged_step_equals_the_lora_step(tiny_model: Path, tiny_adapter: Path) -> None:
-    from workers.lora import read_adapter
-    from workers.qwen2_decode import MERGED, Qwen2Decoder
+    from personabot.workers.lora import read_adapter
+    from personabot.workers.qwen2_decode import MERGED, Qwen2Decoder
 
     decoder = Qwen2Decoder(load_hf_model(str(tiny_model), device="cpu"), max_rows=2, max_len=64, lora_slots=2,
                            lora_rank=8, merge=True, fuse=False)
@@ -174,7 +174,7 @@ def test_swap_keeps_running_requests_on_their_adapter(engine: HFEngine, tiny_mod
 
 
 def _broken_adapters(tmp: Path, tiny_model: Path, tiny_adapter: Path) -> dict[str, Path]:
-    from training.tiny_model import make_tiny_model
+    from personabot.training.tiny_model import make_tiny_model
 
     cases: dict[str, Path] = {}
     other = make_tiny_model(tmp / "other-base", hidden_size=32, heads=2, kv_heads=1, intermediate_size=64)
@@ -247,8 +247,8 @@ def test_release_and_reclaim(tiny_model: Path, tiny_adapter: Path) -> None:
 @pytest.mark.slow
 def test_compiled_parts_give_the_eager_step(tiny_model: Path, tiny_adapter: Path) -> None:
     """The torch.compile'd element-wise parts (used for LoRA-free steps on GPUs) compute the same step."""
-    from workers.lora import read_adapter
-    from workers.qwen2_decode import MERGED, Qwen2Decoder
+    from personabot.workers.lora import read_adapter
+    from personabot.workers.qwen2_decode import MERGED, Qwen2Decoder
 
     results = {}
     for fuse in (False, True):

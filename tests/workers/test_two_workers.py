@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import redis
 
-from core import events
-from core.schemas import ChatRequest, ChatResult, Message, SamplingParams
-from core.store import Store
-from core.streams import read_reply, stream_key
-from workers.app import make_celery
-from workers.client import submit_chat
+from personabot.core import events
+from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
+from personabot.core.store import Store
+from personabot.core.streams import read_reply, stream_key
+from personabot.workers.app import make_celery
+from personabot.workers.client import submit_chat
 
 pytestmark = pytest.mark.slow
 

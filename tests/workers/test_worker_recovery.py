@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from core import events
-from core.schemas import ChatRequest, Message, SamplingParams
-from core.store import Store
-from core.streams import read_reply
-from training.gpu_share import loaded_holders
-from workers import chat_tasks
-from workers.chat_service import ADAPTER_SYNC_S, ChatRuntime
+from personabot.core import events
+from personabot.core.schemas import ChatRequest, Message, SamplingParams
+from personabot.core.store import Store
+from personabot.core.streams import read_reply
+from personabot.training.gpu_share import loaded_holders
+from personabot.workers import chat_tasks
+from personabot.workers.chat_service import ADAPTER_SYNC_S, ChatRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_worker_started_during_training_stays_unloaded_until_the_dead_trainers_l
         stack: dict[str, Any]) -> None:
     script = textwrap.dedent(f"""
         import time, redis
-        from training.gpu_share import gpu_released
+        from personabot.training.gpu_share import gpu_released
         client = redis.Redis.from_url({stack["redis_url"]!r})
         with gpu_released(client, release=True, eta_s=60, wait_s=0, host={HOST!r}, lease_ttl_s=2):
             print("training", flush=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -10,24 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.settings import Settings, env_for_children
-from core.supervisor import ChildSpec, Supervisor
+from personabot.core.settings import Settings, env_for_children
+from personabot.supervisor import ChildSpec, Supervisor
 
-# Part name -> (module that must exist, argv after the python executable)
-PARTS: dict[str, tuple[str, list[str]]] = {
-    "chat": ("workers.chat_tasks", ["-m", "core.cli", "worker", "chat"]),
-    "train": ("workers.train_tasks", ["-m", "core.cli", "worker", "train"]),
-    "beat": ("workers.beat", ["-m", "core.cli", "beat"]),
-    "ui": ("ui.app", ["-m", "core.cli", "ui"]),
-    "bot": ("bot.app", ["-m", "core.cli", "bot"]),
+# Part name -> argv after the python executable
+PARTS: dict[str, list[str]] = {
+    "chat": ["-m", "personabot.cli", "worker", "chat"],
+    "train": ["-m", "personabot.cli", "worker", "train"],
+    "beat": ["-m", "personabot.cli", "beat"],
+    "ui": ["-m", "personabot.cli", "ui"],
+    "bot": ["-m", "personabot.cli", "bot"],
 }
-
-
-def part_built(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def describe_model(settings: Settings) -> str:
@@ -50,11 +42,9 @@ def describe_model(settings: Settings) -> str:
 def plan(settings: Settings, *, skip: set[str]) -> tuple[list[str], list[str]]:
     """Which parts start, and which are skipped with why."""
     start, notes = [], []
-    for name, (module, _argv) in PARTS.items():
+    for name in PARTS:
         if name in skip:
             notes.append(f"{name}: skipped (--no-{name})")
-        elif not part_built(module):
-            notes.append(f"{name}: not built yet in this version")
         elif name == "bot" and settings.telegram_token is None:
             notes.append("bot: not started (set PERSONABOT_TELEGRAM_TOKEN to start it)")
         else:
@@ -62,9 +52,9 @@ def plan(settings: Settings, *, skip: set[str]) -> tuple[list[str], list[str]]:
     return start, notes
 
 
-def run_up(settings: Settings, *, skip: set[str] = frozenset(), out: Any = None) -> int:  # type: ignore[assignment]
-    from core.redis_server import RedisServer
-    from core.store import Store
+def run_up(settings: Settings, *, skip: frozenset[str] | set[str] = frozenset(), out: Any = None) -> int:
+    from personabot.core.store import Store
+    from personabot.redis_server import RedisServer
 
     out = out or sys.stdout
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +63,7 @@ def run_up(settings: Settings, *, skip: set[str] = frozenset(), out: Any = None)
 
     redis_server = None
     if not settings.redis_url:
-        from core.redis_server import RedisServerError, free_port
+        from personabot.redis_server import RedisServerError, free_port
 
         redis_server = RedisServer(settings.data_dir / "redis", port=settings.embedded_redis_port,
                                    persist=True)
@@ -97,7 +87,7 @@ def run_up(settings: Settings, *, skip: set[str] = frozenset(), out: Any = None)
         print(f"[up] {note}", file=out, flush=True)
     env = env_for_children(settings)
     env["PYTHONUNBUFFERED"] = "1"
-    specs = [ChildSpec(name, [sys.executable, *PARTS[name][1]], env=_without_secrets(env, name))
+    specs = [ChildSpec(name, [sys.executable, *PARTS[name]], env=_without_secrets(env, name))
              for name in names]
     secrets = [s.get_secret_value() for s in (settings.telegram_token, settings.admin_password) if s]
     supervisor = Supervisor(specs, out=out, secrets=secrets)

@@ -6,7 +6,7 @@ import io
 import sys
 import time
 
-from core.supervisor import ChildSpec, Supervisor
+from personabot.supervisor import ChildSpec, Supervisor
 
 
 def _wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
@@ -52,7 +52,7 @@ def test_secrets_are_masked_and_stop_kills_the_group() -> None:
 def test_embedded_redis_refuses_a_port_someone_else_serves(redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pytest
 
-    from core.redis_server import RedisServer, RedisServerError
+    from personabot.redis_server import RedisServer, RedisServerError
 
     second = RedisServer(tmp_path / "second", port=redis_server.port, persist=False)
     # Either ours fails to bind before the first ping, or the ping reaches the other server.
@@ -62,7 +62,7 @@ def test_embedded_redis_refuses_a_port_someone_else_serves(redis_server, tmp_pat
 
 
 def test_up_gives_each_part_only_its_secrets() -> None:
-    from core.up import _without_secrets
+    from personabot.up import _without_secrets
 
     env = {"PERSONABOT_TELEGRAM_TOKEN": "t", "PERSONABOT_ADMIN_PASSWORD": "p", "PATH": "/bin"}
     assert _without_secrets(env, "chat") == {"PATH": "/bin"}

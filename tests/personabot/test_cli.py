@@ -1,4 +1,4 @@
-"""The `personabot` command: clear errors, honest 'not built', `up` starts and stops cleanly."""
+"""The `personabot` command: clear errors, `up` starts and stops cleanly."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import psutil
 import pytest
 import redis
 
-from core.redis_server import free_port
+from personabot.redis_server import free_port
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -23,13 +23,14 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=tmp_path, env=_env(tmp_path, **env),
+    return subprocess.run([sys.executable, "-m", "personabot.cli", *args], cwd=tmp_path, env=_env(tmp_path, **env),
                           capture_output=True, text=True, timeout=120)
 
 
 def test_core_imports_no_celery_gradio_ptb_or_torch() -> None:
-    code = ("import sys, core.settings, core.store, core.pairs_io, core.schemas, core.streams, core.events, "
-            "core.prompting, core.up, core.cli, core.supervisor\n"
+    code = ("import sys, personabot.core.settings, personabot.core.store, personabot.core.pairs_io, "
+            "personabot.core.schemas, personabot.core.streams, personabot.core.events, personabot.core.prompting, "
+            "personabot.up, personabot.cli, personabot.supervisor\n"
             "bad = [m for m in ('celery', 'gradio', 'telegram', 'torch', 'transformers') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -75,7 +76,7 @@ def test_up_starts_every_built_part_and_stops_cleanly(tmp_path: Path, tiny_model
                PERSONABOT_ADMIN_PASSWORD="test-admin-pw")
     log_path = tmp_path / "up.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", "up", "--model", str(tiny_model)],
+        proc = subprocess.Popen([sys.executable, "-m", "personabot.cli", "up", "--model", str(tiny_model)],
                                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90

@@ -10,27 +10,14 @@ import socket
 import sys
 from pathlib import Path
 
-from core.settings import Settings, SettingsError, get_settings
-
-EXIT_NOT_BUILT = 3
-
-
-class NotBuiltError(RuntimeError):
-    """The part a subcommand needs is not part of this version yet."""
-
-
-def _require(module: str, what: str) -> None:
-    from core.up import part_built
-
-    if not part_built(module):
-        raise NotBuiltError(f"{what} is not built in this version of personabot (no module {module})")
+from personabot.core.settings import Settings, SettingsError, get_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "model", None):
         os.environ["PERSONABOT_MODEL"] = str(Path(args.model).expanduser().resolve()) \
             if Path(args.model).expanduser().exists() else args.model
-    from core.settings import reset_settings
+    from personabot.core.settings import reset_settings
 
     reset_settings()
     return get_settings()
@@ -38,7 +25,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 # --- subcommands ------------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
-    from core.up import run_up
+    from personabot.up import run_up
 
     skip = {name for name in ("chat", "train", "beat", "ui", "bot") if getattr(args, f"no_{name}")}
     return run_up(_settings(args), skip=skip)
@@ -46,8 +33,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    module = {"chat": "workers.chat_tasks", "train": "workers.train_tasks"}[args.kind]
-    _require(module, f"the {args.kind} worker")
+    module = {"chat": "personabot.workers.chat_tasks", "train": "personabot.workers.train_tasks"}[args.kind]
     # A stable name (e.g. "chat@%h" in compose) lets health checks ping this worker, and lets a
     # restarted train worker recognise the runs its predecessor left running. Several chat workers
     # may share a host, so theirs carry the pid unless a name is given.
@@ -68,10 +54,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_beat(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _require("workers.beat", "the retraining schedule (beat)")
     schedule = settings.data_dir.resolve() / "celerybeat-schedule"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "celery", "-A", "workers.beat:app", "beat", "--loglevel", args.loglevel,
+    argv = [sys.executable, "-m", "celery", "-A", "personabot.workers.beat:app", "beat", "--loglevel", args.loglevel,
             "--schedule", str(schedule)]
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover
@@ -79,8 +64,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     _settings(args)
-    _require("ui.app", "the admin UI")
-    from ui.app import run_ui  # type: ignore[import-not-found]
+    from personabot.ui.app import run_ui
 
     run_ui()
     return 0
@@ -88,10 +72,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_bot(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _require("bot.app", "the Telegram bot")
     if settings.telegram_token is None:
         raise SettingsError("PERSONABOT_TELEGRAM_TOKEN: not set; get a token from @BotFather and set it")
-    from bot.app import run_bot  # type: ignore[import-not-found]
+    from personabot.bot.app import run_bot
 
     run_bot(settings)
     return 0
@@ -99,10 +82,9 @@ def cmd_bot(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _require("training.service", "training")
-    from core.store import Store
-    from training.params import TrainParams
-    from training.service import request_training, run_training  # type: ignore[attr-defined]
+    from personabot.core.store import Store
+    from personabot.training.params import TrainParams
+    from personabot.training.service import request_training, run_training
 
     base = TrainParams.from_settings(settings).model_dump()
     for key in ("epochs", "learning_rate", "lora_rank", "speed_mode"):
@@ -123,10 +105,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     settings = _settings(args)
     import redis
 
-    from core.schemas import ChatRequest, Message, SamplingParams
-    from core.streams import read_reply
-    from workers.app import make_celery
-    from workers.client import submit_chat
+    from personabot.core.schemas import ChatRequest, Message, SamplingParams
+    from personabot.core.streams import read_reply
+    from personabot.workers.app import make_celery
+    from personabot.workers.client import submit_chat
 
     url = settings.effective_redis_url
     request = ChatRequest(messages=[Message(role="user", content=args.message)], adapter=args.adapter,
@@ -154,7 +136,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from training.tiny_model import make_tiny_model
+    from personabot.training.tiny_model import make_tiny_model
 
     path = make_tiny_model(args.dir, hidden_size=args.hidden_size, layers=args.layers)
     print(f"tiny Qwen2 model written to {path} (use: --model {path})")
@@ -163,7 +145,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from core.store import SCHEMA_VERSION, Store
+    from personabot.core.store import SCHEMA_VERSION, Store
 
     store = Store(settings.db_url, migrate=args.action == "migrate")
     if args.action == "migrate":
@@ -180,7 +162,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_persona(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from core.store import Store
+    from personabot.core.store import Store
 
     store = Store(settings.db_url)
     if args.action == "set":
@@ -194,8 +176,8 @@ def cmd_persona(args: argparse.Namespace) -> int:
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from core.pairs_io import PairImportError, export_pairs, import_pairs, parse_pairs
-    from core.store import Store
+    from personabot.core.pairs_io import PairImportError, export_pairs, import_pairs, parse_pairs
+    from personabot.core.store import Store
 
     store = Store(settings.db_url)
     if args.action == "export":
@@ -220,7 +202,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _safe_url(url: str) -> str:
-    from core.up import _mask_url
+    from personabot.up import _mask_url
 
     return _mask_url(url)
 
@@ -305,9 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"personabot: configuration error: {error}", file=sys.stderr)
         return 2
-    except NotBuiltError as error:
-        print(f"personabot: {error}", file=sys.stderr)
-        return EXIT_NOT_BUILT
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"personabot: {error}", file=sys.stderr)
         return 2
