@@ -30,10 +30,9 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
 
     from personabot.core.schemas import ChatRequest, Message, SamplingParams
     from personabot.core.store import Store
-    from personabot.core.streams import read_reply
     from personabot.redis_server import RedisServer
     from personabot.workers.app import make_celery
-    from personabot.workers.client import submit_chat
+    from personabot.workers.client import ChatClient
 
     server = RedisServer(work / "redis", persist=False).start()
     db_url = f"sqlite:///{work / 'store.db'}"
@@ -56,7 +55,7 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
                                    "-n", "bench@gpu", "--without-gossip", "--without-mingle", "--without-heartbeat",
                                    "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   cwd=Path(__file__).resolve().parents[1])
-    app = make_celery(server.url)
+    chat = ChatClient(client, make_celery(server.url))
 
     def words(n: int, seed: int) -> str:
         return " ".join(f"t{t}" for t in prompt(n, seed))
@@ -66,13 +65,13 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
                               sampling=SamplingParams(temperature=0, max_new_tokens=new, repetition_penalty=1.0,
                                                        min_new_tokens=new))
         sent = time.monotonic()
-        submit_chat(request, app=app)
+        chat.submit(request)
         first = None
-        for entry in read_reply(client, request.request_id, timeout_s=300):
-            if entry.kind == "token" and first is None:
+        for update in chat.stream(request.request_id, timeout_s=300):
+            if update.delta and first is None:
                 first = time.monotonic()
-            if entry.kind == "final":
-                result = entry.result
+            if update.result is not None:
+                result = update.result
         return {"ttft": (first or time.monotonic()) - sent, "tokens": result.completion_tokens,
                 "finish": result.finish_reason, "end": time.monotonic(), "start": sent, "error": result.error}
 

@@ -106,26 +106,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import redis
 
     from personabot.core.schemas import ChatRequest, Message, SamplingParams
-    from personabot.core.streams import read_reply
     from personabot.workers.app import make_celery
-    from personabot.workers.client import submit_chat
+    from personabot.workers.client import ChatClient
 
     url = settings.effective_redis_url
     request = ChatRequest(messages=[Message(role="user", content=args.message)], adapter=args.adapter,
                           sampling=SamplingParams(temperature=args.temperature,
                                                   max_new_tokens=args.max_new_tokens), source="cli")
-    submit_chat(request, app=make_celery(url))
-    client = redis.Redis.from_url(url)
-    printed = False
-    for entry in read_reply(client, request.request_id, timeout_s=args.timeout):
-        if entry.kind == "token":
-            print(entry.text, end="", flush=True)
-            printed = True
-        elif entry.kind == "reset" and printed:  # every reply starts with a reset; a later one = redelivery
+    client = ChatClient(redis.Redis.from_url(url), make_celery(url))
+    client.submit(request)
+    for update in client.stream(request.request_id, timeout_s=args.timeout):
+        if update.restarted:
             print("\n[redelivered; starting over]", flush=True)
-            printed = False
-        elif entry.kind == "final" and entry.result is not None:
-            result = entry.result
+        print(update.delta, end="", flush=True)
+        if update.result is not None:
+            result = update.result
             print()
             if result.error:
                 print(f"error: {result.error}", file=sys.stderr)

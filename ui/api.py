@@ -10,10 +10,9 @@ from pydantic import BaseModel, Field
 
 from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
 from personabot.core.store import isoformat
-from personabot.core.streams import read_reply
 from personabot.ui.context import AdminContext
 from personabot.ui.status_tab import collect_status
-from personabot.workers.client import submit_chat
+from personabot.workers.client import ChatClient
 
 
 class ChatBody(BaseModel):
@@ -56,11 +55,7 @@ def build_api(ctx: AdminContext) -> APIRouter:
                               source="api")
 
         def run() -> ChatResult:
-            submit_chat(request, app=ctx.celery)
-            for entry in read_reply(ctx.redis, request.request_id, timeout_s=body.timeout_s):
-                if entry.kind == "final" and entry.result is not None:
-                    return entry.result
-            raise TimeoutError(f"no final reply for {request.request_id}")
+            return ChatClient(ctx.redis, ctx.celery).ask(request, timeout_s=body.timeout_s)
 
         try:
             return await anyio.to_thread.run_sync(run)

@@ -13,7 +13,6 @@ import pandas as pd
 
 from personabot.core.prompting import render
 from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
-from personabot.core.streams import read_reply
 from personabot.training.evaluate import (
     ADVERSARIAL_IDENTITY,
     HELD_OUT_IDENTITY,
@@ -21,7 +20,7 @@ from personabot.training.evaluate import (
     identity_passes,
 )
 from personabot.ui.context import LIVE_ERRORS, AdminContext, notice
-from personabot.workers.client import submit_chat
+from personabot.workers.client import ChatClient
 
 IDENTITY_COLUMNS = ["question", "answer", "passed", "why"]
 REPLY_TIMEOUT_S = 120.0
@@ -53,6 +52,10 @@ class PlaygroundTab:
     def __init__(self, ctx: AdminContext) -> None:
         self.ctx = ctx
 
+    @property
+    def client(self) -> ChatClient:
+        return ChatClient(self.ctx.redis, self.ctx.celery)
+
     def choices(self) -> list[tuple[str, str]]:
         versions = [(f"{a.name}" + ("" if a.eval_passed else " (failed gate)"), a.name)
                     for a in self.ctx.store.list_adapters()]
@@ -61,20 +64,14 @@ class PlaygroundTab:
     def submit(self, messages: list[dict[str, str]], adapter: str, params: SamplingParams) -> str:
         request = ChatRequest(messages=[Message(**m) for m in messages], adapter=adapter or "active",
                               sampling=params, source="admin")
-        return submit_chat(request, app=self.ctx.celery)
+        return self.client.submit(request)
 
     def stream(self, request_id: str) -> Iterator[tuple[str, ChatResult | None]]:
         """Yield (text so far, None) per token, then (text, final result)."""
-        text = ""
-        for entry in read_reply(self.ctx.redis, request_id, timeout_s=REPLY_TIMEOUT_S):
-            if entry.kind == "reset":
-                text = ""
-            elif entry.kind == "token":
-                text += entry.text
-            elif entry.kind == "final" and entry.result is not None:
-                yield entry.result.text or text, entry.result
+        for update in self.client.stream(request_id, timeout_s=REPLY_TIMEOUT_S):
+            yield update.text, update.result
+            if update.result is not None:
                 return
-            yield text, None
 
     def chat(self, message: str, history: list[dict[str, str]], adapter: str, temperature: float,
              max_new_tokens: float) -> Iterator[tuple[Any, ...]]:
