@@ -1,0 +1,367 @@
+"""Telegram-like traffic: many multi-turn chats against the bare engine and the real Celery chat path.
+
+Each chat is one user: it sends a message, reads the whole reply, thinks, sends the next one. The
+history grows every turn (the model's own replies included) and is trimmed as the bot's memory
+trims it (oldest turns first, `--history-tokens`); one persona system prompt is shared by every
+chat. Lengths are drawn from stated distributions (see `TrafficSpec`). Arrivals are closed-loop
+(all chats start at once, short think time) or Poisson at a given overall message rate.
+
+Run on the GPU box (see bench/RESULTS.md, Traffic):
+    python3 bench/traffic_bench.py --out $OUT
+`--tiny` runs a small model on the CPU: it checks the script, not the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ["PERSONABOT_RETRAIN_CRON"] = ""  # the GPU box has no croniter; no schedule is needed here
+
+from bench.serve_bench import QWEN25_7B, TINY, add_lora, build_model, word_tokenizer  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TrafficSpec:
+    """What one run sends. Token counts are exact: the bench's tokenizer maps one word to one id."""
+
+    chats: int
+    turns: int = 8
+    system_tokens: int = 120  # the persona's system prompt, the same for every chat
+    message_median: int = 60  # user message length: lognormal around this, clipped to [4, message_max]
+    message_sigma: float = 0.9
+    message_max: int = 600
+    reply_min: int = 48  # reply length: uniform in [reply_min, reply_max], forced (random weights)
+    reply_max: int = 256
+    history_tokens: int = 2000  # the bot's memory budget (PERSONABOT_HISTORY_TOKENS)
+    rate: float | None = None  # overall messages/s (Poisson); None = closed loop
+    think_s: float = 0.3  # closed loop: mean think time between reading a reply and the next message
+    seed: int = 0
+
+
+@dataclass
+class Turn:
+    """One message and its reply, as the user saw them."""
+
+    chat: int
+    turn: int
+    prompt_tokens: int
+    reply_tokens: int
+    expected: int
+    ttft_s: float
+    gaps_s: list[float]
+    ok: bool
+
+
+# A backend answers one turn: (messages as (role, token ids), reply length, request id) ->
+# (reply ids, TTFT, inter-token gaps, ok, prompt tokens the engine saw).
+Backend = Callable[[list[tuple[str, list[int]]], int, str], tuple[list[int], float, list[float], bool, int]]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def trim(history: list[tuple[str, list[int]]], budget: int) -> list[tuple[str, list[int]]]:
+    """Drop the oldest user/assistant pairs until the history fits `budget` (the newest turn stays)."""
+    while sum(len(ids) for _, ids in history) > budget and len(history) > 2:
+        history = history[2:]
+    return history
+
+
+def run_traffic(spec: TrafficSpec, backend: Backend) -> dict[str, Any]:
+    """Drive `spec.chats` users through `spec.turns` turns each; return the summary and the raw turns."""
+    system = [10 + (i * 7919) % 900 for i in range(spec.system_tokens)]
+    turns: list[Turn] = []
+    lock = threading.Lock()
+    mean_think = spec.chats / spec.rate if spec.rate else spec.think_s
+
+    def user(index: int) -> None:
+        rng = random.Random(spec.seed * 100_003 + index)
+        history: list[tuple[str, list[int]]] = []
+        if spec.rate:
+            time.sleep(rng.expovariate(1 / mean_think))
+        for n in range(spec.turns):
+            length = min(spec.message_max, max(4, round(rng.lognormvariate(0, spec.message_sigma)
+                                                        * spec.message_median)))
+            message = [rng.randrange(10, 1000) for _ in range(length)]
+            history = trim([*history, ("user", message)], spec.history_tokens)
+            reply_len = rng.randint(spec.reply_min, spec.reply_max)
+            messages = [("system", system), *history]
+            reply, ttft, gaps, ok, prompt_tokens = backend(messages, reply_len, f"t{spec.seed}-{index}-{n}")
+            with lock:
+                turns.append(Turn(index, n, prompt_tokens, len(reply), reply_len, ttft, gaps, ok))
+            history = [*history, ("assistant", reply)]
+            time.sleep(rng.expovariate(1 / mean_think) if mean_think > 0 else 0)
+
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(spec.chats)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - started
+    return summarize(spec, turns, wall)
+
+
+def summarize(spec: TrafficSpec, turns: list[Turn], wall: float) -> dict[str, Any]:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(1000 * value, 1)
+
+    first = [t.ttft_s for t in turns if t.turn == 0]
+    later = [t.ttft_s for t in turns if t.turn > 0]
+    every = [t.ttft_s for t in turns]
+    gaps = [g for t in turns for g in t.gaps_s]
+    return {
+        "spec": asdict(spec), "wall_s": round(wall, 2), "turns": len(turns),
+        "tok_s": round(sum(t.expected for t in turns if t.ok) / wall, 1),
+        "messages_per_s": round(len(turns) / wall, 2),
+        "prompt_tokens_mean": round(statistics.mean(t.prompt_tokens for t in turns), 1) if turns else None,
+        "prompt_tokens_max": max((t.prompt_tokens for t in turns), default=None),
+        "ttft_ms": {"p50": ms(percentile(every, 0.5)), "p95": ms(percentile(every, 0.95)),
+                    "p99": ms(percentile(every, 0.99))},
+        "ttft_ms_first_message": {"p50": ms(percentile(first, 0.5)), "p95": ms(percentile(first, 0.95))},
+        "ttft_ms_follow_up": {"p50": ms(percentile(later, 0.5)), "p95": ms(percentile(later, 0.95))},
+        "inter_token_gap_ms": {"p50": ms(percentile(gaps, 0.5)), "p99": ms(percentile(gaps, 0.99))},
+        "failed": sum(1 for t in turns if not t.ok),
+    }
+
+
+# --- backends ---------------------------------------------------------------------------------------------
+def engine_backend(engine: Any, specials: dict[str, int]) -> Backend:
+    """The bare engine: the chat template's token layout, built from ids (no text round trip)."""
+    from personabot.workers.engine import GenerationDone, GenerationRequest
+    from personabot.workers.hf_engine import ACTIVE
+
+    start, end = specials["<|im_start|>"], specials["<|im_end|>"]
+
+    def answer(messages: list[tuple[str, list[int]]], reply_len: int, request_id: str):  # type: ignore[no-untyped-def]
+        ids: list[int] = []
+        for _role, content in messages:
+            ids += [start, *content, end]
+        ids.append(start)
+        sent = time.monotonic()
+        stream = engine.submit(GenerationRequest(request_id, ids, reply_len, adapter=ACTIVE,
+                                                 min_new_tokens=reply_len))
+        reply: list[int] = []
+        times: list[float] = []
+        while True:
+            item = stream.items.get(timeout=600)
+            if isinstance(item, GenerationDone):
+                break
+            reply += item
+            times += [time.monotonic()] * len(item)
+        ttft = (times[0] if times else time.monotonic()) - sent
+        gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
+        return reply, ttft, gaps, item.finish_reason == "length" and len(reply) == reply_len, len(ids)
+
+    return answer
+
+
+def celery_backend(chat: Any) -> Backend:
+    """The product's path: ChatClient -> Celery `chat` queue -> chat worker -> Redis reply stream."""
+    from personabot.core.schemas import ChatRequest, Message, SamplingParams
+
+    def words(ids: list[int]) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+    def answer(messages: list[tuple[str, list[int]]], reply_len: int, request_id: str):  # type: ignore[no-untyped-def]
+        request = ChatRequest(request_id=request_id, source="bench",
+                              system_prompt=words(messages[0][1]),
+                              messages=[Message(role=role, content=words(ids))  # type: ignore[arg-type]
+                                        for role, ids in messages[1:]],
+                              sampling=SamplingParams(temperature=0, max_new_tokens=reply_len,
+                                                      min_new_tokens=reply_len, repetition_penalty=1.0))
+        sent = time.monotonic()
+        chat.submit(request)
+        times: list[float] = []
+        result = None
+        for update in chat.stream(request_id, timeout_s=600):
+            if update.delta:
+                times.append(time.monotonic())
+            if update.result is not None:
+                result = update.result
+        # The history keeps the text the user saw, as the bot's memory does.
+        reply = [int(w) for w in re.findall(r"t(\d+)", result.text)] if result else []
+        ttft = (times[0] if times else time.monotonic()) - sent
+        # A stream entry may carry several tokens; gaps are between entries the reader saw.
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        ok = result is not None and result.finish_reason == "length" and not result.error \
+            and result.completion_tokens == reply_len
+        if not ok and not getattr(answer, "reported", False):
+            answer.reported = True  # type: ignore[attr-defined]
+            print(f"celery turn failed: {result!r}", flush=True)
+        return reply, ttft, gaps, ok, result.prompt_tokens if result else 0
+
+    return answer
+
+
+def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str, max_batch: int,
+                 context: int) -> tuple[Any, Callable[[], None]]:
+    """redis-server + the store + one real chat worker; returns a ChatClient and a stop function."""
+    import redis
+
+    from personabot.core.store import Store
+    from personabot.redis_server import RedisServer
+    from personabot.workers.app import make_celery
+    from personabot.workers.client import ChatClient
+
+    server = RedisServer(work / "redis", persist=False).start()
+    db_url = f"sqlite:///{work / 'store.db'}"
+    store = Store(db_url)
+    stored = work / "data" / "adapters" / "a"  # the worker serves adapters only from its store
+    shutil.copytree(adapter_dir, stored, dirs_exist_ok=True)
+    adapter = store.find_adapter("a") or store.add_adapter(
+        name="a", path=str(stored), base_model=str(model_dir), data_hash="", eval_scores={}, eval_passed=True)
+    store.set_active(adapter.id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}
+    env.update({"PERSONABOT_REDIS_URL": server.url, "PERSONABOT_DATABASE_URL": db_url,
+                "PERSONABOT_MODEL": str(model_dir), "PERSONABOT_DATA_DIR": str(work / "data"),
+                "PERSONABOT_MAX_BATCH": str(max_batch), "PERSONABOT_CONTEXT_TOKENS": str(context),
+                "PERSONABOT_DEVICE": device, "PERSONABOT_RETRAIN_CRON": "",
+                "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")})
+    client = redis.Redis.from_url(server.url)
+    log = open(work / "chat-worker.log", "wb")  # noqa: SIM115 - closed by stop()
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "personabot.workers.chat_tasks:app", "worker",
+                               "-Q", "chat", "--pool", "threads", "--concurrency", str(max_batch),
+                               "--prefetch-multiplier", "1", "-n", "traffic@bench", "--without-gossip",
+                               "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 300
+    while not any(b"worker.online" in f[b"event"] for _, f in client.xrange("personabot:event-log")):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            worker.kill()
+            raise RuntimeError("chat worker did not come online: " + (work / "chat-worker.log").read_text()[-2000:])
+        time.sleep(0.5)
+
+    def stop() -> None:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+        client.close()
+        server.stop()
+        store.close()
+
+    return ChatClient(client, make_celery(server.url)), stop
+
+
+# --- the run --------------------------------------------------------------------------------------------
+def phases(args: argparse.Namespace, chats: int) -> list[tuple[str, TrafficSpec]]:
+    """The first closed-loop run on a freshly started engine, then every load on the warm one."""
+    runs = specs(args, chats, seed=chats)
+    warm = [(f"{label}/warm", TrafficSpec(**{**asdict(spec), "seed": spec.seed + 50})) for label, spec in runs]
+    return [(f"{runs[0][0]}/fresh", runs[0][1]), *warm]
+
+
+def specs(args: argparse.Namespace, chats: int, seed: int) -> list[tuple[str, TrafficSpec]]:
+    shape: dict[str, Any] = {"turns": args.turns, "history_tokens": args.history_tokens}
+    if args.tiny:
+        shape.update(system_tokens=16, message_median=8, message_max=40, reply_min=4, reply_max=12)
+    out = [("closed", TrafficSpec(chats=chats, seed=seed, think_s=args.think_s, **shape))]
+    out += [(f"poisson_{rate:g}_per_s", TrafficSpec(chats=chats, seed=seed + 1 + i, rate=rate, **shape))
+            for i, rate in enumerate(r * chats for r in args.rates_per_chat)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--tiny", action="store_true", help="small model on the CPU: checks the script only")
+    parser.add_argument("--chats", default="32,128,256")
+    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--history-tokens", type=int, default=2000)
+    parser.add_argument("--think-s", type=float, default=0.3)
+    parser.add_argument("--rates-per-chat", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                        help="Poisson rates, in messages/s per chat (e.g. 0.05,0.1)")
+    parser.add_argument("--backends", default="bare,celery")
+    parser.add_argument("--max-batch", type=int, default=256)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device, dtype, dims = ("cpu", torch.float32, TINY) if args.tiny else ("cuda", torch.bfloat16, QWEN25_7B)
+    context = 4096
+    import peft
+    import transformers
+
+    results: dict[str, Any] = {"versions": {
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "python": sys.version.split()[0], "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"},
+        "command": " ".join(sys.argv)}
+
+    def save() -> None:
+        (out / "traffic_bench.json").write_text(json.dumps(results, indent=2))
+
+    work = Path("/tmp/traffic-bench")
+    model_dir, adapter_dir = work / "Qwen2.5-7B-Instruct", work / "adapter-a"
+    tokenizer, specials = word_tokenizer(dims["vocab_size"])
+    peft_model = add_lora(build_model(dims, device, dtype), seed=1)
+    work.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(adapter_dir)
+    del peft_model  # the engine takes the weights it is given: each engine gets a new copy (same seed)
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(model_dir)
+    config_file.write_text(json.dumps(config))
+    chat_counts = [int(c) for c in args.chats.split(",")]
+    backends = args.backends.split(",")
+
+    if "bare" in backends:
+        from personabot.workers.hf_engine import HFEngine
+
+        for chats in chat_counts:
+            started = time.monotonic()
+            engine = HFEngine(lambda: build_model(dims, device, dtype), model_name=str(model_dir),
+                              max_batch=args.max_batch, max_len=context, lora_slots=3, lora_rank=32,
+                              eos_ids=tuple(specials.values()))
+            engine.load_adapter("a", adapter_dir)
+            engine.set_active("a")
+            ready = round(time.monotonic() - started, 1)
+            for label, spec in phases(args, chats):
+                key = f"bare/{chats}/{label}"
+                results[key] = {**run_traffic(spec, engine_backend(engine, specials)), "engine_ready_s": ready}
+                print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
+                save()
+            results[f"bare/{chats}/stats"] = engine.stats()
+            engine.close()
+    if "celery" in backends:
+        build_model(dims, "cpu", dtype).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        for chats in chat_counts:
+            chat, stop = start_celery(work / f"celery-{chats}", model_dir, adapter_dir, device=device,
+                                      max_batch=args.max_batch, context=context)
+            try:
+                for label, spec in phases(args, chats):
+                    key = f"celery/{chats}/{label}"
+                    results[key] = run_traffic(spec, celery_backend(chat))
+                    print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
+                    save()
+            finally:
+                stop()
+    save()
+
+
+if __name__ == "__main__":
+    main()
