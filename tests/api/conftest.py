@@ -3,7 +3,6 @@ model, and the API process itself (`python -m personabot.cli api`) on a free por
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import redis
 from personabot.core.store import Store
 from personabot.redis_server import RedisServer, free_port
 from tests.conftest import REPO, subprocess_env
-from tests.workers.conftest import ChatWorker, tiny_adapter, tiny_adapter_2  # noqa: F401 - fixtures
+from tests.workers.conftest import ChatWorker, make_adapter
 
 CONTEXT_TOKENS = 512
 
@@ -68,8 +67,7 @@ def api_env(redis_url: str, db_url: str, model: Path, data_dir: Path, **extra: s
 
 
 @pytest.fixture(scope="package")
-def api(tiny_model: Path, tiny_adapter: Path, tiny_adapter_2: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Everything running: {"url", "key", "store", "redis", "worker", "api", "v1", "v2", ...}."""
     root = tmp_path_factory.mktemp("api")
     server = RedisServer(root / "redis", persist=False).start()
@@ -77,8 +75,8 @@ def api(tiny_model: Path, tiny_adapter: Path, tiny_adapter_2: Path,
     data_dir = root / "data"
     store = Store(db_url)
     adapter_store = data_dir / "adapters"
-    shutil.copytree(tiny_adapter, adapter_store / "v1")
-    shutil.copytree(tiny_adapter_2, adapter_store / "v2")
+    make_adapter(tiny_model, adapter_store / "v1", seed=1)
+    make_adapter(tiny_model, adapter_store / "v2", rank=8, seed=2, target_modules=["q_proj", "v_proj", "o_proj"])
     v1 = store.add_adapter(name="v1", path="v1", base_model=str(tiny_model), data_hash="", eval_scores={},
                            eval_passed=True)
     v2 = store.add_adapter(name="v2", path="v2", base_model=str(tiny_model), data_hash="", eval_scores={},
