@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -26,6 +26,7 @@ from personabot.workers.client import ChatClient, ReplyUpdate
 
 DISCONNECT_POLL_S = 0.25
 RETRY_UPDATING_S = 60
+LIVE_CACHE_S = 2.0  # a chat worker's heartbeat entry lasts 15 s; a SCAN per request would cost more
 
 
 @dataclass
@@ -37,12 +38,11 @@ class Completions:
     chat: ChatClient
     redis: redis.Redis
     metrics: ApiMetrics
+    _live_until: float = field(default=0.0, init=False)
 
     async def handle(self, body: ChatCompletionBody, key: ApiKey, request: Request, received: float) -> Any:
         chat_request = await self.build(body, key)
-        if not await anyio.to_thread.run_sync(live_chat_workers, self.redis):
-            raise APIError(503, "no chat worker is running; start one (`personabot worker chat` or "
-                           "`personabot up`) and retry", code="worker_unavailable", headers={"Retry-After": "10"})
+        await self._check_workers()
         await self.chat.asubmit(chat_request)
         updates = self.chat.astream(chat_request.request_id, timeout_s=self.settings.api_timeout_s)
         try:
@@ -57,6 +57,15 @@ class Completions:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._whole(body, key, chat_request, first, updates, request, received)
+
+    async def _check_workers(self) -> None:
+        """503 when no chat worker has a live heartbeat (a positive answer is trusted for LIVE_CACHE_S)."""
+        if time.monotonic() < self._live_until:
+            return
+        if not await anyio.to_thread.run_sync(live_chat_workers, self.redis):
+            raise APIError(503, "no chat worker is running; start one (`personabot worker chat` or "
+                           "`personabot up`) and retry", code="worker_unavailable", headers={"Retry-After": "10"})
+        self._live_until = time.monotonic() + LIVE_CACHE_S
 
     async def build(self, body: ChatCompletionBody, key: ApiKey) -> ChatRequest:
         adapter = await anyio.to_thread.run_sync(resolve_model, self.store, body.model)

@@ -67,9 +67,14 @@ def api_env(redis_url: str, db_url: str, model: Path, data_dir: Path, **extra: s
 
 
 @pytest.fixture(scope="package")
-def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Everything running: {"url", "key", "store", "redis", "worker", "api", "v1", "v2", ...}."""
+    from personabot.training.tiny_model import make_tiny_model
+
     root = tmp_path_factory.mktemp("api")
+    # Wider and deeper than the shared tiny model, so that a long reply takes long enough (seconds on a
+    # CPU) for a disconnect to land in the middle of it.
+    tiny_model = make_tiny_model(root / "model", hidden_size=384, layers=6, intermediate_size=1024)
     server = RedisServer(root / "redis", persist=False).start()
     db_url = f"sqlite:///{root / 'store.db'}"
     data_dir = root / "data"

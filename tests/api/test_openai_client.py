@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -9,8 +10,9 @@ import openai
 import pytest
 
 from personabot.core import events
-from personabot.core.streams import read_reply
+from personabot.core.streams import read_reply, stream_key
 from personabot.training.registry import AdapterRegistry
+from personabot.workers.chat_service import STATS_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +94,7 @@ def test_model_picks_an_older_version_or_the_base(openai_client: Any) -> None:
 def test_disconnect_cancels_the_generation(api: dict[str, Any]) -> None:
     import httpx
 
-    body = {"model": "persona", "messages": ASK, "temperature": 0, "max_tokens": 400, "stream": True}
+    body = {"model": "persona", "messages": ASK, "temperature": 0, "max_tokens": 450, "stream": True}
     headers = {"Authorization": f"Bearer {api['key']}"}
     with httpx.Client(timeout=60) as http, http.stream("POST", f"{api['url']}/chat/completions", json=body,
                                                        headers=headers) as response:
@@ -101,7 +103,36 @@ def test_disconnect_cancels_the_generation(api: dict[str, Any]) -> None:
         first = next(line for line in lines if line.startswith("data: {"))
         request_id = first.split('"id": "chatcmpl-', 1)[1].split('"', 1)[0]
     final = [e for e in read_reply(api["redis"], request_id, timeout_s=30) if e.kind == "final"][0].result
-    assert final.finish_reason == "cancelled" and final.completion_tokens < 400
+    assert final.finish_reason == "cancelled" and final.completion_tokens < 450
+    _wait_rows_free(api)
+
+
+def _wait_rows_free(api: dict[str, Any]) -> None:
+    deadline = time.monotonic() + 10
+    while json.loads(api["redis"].hget(STATS_KEY, api["worker"].hostname))["running"] != 0:
+        assert time.monotonic() < deadline, "the cancelled reply still holds its batch row"
+        time.sleep(0.1)
+
+
+def test_disconnect_cancels_a_non_streamed_generation(api: dict[str, Any]) -> None:
+    import httpx
+
+    before = set(api["redis"].scan_iter(match=stream_key("*")))
+    body = {"model": "persona", "messages": ASK, "temperature": 0, "max_tokens": 450}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{api['url']}/chat/completions", json=body, headers={"Authorization": f"Bearer {api['key']}"},
+                   timeout=httpx.Timeout(30, read=0.6))
+    deadline = time.monotonic() + 30
+    while True:
+        new = set(api["redis"].scan_iter(match=stream_key("*"))) - before
+        finals = [e.result for key in new for e in read_reply(api["redis"], key.decode().rsplit(":", 1)[1],
+                                                              timeout_s=30) if e.kind == "final"]
+        if finals:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert finals[0].finish_reason == "cancelled" and finals[0].completion_tokens < 450
+    _wait_rows_free(api)
 
 
 def test_swap_mid_stream_finishes_on_its_version(openai_client: Any, api: dict[str, Any]) -> None:
