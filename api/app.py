@@ -29,6 +29,8 @@ from personabot.workers.client import ChatClient
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 4 * 2**20
+
 
 class Service:
     """Connections of one API process, opened at start-up and closed at shutdown."""
@@ -82,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @router.get("/models")
     async def models(_key: ApiKey = Depends(limited_key)) -> dict[str, Any]:  # noqa: B008
+        service.metrics.requests.labels("models", "", "200").inc()
         data = await anyio.to_thread.run_sync(list_models, service.store, settings.model)
         return {"object": "list", "data": data}
 
@@ -95,6 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model_label = "?"
         status = 200
         try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB; send a shorter "
+                               "conversation", param="messages", code="request_too_large")
             try:
                 raw = await request.json()
             except ValueError:

@@ -63,8 +63,10 @@ def test_openai_client_raises_bad_request_with_the_param(openai_client: OpenAI) 
     assert caught.value.param == "n" and "n=1" in caught.value.message
 
 
-def test_invalid_json_is_400(api: dict[str, Any]) -> None:
+def test_invalid_json_is_400_and_a_huge_body_413(api: dict[str, Any]) -> None:
     assert error_of(post(api, "{not json"), 400)["code"] == "invalid_json"
+    huge = {"model": "persona", "messages": [{"role": "user", "content": "x" * (5 * 2**20)}]}
+    assert error_of(post(api, huge), 413)["code"] == "request_too_large"
 
 
 def test_unknown_model_is_404(openai_client: OpenAI) -> None:
