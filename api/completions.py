@@ -46,7 +46,7 @@ class Completions:
         await self.chat.asubmit(chat_request)
         updates = self.chat.astream(chat_request.request_id, timeout_s=self.settings.api_timeout_s)
         try:
-            first = await self._next(updates, chat_request.request_id)
+            first = await self._next(updates)
             if first.result is not None:
                 raise_for_result(first.result)
         except BaseException:
@@ -77,7 +77,7 @@ class Completions:
         return ChatRequest(messages=turns, adapter=adapter, system_prompt=override, sampling=sampling,
                            chat_id=f"api-key-{key.id}:{body.user or ''}", source="openai-api")
 
-    async def _next(self, updates: AsyncIterator[ReplyUpdate], request_id: str) -> ReplyUpdate:
+    async def _next(self, updates: AsyncIterator[ReplyUpdate]) -> ReplyUpdate:
         try:
             return await anext(updates)
         except (TimeoutError, StopAsyncIteration):
@@ -99,7 +99,7 @@ class Completions:
                 if update.delta and not seen_first[0]:
                     seen_first[0] = True
                     self.metrics.ttft.observe(time.time() - received)
-                update = await self._next(updates, chat_request.request_id)
+                update = await self._next(updates)
             return update.result
 
         seen_first = [False]
@@ -167,7 +167,7 @@ class Completions:
                     yield "data: [DONE]\n\n"
                     return
                 try:
-                    update = await self._next(updates, chat_request.request_id)
+                    update = await self._next(updates)
                 except APIError as error:
                     yield error_event(error.message)
                     return

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import KombuError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
@@ -60,6 +65,19 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, error: RequestValidationError) -> JSONResponse:
         return validation_error(list(error.errors())).response()
+
+    @app.exception_handler(redis.RedisError)
+    @app.exception_handler(KombuError)
+    async def _redis(_request: Request, error: Exception) -> JSONResponse:
+        log.warning("Redis failed: %s", type(error).__name__)
+        return APIError(503, f"Redis cannot be reached ({type(error).__name__}); check PERSONABOT_REDIS_URL and "
+                        "retry", code="redis_unavailable", headers={"Retry-After": "5"}).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected API error")
+        return APIError(500, f"internal error ({type(error).__name__}); see the API log",
+                        code="internal_error").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -159,7 +159,7 @@ def lonely_api(api: dict[str, Any], tmp_path: Any) -> Iterator[dict[str, Any]]:
                   PERSONABOT_METRICS_HOST="127.0.0.1", PERSONABOT_METRICS_PORT=str(metrics_port))
     process = ApiProcess(env, tmp_path).start()
     try:
-        yield {**api, "url": process.base_url, "metrics_port": metrics_port}
+        yield {**api, "url": process.base_url, "metrics_port": metrics_port, "redis_server": server}
     finally:
         process.stop()
         server.stop()
@@ -178,6 +178,10 @@ def test_no_worker_is_503_and_refuse_policy_and_metrics_address(lonely_api: dict
     assert httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {lonely_api['key']}"}).status_code == 404
     text = httpx.get(f"http://127.0.0.1:{lonely_api['metrics_port']}/metrics").text
     assert "personabot_chat_workers_live 0.0" in text and 'status="503"' in text
+    lonely_api["redis_server"].stop()
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.models.list()
+    assert caught.value.status_code == 503 and caught.value.code == "redis_unavailable"
 
 
 def test_client_system_message_is_appended_by_default(openai_client: OpenAI) -> None:
