@@ -174,6 +174,24 @@ class Settings(BaseSettings):
     ui_host: str = Field("127.0.0.1", description="Admin UI bind address.")
     ui_port: int = Field(7860, ge=1, le=65535, description="Admin UI port.")
 
+    # --- OpenAI-compatible API -------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="OpenAI-compatible API (`personabot api`) bind address.")
+    api_port: int = Field(8000, ge=1, le=65535, description="OpenAI-compatible API port.")
+    api_system_messages: Literal["append", "refuse", "replace"] = Field(
+        "append",
+        description="A client's system message: append = after the persona's system prompt; refuse = 400; "
+        "replace = instead of the persona's system prompt.",
+    )
+    api_rate_limit_per_minute: int = Field(
+        60, ge=1, description="Requests per API key per minute (a key's own limit overrides it)."
+    )
+    api_timeout_s: float = Field(120, gt=0, le=3600, description="API: longest wait for a reply to start or go on.")
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics (GET /metrics) from the API process.")
+    metrics_host: str = Field(
+        "", description="Empty = /metrics on the API port behind an API key; else its own bind address (no auth)."
+    )
+    metrics_port: int = Field(9464, ge=1, le=65535, description="Port of the separate metrics address.")
+
     @field_validator("general_data", "base_identity_terms", "allow_users", "allow_chats", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:

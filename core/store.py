@@ -26,6 +26,7 @@ from personabot.core.models import (
     utcnow,
 )
 from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError
+from personabot.core.store_keys import ApiKeyRecords, migration_api_keys
 from personabot.core.store_training import TrainingRecords, isoformat, latest_heartbeat_age
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _migration_v1(conn: Any) -> None:
 
 
 # Append-only: each entry upgrades the schema by one version.
-MIGRATIONS = [_migration_v1]
+MIGRATIONS = [_migration_v1, migration_api_keys]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -71,7 +72,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-class Store(TrainingRecords):
+class Store(TrainingRecords, ApiKeyRecords):
     """All reads and writes of persistent state. Safe to use from several processes at once."""
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:

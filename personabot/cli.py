@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from personabot.core.settings import Settings, SettingsError, get_settings
 
@@ -27,7 +28,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_up(args: argparse.Namespace) -> int:
     from personabot.up import run_up
 
-    skip = {name for name in ("chat", "train", "beat", "ui", "bot") if getattr(args, f"no_{name}")}
+    skip = {name for name in ("chat", "train", "beat", "ui", "bot", "api") if getattr(args, f"no_{name}")}
     return run_up(_settings(args), skip=skip)
 
 
@@ -68,6 +69,50 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     run_ui()
     return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    _settings(args)
+    from personabot.api.app import run_api
+
+    run_api()
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from personabot.core.store import Store, StoreError
+
+    store = Store(settings.db_url)
+    try:
+        _keys_action(store, args)
+        return 0
+    except StoreError as error:
+        print(f"personabot: {error}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def _keys_action(store: Any, args: argparse.Namespace) -> None:
+    from personabot.core.store import isoformat
+
+    if args.action == "list":
+        for key in store.list_api_keys():
+            state = f"revoked {isoformat(key.revoked_at)}" if key.revoked_at else "active"
+            print(f"{key.id}\t{key.prefix}…\t{key.name}\t{state}\trate {key.rate_limit_per_minute or 'default'}"
+                  f"/min\trequests {key.requests}\ttokens {key.prompt_tokens}+{key.completion_tokens}")
+        return
+    if not args.name:
+        raise ValueError(f"keys {args.action} needs {'a name' if args.action == 'create' else 'an id or prefix'}: "
+                         "`personabot keys create NAME [--rate-limit N]`, `personabot keys revoke ID`")
+    if args.action == "create":
+        key, secret = store.create_api_key(args.name, rate_limit_per_minute=args.rate_limit, actor="cli")
+        print(f"API key {key.id} ({key.name}) created; it is shown only now, store it safely:")
+        print(secret)
+    else:
+        key = store.revoke_api_key(args.name, actor="cli")
+        print(f"API key {key.id} ({key.prefix}…) revoked")
 
 
 def cmd_bot(args: argparse.Namespace) -> int:
@@ -210,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run Redis and every part on this machine")
     up.add_argument("--model", help="base model: hub id or local directory")
-    for name in ("chat", "train", "beat", "ui", "bot"):
+    for name in ("chat", "train", "beat", "ui", "bot", "api"):
         up.add_argument(f"--no-{name}", action="store_true", help=f"do not start the {name} part")
     up.set_defaults(func=cmd_up)
 
@@ -227,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ui", help="run the Gradio admin").set_defaults(func=cmd_ui)
     sub.add_parser("bot", help="run the Telegram bot").set_defaults(func=cmd_bot)
+    sub.add_parser("api", help="run the OpenAI-compatible API").set_defaults(func=cmd_api)
+    keys = sub.add_parser("keys", help="API keys: create NAME, list, revoke ID|PREFIX")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("name", nargs="?", help="create: who uses the key; revoke: its id or prefix")
+    keys.add_argument("--rate-limit", dest="rate_limit", type=int, help="requests per minute (default: the setting)")
+    keys.set_defaults(func=cmd_keys)
 
     train = sub.add_parser("train", help="build, train, evaluate and promote here (no queue)")
     train.add_argument("--model", help="base model: hub id or local directory")

@@ -19,6 +19,7 @@ PARTS: dict[str, list[str]] = {
     "beat": ["-m", "personabot.cli", "beat"],
     "ui": ["-m", "personabot.cli", "ui"],
     "bot": ["-m", "personabot.cli", "bot"],
+    "api": ["-m", "personabot.cli", "api"],
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("core", "training", "workers", "bot", "ui")
+PARTS = ("core", "training", "workers", "bot", "ui", "api")
 # What each folder may import from the project (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
@@ -20,6 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "workers": {"core", "training"},
     "bot": {"core", "workers"},
     "ui": {"core", "training", "workers"},
+    "api": {"core", "training", "workers"},
     "personabot": set(PARTS),
 }
 

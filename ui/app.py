@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from personabot.core.settings import Settings, get_settings
 from personabot.core.store import Store
-from personabot.ui import adapters_tab, persona_tab, playground_tab, status_tab, training_tab
+from personabot.ui import adapters_tab, keys_tab, persona_tab, playground_tab, status_tab, training_tab
 from personabot.ui.api import build_api
 from personabot.ui.auth import AdminAuth, ensure_admin_auth
 from personabot.ui.context import AdminContext
@@ -67,6 +67,7 @@ TABS = [
     ("Adapters", "adapters", adapters_tab.AdaptersTab),
     ("Playground", "playground", playground_tab.PlaygroundTab),
     ("Status", "status", status_tab.StatusTab),
+    ("API keys", "keys", keys_tab.KeysTab),
 ]
 PUBLIC_POST = {"/login", "/login/"}
 CACHE_CLEANUP = (3600, 86400)  # every hour, delete uploads and exports older than a day

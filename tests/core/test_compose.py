@@ -18,14 +18,14 @@ def _compose() -> dict:
 
 def test_services_volumes_and_healthchecks() -> None:
     services = _compose()["services"]
-    assert set(services) == {"redis", "postgres", "chat", "train", "beat", "ui", "bot"}
+    assert set(services) == {"redis", "postgres", "chat", "train", "beat", "ui", "bot", "api"}
     for name, service in services.items():
         assert "healthcheck" in service, f"{name} has no healthcheck"
     assert "--appendonly" in services["redis"]["command"]
     for gpu_part in ("chat", "train"):
         devices = services[gpu_part]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    for part in ("chat", "train", "beat", "ui", "bot"):
+    for part in ("chat", "train", "beat", "ui", "bot", "api"):
         assert {"data:/data", "models:/models"} <= set(services[part]["volumes"])
         assert services[part]["environment"]["PERSONABOT_REDIS_URL"] == "redis://redis:6379/0"
     assert set(_compose()["volumes"]) == {"data", "models", "redis", "postgres"}

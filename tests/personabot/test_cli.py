@@ -73,7 +73,7 @@ def test_make_tiny_model_loads_with_transformers(tmp_path: Path) -> None:
 def test_up_starts_every_built_part_and_stops_cleanly(tmp_path: Path, tiny_model: Path) -> None:
     port = free_port()
     env = _env(tmp_path, PERSONABOT_EMBEDDED_REDIS_PORT=str(port), PERSONABOT_UI_PORT=str(free_port()),
-               PERSONABOT_ADMIN_PASSWORD="test-admin-pw")
+               PERSONABOT_API_PORT=str(free_port()), PERSONABOT_ADMIN_PASSWORD="test-admin-pw")
     log_path = tmp_path / "up.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "personabot.cli", "up", "--model", str(tiny_model)],
