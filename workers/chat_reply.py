@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from personabot.core.errors import one_line
 from personabot.core.prompting import PromptError, conversation_messages, system_prompt_for
 from personabot.core.schemas import ChatRequest, ChatResult
 from personabot.core.settings import Settings
@@ -19,6 +20,7 @@ from personabot.workers.engine import (
     FINISH_CANCELLED,
     FINISH_ERROR,
     FINISH_STOP,
+    FINISH_UPDATING,
     Engine,
     EngineError,
     GenerationDone,
@@ -41,13 +43,6 @@ def claim_key(request_id: str) -> str:
 def updating_text(eta_s: float) -> str:
     minutes = max(1, round(eta_s / 60))
     return f"I'm being updated, back in about {minutes} minute{'s' if minutes != 1 else ''}."
-
-
-
-def one_line(error: BaseException) -> str:
-    """`Type: first line of the message` (database errors carry their SQL on further lines)."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
 
@@ -107,7 +102,7 @@ class Reply:
         rt, request, settings = self.rt, self.request, self.rt.settings
         self.writer.reset()
         if rt.updating_eta_s is not None or rt.engine.released:
-            return self.final(updating_text(rt.updating_eta_s or 600), FINISH_STOP, None, error="updating")
+            return self.final(updating_text(rt.updating_eta_s or 600), FINISH_UPDATING, None)
         if rt.client.exists(cancel_key(request.request_id)):
             return self.final("", FINISH_CANCELLED, None)
         sampling = request.sampling
@@ -135,7 +130,7 @@ class Reply:
             stream = rt.engine.submit(generation)
         except EngineError as error:
             if rt.engine.released:
-                return self.final(updating_text(rt.updating_eta_s or 600), FINISH_STOP, None, error="updating")
+                return self.final(updating_text(rt.updating_eta_s or 600), FINISH_UPDATING, None)
             return self.final("", FINISH_ERROR, None, error=str(error), prompt_tokens=len(prompt_ids))
         return self.stream_tokens(stream, len(prompt_ids))
 

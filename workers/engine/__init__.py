@@ -13,6 +13,7 @@ from personabot.workers.engine.protocol import (
     FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
+    FINISH_UPDATING,
     AdapterRefusedError,
     Engine,
     EngineError,
@@ -23,6 +24,7 @@ from personabot.workers.engine.protocol import (
 from personabot.workers.engine.text import ReplyText
 
 __all__ = [
-    "ACTIVE", "FINISH_CANCELLED", "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "AdapterRefusedError",
-    "Engine", "EngineError", "GenerationDone", "GenerationRequest", "GenerationStream", "ReplyText",
+    "ACTIVE", "FINISH_CANCELLED", "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "FINISH_UPDATING",
+    "AdapterRefusedError", "Engine", "EngineError", "GenerationDone", "GenerationRequest", "GenerationStream",
+    "ReplyText",
 ]

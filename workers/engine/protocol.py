@@ -11,6 +11,7 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 FINISH_ERROR = "error"
+FINISH_UPDATING = "updating"  # the model is unloaded while training uses the GPU
 ACTIVE = ":active:"  # GenerationRequest.adapter value: whatever adapter is active at submit time
 
 

@@ -94,7 +94,6 @@ class Qwen2Decoder:
         if merge is None:
             merge = self.device.type == "cuda" and self._room_for_merged_copy()
         self.merged_slot: int | None = None
-        self.merges = 0
         if merge:
             for layer in self.layers:
                 layer.m_qkv_w = torch.empty_like(layer.qkv_w[:d.q_out + 2 * d.kv_out])
@@ -145,7 +144,6 @@ class Qwen2Decoder:
         self.merged_slot = None
         merge_slot(self.layers, self.dims, self.lora_rank, slot)
         self.merged_slot = slot
-        self.merges += 1
 
     # --- forward pieces -------------------------------------------------------------------------
     def _rows(self, mode: LoraMode, k: int) -> slice:
