@@ -155,6 +155,9 @@ class Completions:
                 if update.result is not None:
                     result = update.result
                     finished = True
+                    if result.finish_reason == "updating":
+                        yield error_event(f"the persona is being updated (training holds the GPU): {result.text}")
+                        return
                     if result.finish_reason == "error":
                         yield error_event(result.error or "the generation failed; see the chat worker log")
                         return
@@ -203,7 +206,7 @@ def error_event(message: str) -> str:
 
 def raise_for_result(result: ChatResult) -> None:
     """A final record that is an error (or the "updating" answer) becomes the matching API error."""
-    if result.error == "updating":
+    if result.finish_reason == "updating":
         raise APIError(503, f"the persona is being updated (training holds the GPU): {result.text}",
                        code="updating", headers={"Retry-After": str(RETRY_UPDATING_S)})
     if result.finish_reason != "error":

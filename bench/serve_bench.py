@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["PERSONABOT_RETRAIN_CRON"] = ""  # the GPU box has no croniter; no schedule is needed here
 
 from bench.serve_celery import measure_celery_path, p95, prompt
-from personabot.workers.engine import GenerationDone, GenerationRequest
-from personabot.workers.hf_engine import ACTIVE, HFEngine
-from personabot.workers.qwen2_decode import MERGED
+from personabot.workers.engine import ACTIVE, GenerationDone, GenerationRequest
+from personabot.workers.engine.graphs import DecodeGraphs
+from personabot.workers.engine.layout import MERGED
+from personabot.workers.engine.scheduler import HFEngine
 
 QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
@@ -289,7 +290,7 @@ def main() -> None:
                                                                         min_new_tokens=10**9)))
             same = next((i for i, (a, b) in enumerate(zip(ours_tokens, ref, strict=False)) if a != b), len(ref))
             matched.append(same)
-        decoder, slot = engine.decoder, engine._slot_names.index("a")
+        decoder, slot = engine.decoder, engine.slots.index("a")
         errors = {"prefill": [], "graph_decode_step": []}
         with torch.no_grad():
             for p, ref in zip(check_prompts, reference_logits, strict=True):
@@ -340,7 +341,7 @@ def main() -> None:
     def step_times() -> dict[str, Any]:
         decoder = engine.decoder
         timings: dict[str, Any] = {"merged_slot": decoder.merged_slot, "fused": decoder.fused is not None}
-        slot = engine._slot_names.index(engine.active)
+        slot = engine.slots.index(engine.active)
         if decoder.can_merge and decoder.merged_slot != slot:
             decoder.merge(slot)
 
@@ -361,15 +362,16 @@ def main() -> None:
                 timings[f"rows{rows}_{label}"] = timed(rows, mode)
         if decoder.fused is not None:
             # The same LoRA-free steps without the compiled parts, in the same process (the peer).
-            fused, graphs = decoder.fused, decoder._graphs
-            decoder.fused, decoder._graphs = None, {}
+            fused, graphs = decoder.fused, decoder.graphs
+            decoder.fused = None
+            decoder.graphs = DecodeGraphs(decoder._decode) if graphs is not None else None
             try:
                 for rows in (1, 32):
                     for label, mode in modes:
                         if mode is None or mode == MERGED:
                             timings[f"rows{rows}_{label}_not_fused"] = timed(rows, mode)
             finally:
-                decoder.fused, decoder._graphs = fused, graphs
+                decoder.fused, decoder.graphs = fused, graphs
         if device == "cuda":
             from torch.profiler import ProfilerActivity, profile
 

@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -35,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["PERSONABOT_RETRAIN_CRON"] = ""  # the GPU box has no croniter; no schedule is needed here
 
-from bench.serve_bench import QWEN25_7B, TINY, add_lora, build_model, word_tokenizer  # noqa: E402
+from bench.serve_bench import QWEN25_7B, TINY, add_lora, build_model  # noqa: E402
+from bench.word_tokenizer import WordVocab, save_tokenizer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ def trim(history: list[tuple[str, list[int]]], budget: int) -> list[tuple[str, l
     return history
 
 
-def run_traffic(spec: TrafficSpec, backend: Backend) -> dict[str, Any]:
-    """Drive `spec.chats` users through `spec.turns` turns each; return the summary and the raw turns."""
-    system = [10 + (i * 7919) % 900 for i in range(spec.system_tokens)]
+def run_traffic(spec: TrafficSpec, backend: Backend, vocab: WordVocab) -> dict[str, Any]:
+    """Drive `spec.chats` users through `spec.turns` turns each; return the summary."""
+    system = vocab.word_ids(random.Random(-1), spec.system_tokens)
     turns: list[Turn] = []
     lock = threading.Lock()
     mean_think = spec.chats / spec.rate if spec.rate else spec.think_s
@@ -104,7 +104,7 @@ def run_traffic(spec: TrafficSpec, backend: Backend) -> dict[str, Any]:
         for n in range(spec.turns):
             length = min(spec.message_max, max(4, round(rng.lognormvariate(0, spec.message_sigma)
                                                         * spec.message_median)))
-            message = [rng.randrange(10, 1000) for _ in range(length)]
+            message = vocab.word_ids(rng, length)
             history = trim([*history, ("user", message)], spec.history_tokens)
             reply_len = rng.randint(spec.reply_min, spec.reply_max)
             messages = [("system", system), *history]
@@ -148,18 +148,15 @@ def summarize(spec: TrafficSpec, turns: list[Turn], wall: float) -> dict[str, An
 
 
 # --- backends ---------------------------------------------------------------------------------------------
-def engine_backend(engine: Any, specials: dict[str, int]) -> Backend:
-    """The bare engine: the chat template's token layout, built from ids (no text round trip)."""
-    from personabot.workers.engine import GenerationDone, GenerationRequest
-    from personabot.workers.hf_engine import ACTIVE
-
-    start, end = specials["<|im_start|>"], specials["<|im_end|>"]
+def engine_backend(engine: Any, tokenizer: Any, vocab: WordVocab) -> Backend:
+    """The bare engine, given the prompt the chat worker would build (the same chat template)."""
+    from personabot.workers.engine import ACTIVE, GenerationDone, GenerationRequest
 
     def answer(messages: list[tuple[str, list[int]]], reply_len: int, request_id: str):  # type: ignore[no-untyped-def]
-        ids: list[int] = []
-        for _role, content in messages:
-            ids += [start, *content, end]
-        ids.append(start)
+        rendered = tokenizer.apply_chat_template([{"role": role, "content": vocab.text(content)}
+                                                  for role, content in messages],
+                                                 add_generation_prompt=True, tokenize=True)
+        ids = list(rendered["input_ids"] if not isinstance(rendered, list) else rendered)
         sent = time.monotonic()
         stream = engine.submit(GenerationRequest(request_id, ids, reply_len, adapter=ACTIVE,
                                                  min_new_tokens=reply_len))
@@ -178,12 +175,11 @@ def engine_backend(engine: Any, specials: dict[str, int]) -> Backend:
     return answer
 
 
-def celery_backend(chat: Any) -> Backend:
+def celery_backend(chat: Any, vocab: WordVocab) -> Backend:
     """The product's path: ChatClient -> Celery `chat` queue -> chat worker -> Redis reply stream."""
     from personabot.core.schemas import ChatRequest, Message, SamplingParams
 
-    def words(ids: list[int]) -> str:
-        return " ".join(f"t{i}" for i in ids)
+    words = vocab.text
 
     def answer(messages: list[tuple[str, list[int]]], reply_len: int, request_id: str):  # type: ignore[no-untyped-def]
         request = ChatRequest(request_id=request_id, source="bench",
@@ -202,7 +198,7 @@ def celery_backend(chat: Any) -> Backend:
             if update.result is not None:
                 result = update.result
         # The history keeps the text the user saw, as the bot's memory does.
-        reply = [int(w) for w in re.findall(r"t(\d+)", result.text)] if result else []
+        reply = vocab.ids(result.text) if result else []
         ttft = (times[0] if times else time.monotonic()) - sent
         # A stream entry may carry several tokens; gaps are between entries the reader saw.
         gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -314,9 +310,18 @@ def main() -> None:
     def save() -> None:
         (out / "traffic_bench.json").write_text(json.dumps(results, indent=2))
 
-    work = Path("/tmp/traffic-bench")
+    work = Path(os.environ.get("PERSONABOT_BENCH_WORK", "/tmp/traffic-bench"))
     model_dir, adapter_dir = work / "Qwen2.5-7B-Instruct", work / "adapter-a"
-    tokenizer, specials = word_tokenizer(dims["vocab_size"])
+    from transformers import AutoTokenizer
+
+    from personabot.training.tiny_model import CHAT_TEMPLATE
+
+    vocab = WordVocab(dims["vocab_size"])
+    specials = vocab.specials
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(model_dir, vocab, CHAT_TEMPLATE)
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "qwen2"}))  # Qwen2Tokenizer, as served
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     peft_model = add_lora(build_model(dims, device, dtype), seed=1)
     work.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(adapter_dir)
@@ -329,7 +334,7 @@ def main() -> None:
     backends = args.backends.split(",")
 
     if "bare" in backends:
-        from personabot.workers.hf_engine import HFEngine
+        from personabot.workers.engine.scheduler import HFEngine
 
         for chats in chat_counts:
             started = time.monotonic()
@@ -341,21 +346,21 @@ def main() -> None:
             ready = round(time.monotonic() - started, 1)
             for label, spec in phases(args, chats):
                 key = f"bare/{chats}/{label}"
-                results[key] = {**run_traffic(spec, engine_backend(engine, specials)), "engine_ready_s": ready}
+                summary = run_traffic(spec, engine_backend(engine, tokenizer, vocab), vocab)
+                results[key] = {**summary, "engine_ready_s": ready}
                 print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
                 save()
             results[f"bare/{chats}/stats"] = engine.stats()
             engine.close()
     if "celery" in backends:
         build_model(dims, "cpu", dtype).save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
         for chats in chat_counts:
             chat, stop = start_celery(work / f"celery-{chats}", model_dir, adapter_dir, device=device,
                                       max_batch=args.max_batch, context=context)
             try:
                 for label, spec in phases(args, chats):
                     key = f"celery/{chats}/{label}"
-                    results[key] = run_traffic(spec, celery_backend(chat))
+                    results[key] = run_traffic(spec, celery_backend(chat, vocab), vocab)
                     print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
                     save()
             finally:

@@ -30,6 +30,7 @@ from personabot.training.dataset import PersonaData, write_training_set
 from personabot.training.params import TrainParams
 from personabot.training.runner import PLUGIN_CONFIG, TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
+REPO = Path(__file__).resolve().parent.parent
 QWEN25_7B = {
     "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
     "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
@@ -38,7 +39,8 @@ QWEN25_7B = {
 # Product modes (liger auto-detected; the fast run also traces its steps) and the seeds' flags.
 VARIANTS: dict[str, dict[str, Any]] = {
     "fast": {"mode": "fast", "steps": 66, "liger": None,
-             "plugin": {**PLUGIN_CONFIG["fast"], "trace": "/tmp/train_bench/fast-trace.json"}},
+             "plugin": {**PLUGIN_CONFIG["fast"], "step_hook": "bench.step_trace:StepTrace",
+                        "trace": "/tmp/train_bench/fast-trace.json"}},
     "seeds": {"mode": "seeds", "steps": 6, "liger": False},
     "24gb": {"mode": "24gb", "steps": 20, "liger": None},
 }
@@ -159,6 +161,8 @@ def run_mode(name: str, variant: dict[str, Any], built: Any, model_dir: Path, wo
     command = _override(command, variant.get("overrides", {}))
     command[command.index("--output_dir"):command.index("--output_dir")] = variant.get("add", [])
     env = {**os.environ, **sft_env(params, variant.get("plugin", True))}
+    # The step hook (bench/step_trace.py) is imported inside the ms-swift process.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     points: list[dict[str, Any]] = []
     started = time.time()
 

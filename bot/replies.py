@@ -174,7 +174,7 @@ class ReplyService:
         timings.after_final = time.perf_counter() - final_read
         timings.total = time.perf_counter() - started
         timings.generation = result
-        if result.finish_reason != "error" and not result.error:  # "updating" notices are no answer
+        if result.finish_reason not in ("error", "updating"):  # an "updating" notice is no answer
             await self.memory.add_turn(pending.chat_id, pending.user_text, result.text)
         if self.on_timings is not None:
             self.on_timings(timings)

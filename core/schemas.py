@@ -42,7 +42,8 @@ class ChatRequest(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+# "updating": the worker lent its GPU to training; the text says when it is back (no answer).
+FinishReason = Literal["stop", "length", "cancelled", "error", "updating"]
 
 
 class ChatResult(BaseModel):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +10,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
+
+from personabot.core.processes import stop_process_groups
 
 log = logging.getLogger(__name__)
 
@@ -110,27 +110,14 @@ class Supervisor:
         running = [c for c in self.children if c.process is not None and c.process.poll() is None]
         for child in running:
             self.emit("up", f"stopping {child.spec.name}")
-            _signal_group(child.process, signal.SIGTERM)  # type: ignore[arg-type]
-        deadline = time.monotonic() + timeout
-        for child in running:
-            assert child.process is not None
-            try:
-                child.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.emit("up", f"{child.spec.name} did not stop in {timeout:.0f}s; killing it")
-            # Kill what is left of the group either way (grandchildren such as pool workers).
-            _signal_group(child.process, signal.SIGKILL)
-            child.process.wait()
+
+        def killing(index: int) -> None:
+            self.emit("up", f"{running[index].spec.name} did not stop in {timeout:.0f}s; killing it")
+
+        stop_process_groups([c.process for c in running if c.process is not None], timeout, on_kill=killing)
         for child in self.children:
             if child.reader is not None:
                 child.reader.join(timeout=2)
 
     def pids(self) -> list[int]:
         return [c.process.pid for c in self.children if c.process is not None and c.process.poll() is None]
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

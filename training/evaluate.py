@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personabot.core.processes import stop_process
 from personabot.core.prompting import question_text, render, system_prompt_for
-from personabot.training.runner import TrainingCancelled, die_with_parent, failure_reason, stop_process
+from personabot.training.runner import TrainingCancelled, die_with_parent, failure_reason
 
 # Paraphrases that are not in the built-in identity set, and questions that push the base identity.
 HELD_OUT_IDENTITY = [

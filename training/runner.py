@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personabot.core.processes import stop_process
 from personabot.training.params import TrainParams
 
 # Flags per speed mode; each was measured in bench/train_bench.py (see bench/RESULTS.md).
@@ -80,7 +81,6 @@ def liger_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-KILL_GRACE_S = 4.0
 _DATASET_FAILED = re.compile(r"Dataset (\S+) load failed")
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*):\s*(.+)$")
 _PR_SET_PDEATHSIG = 1
@@ -264,20 +264,6 @@ def failure_reason(log_path: Path, returncode: int | None) -> str:
         if match:
             return f"{match.group(1)}: {match.group(2).strip()}"[:500]
     return f"ms-swift exited with code {returncode}; see the run log {log_path}"
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the whole process group, SIGKILL it after a short grace period."""
-    for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def find_adapter(output_dir: Path) -> Path | None:

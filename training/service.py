@@ -12,7 +12,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from personabot.core.errors import one_line
 from personabot.core.events import publish
+from personabot.core.gpu_share import gpu_memory_gb, gpu_released, should_release
 from personabot.core.models import RUN_FINAL, TrainingRun, utcnow
 from personabot.core.settings import Settings, env_for_children, get_settings
 from personabot.core.store import latest_heartbeat_age
@@ -25,7 +27,6 @@ from personabot.training.dataset import (
     write_training_set,
 )
 from personabot.training.evaluate import EvaluationError, evaluate_in_subprocess
-from personabot.training.gpu_share import gpu_memory_gb, gpu_released, should_release
 from personabot.training.model_source import ModelUnavailableError, hub_env, resolve_model_dir
 from personabot.training.params import TrainParams
 from personabot.training.registry import AdapterRegistry
@@ -128,11 +129,6 @@ def maybe_retrain(store: Any, settings: Settings | None = None, *, actor: str = 
 def _eta_s(counts: dict[str, int], params: TrainParams) -> float:
     tokens = (counts["rows"] * 80 + counts.get("general", 0) * ASSUMED_GENERAL_TOKENS) * params.epochs
     return round(60 + tokens / SPEED_TOK_S[params.speed_mode])
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:500]
 
 
 def _publish(redis_client: Any, type_: str, **data: Any) -> None:
@@ -298,10 +294,10 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
     except TrainingFailed as error:
         return "failed", error.reason, None, metrics
     except (EmptyPersonaError, DatasetUnavailableError, EvaluationError, ModelUnavailableError, OSError) as error:
-        return "failed", _one_line(error), None, metrics
+        return "failed", one_line(error, with_type=False), None, metrics
     except Exception as error:
         log.exception("run %s failed", job.run_id)
-        return "failed", f"{type(error).__name__}: {_one_line(error)}", None, metrics
+        return "failed", one_line(error), None, metrics
 
 
 def _trained_questions(path: Path) -> list[str]:

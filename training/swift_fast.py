@@ -20,7 +20,8 @@ this file changes three things inside its process, both chosen by measurement (b
 Configuration comes from the environment variable PERSONABOT_SWIFT_FAST, a JSON object set by
 training.runner: {"lean_lora": bool, "cudnn_attention": bool, "adaptive_checkpointing": bool,
 "mem_ceiling_gb": float|null}
-(null = the GPU's free memory at the first step, less a margin). Nothing happens without it, so
+(null = the GPU's free memory at the first step, less a margin); benchmarks add "step_hook"
+("module:Class") and "trace" (the path it is built with) to time the steps. Nothing happens without it, so
 importing this file elsewhere (ms-swift replays plugins in dataloader workers) is harmless.
 """
 
@@ -235,59 +236,19 @@ def _tokens(inputs: Any) -> int:
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
-class StepTrace:
-    """Bench only ({"trace": path}): wall time inside vs between training_step calls (no added
-    synchronisation: inside = issuing forward and backward), and one whole step profiled."""
+def _step_hook(spec: str | None, path: str | None) -> Any:
+    """A benchmark's per-step hook: `spec` "module:Class", built with `path`, with `enter() -> float` and
+    `exit(started, tokens, kept_layers)` around each training_step (bench/step_trace.py); None without one."""
+    if not spec:
+        return None
+    import importlib
 
-    PROFILE_AT, DUMP_AT = 30, 45
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.inside: list[float] = []
-        self.outside: list[float] = []
-        self.last_exit: float | None = None
-        self.profiler: Any = None
-
-    def enter(self) -> float:
-        import time
-
-        now = time.perf_counter()
-        if self.last_exit is not None:
-            self.outside.append(now - self.last_exit)
-        calls = len(self.inside)
-        if calls == self.PROFILE_AT:
-            from torch.profiler import ProfilerActivity, profile
-
-            self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            self.profiler.__enter__()
-        elif calls == self.PROFILE_AT + 1 and self.profiler is not None:
-            self.profiler.__exit__(None, None, None)
-        return now
-
-    def exit(self, started: float, tokens: int, kept: int) -> None:
-        import statistics
-        import time
-
-        self.last_exit = time.perf_counter()
-        self.inside.append(self.last_exit - started)
-        if len(self.inside) != self.DUMP_AT:
-            return
-        report: dict[str, Any] = {
-            "inside_ms_median": round(1000 * statistics.median(self.inside[5:]), 1),
-            "outside_ms_median": round(1000 * statistics.median(self.outside[5:]), 1),
-            "last": {"tokens": tokens, "kept_layers": kept},
-        }
-        if self.profiler is not None:
-            events = self.profiler.key_averages()
-            report["top_cpu"] = [(e.key[:70], e.count, round(e.self_cpu_time_total / 1000, 2))
-                                 for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]]
-            report["top_gpu"] = [(e.key[:70], e.count, round(e.self_device_time_total / 1000, 2))
-                                 for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]
-        with open(self.path, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=1)
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)(path)
 
 
-def install_adaptive_checkpointing(ceiling_gb: float | None, trace: str | None = None) -> bool:
+def install_adaptive_checkpointing(ceiling_gb: float | None, step_hook: str | None = None,
+                                   trace: str | None = None) -> bool:
     """Wrap transformers.Trainer.training_step (ms-swift's trainers call it for each micro-batch)."""
     if not torch.cuda.is_available():
         return False
@@ -305,8 +266,8 @@ def install_adaptive_checkpointing(ceiling_gb: float | None, trace: str | None =
             state = self._personabot_ckpt = AdaptiveCheckpointing(model, ceiling_gb, fused)
         tokens = _tokens(inputs)
         tracer = getattr(self, "_personabot_trace", None)
-        if trace and tracer is None:
-            tracer = self._personabot_trace = StepTrace(trace)
+        if step_hook and tracer is None:
+            tracer = self._personabot_trace = _step_hook(step_hook, trace)
         started = tracer.enter() if tracer is not None else 0.0
         kept = state.plan(tokens)
         state.apply(kept)
@@ -364,8 +325,8 @@ def install(config: dict[str, Any]) -> dict[str, bool]:
     if config.get("lean_lora"):
         done["lean_lora"] = install_lean_lora()
     if config.get("adaptive_checkpointing"):
-        done["adaptive_checkpointing"] = install_adaptive_checkpointing(config.get("mem_ceiling_gb"),
-                                                                        config.get("trace"))
+        done["adaptive_checkpointing"] = install_adaptive_checkpointing(
+            config.get("mem_ceiling_gb"), config.get("step_hook"), config.get("trace"))
     if os.environ.get("PERSONABOT_SWIFT_FAST_QUIET") != "1":
         print(f"personabot swift_fast: {json.dumps(done)}", file=sys.stderr, flush=True)
     return done

@@ -5,25 +5,29 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
+from personabot.core.errors import one_line
 from personabot.core.prompting import PromptError, conversation_messages, system_prompt_for
 from personabot.core.schemas import ChatRequest, ChatResult
+from personabot.core.settings import Settings
+from personabot.core.store import Store
 from personabot.core.streams import ReplyStreamWriter, cancel_key
 from personabot.training.registry import AdapterPathError
 from personabot.workers.engine import (
+    ACTIVE,
     FINISH_CANCELLED,
     FINISH_ERROR,
     FINISH_STOP,
+    FINISH_UPDATING,
+    Engine,
     EngineError,
     GenerationDone,
     GenerationRequest,
     GenerationStream,
+    ReplyText,
 )
-from personabot.workers.hf_engine import ACTIVE
-
-if TYPE_CHECKING:
-    from personabot.workers.chat_service import ChatRuntime
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +46,31 @@ def updating_text(eta_s: float) -> str:
 
 
 
-def one_line(error: BaseException) -> str:
-    """`Type: first line of the message` (database errors carry their SQL on further lines)."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+class ReplyRuntime(Protocol):
+    """What a reply needs from its worker (`workers.chat_service.ChatRuntime`)."""
 
+    client: Any  # redis.Redis
+    settings: Settings
+    store: Store
+    engine: Engine
+    worker_name: str
+    updating_eta_s: float | None
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int: ...
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def adapter_dir(self, version: str, stored: str = "") -> Path: ...
+
+    def publish_stats(self) -> None: ...
 
 
 class Reply:
     """One request from prompt to final record."""
 
-    def __init__(self, runtime: ChatRuntime, request: ChatRequest, *, claim: tuple[str, str]) -> None:
+    def __init__(self, runtime: ReplyRuntime, request: ChatRequest, *, claim: tuple[str, str]) -> None:
         self.rt = runtime
         self.claim = claim
         self.request = request
@@ -84,7 +102,7 @@ class Reply:
         rt, request, settings = self.rt, self.request, self.rt.settings
         self.writer.reset()
         if rt.updating_eta_s is not None or rt.engine.released:
-            return self.final(updating_text(rt.updating_eta_s or 600), FINISH_STOP, None, error="updating")
+            return self.final(updating_text(rt.updating_eta_s or 600), FINISH_UPDATING, None)
         if rt.client.exists(cancel_key(request.request_id)):
             return self.final("", FINISH_CANCELLED, None)
         sampling = request.sampling
@@ -112,7 +130,7 @@ class Reply:
             stream = rt.engine.submit(generation)
         except EngineError as error:
             if rt.engine.released:
-                return self.final(updating_text(rt.updating_eta_s or 600), FINISH_STOP, None, error="updating")
+                return self.final(updating_text(rt.updating_eta_s or 600), FINISH_UPDATING, None)
             return self.final("", FINISH_ERROR, None, error=str(error), prompt_tokens=len(prompt_ids))
         return self.stream_tokens(stream, len(prompt_ids))
 
@@ -136,11 +154,7 @@ class Reply:
 
     def stream_tokens(self, stream: GenerationStream, prompt_tokens: int) -> ChatResult:
         rt, request_id = self.rt, self.request.request_id
-        stops = [s for s in self.request.sampling.stop if s]
-        hold = max((len(s) for s in stops), default=1) - 1
-        ids: list[int] = []
-        text, sent = "", ""
-        stopped_at: int | None = None
+        reply = ReplyText(rt.decode, self.request.sampling.stop)
         next_cancel_check = time.monotonic() + CANCEL_POLL_S
         while True:
             try:
@@ -150,22 +164,12 @@ class Reply:
             if isinstance(item, GenerationDone):
                 done = item
                 break
-            if item and stopped_at is None:
-                ids.extend(item)
-                text = rt.decode(ids)
-                for stop in stops:
-                    index = text.find(stop, max(0, len(sent) - len(stop)))
-                    if index >= 0 and (stopped_at is None or index < stopped_at):
-                        stopped_at = index
-                if stopped_at is not None:
-                    text = text[:stopped_at]
+            if item and not reply.stopped:
+                delta = reply.feed(item)
+                if reply.stopped:
                     rt.engine.cancel(request_id, FINISH_STOP)
-                ready = text if stopped_at is not None else text[:len(text) - hold] if hold else text
-                if ready.endswith("\ufffd"):
-                    ready = ready.rstrip("\ufffd")
-                if len(ready) > len(sent) and ready.startswith(sent):
-                    self.writer.token(ready[len(sent):])
-                    sent = ready
+                if delta:
+                    self.writer.token(delta)
                     time.sleep(FLUSH_S)
             if time.monotonic() >= next_cancel_check:
                 next_cancel_check = time.monotonic() + CANCEL_POLL_S
@@ -174,13 +178,12 @@ class Reply:
                 pipe.expire(self.claim[0], CLAIM_TTL_S)
                 if pipe.execute()[0]:
                     rt.engine.cancel(request_id, FINISH_CANCELLED)
-        if stopped_at is None and ids:
-            text = rt.decode(ids)
-        if text.startswith(sent) and len(text) > len(sent):
-            self.writer.token(text[len(sent):])
+        rest = reply.finish()
+        if rest:
+            self.writer.token(rest)
         first = (stream.first_token_at - self.started_mono) if stream.first_token_at else 0.0
-        reason = FINISH_STOP if stopped_at is not None else done.finish_reason
-        result = self.final(text, reason, done.adapter, error=done.error, prompt_tokens=prompt_tokens,
-                            completion_tokens=len(ids), first_token_s=first)
+        reason = FINISH_STOP if reply.stopped else done.finish_reason
+        result = self.final(reply.text, reason, done.adapter, error=done.error, prompt_tokens=prompt_tokens,
+                            completion_tokens=len(reply.ids), first_token_s=first)
         rt.publish_stats()
         return result

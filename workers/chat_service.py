@@ -14,19 +14,16 @@ from pathlib import Path
 import redis
 
 from personabot.core import events
+from personabot.core.errors import one_line
+from personabot.core.gpu_share import drop_holder, gpu_host, mark_holder, read_lease
 from personabot.core.schemas import ChatRequest, ChatResult, Event
 from personabot.core.settings import Settings
 from personabot.core.store import Store
 from personabot.core.streams import is_finished, stream_key
-from personabot.training.gpu_share import drop_holder, gpu_host, mark_holder, read_lease
 from personabot.training.model_source import resolve_model_dir
 from personabot.training.registry import AdapterPathError, AdapterRegistry
-from personabot.workers.chat_reply import CLAIM_TTL_S, Reply, claim_key, one_line
-from personabot.workers.engine import (
-    AdapterRefusedError,
-    Engine,
-    EngineError,
-)
+from personabot.workers.chat_reply import CLAIM_TTL_S, Reply, claim_key
+from personabot.workers.engine import AdapterRefusedError, Engine, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +44,7 @@ def gpu_memory() -> dict[str, int]:
 
 
 def default_engine(settings: Settings, *, model_dir: Path, load: bool = True) -> Engine:
-    from personabot.workers.hf_engine import HFEngine, load_hf_model
+    from personabot.workers.engine.scheduler import HFEngine, load_hf_model
 
     return HFEngine(lambda: load_hf_model(str(model_dir), device=settings.device, dtype=settings.dtype),
                     model_name=settings.model, max_batch=settings.max_batch,

@@ -14,11 +14,12 @@ import time
 import redis
 from celery import signals
 
+from personabot.core.errors import one_line
 from personabot.core.schemas import ChatRequest, ChatResult
 from personabot.core.settings import get_settings
 from personabot.core.streams import ReplyStreamWriter
 from personabot.workers.app import app
-from personabot.workers.chat_service import ChatRuntime, one_line
+from personabot.workers.chat_service import ChatRuntime
 from personabot.workers.client import CHAT_TASK
 
 log = logging.getLogger(__name__)

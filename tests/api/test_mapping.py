@@ -15,7 +15,7 @@ def _result(**kw: object) -> ChatResult:
 
 
 @pytest.mark.parametrize(("fields", "status", "code", "param"), [
-    ({"finish_reason": "stop", "error": "updating", "text": "back in about 3 minutes"}, 503, "updating", None),
+    ({"finish_reason": "updating", "text": "back in about 3 minutes"}, 503, "updating", None),
     ({"error": "the prompt needs 900 tokens but the context budget is 496; shorten"}, 400,
      "context_length_exceeded", "messages"),
     ({"error": "max_new_tokens 600 leaves no room for the prompt in 512 context tokens"}, 400,

@@ -14,11 +14,11 @@ import redis
 import torch
 
 from personabot.core import events
+from personabot.core.gpu_share import gpu_released, loaded_holders
 from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
 from personabot.core.store import Store
 from personabot.core.streams import read_reply, stream_key
 from personabot.redis_server import RedisServer
-from personabot.training.gpu_share import gpu_released, loaded_holders
 from personabot.workers.app import make_celery
 from personabot.workers.chat_service import STATS_KEY
 from personabot.workers.client import cancel_chat, submit_chat
@@ -280,7 +280,7 @@ def test_gpu_release_answers_updating_then_reclaim_serves_again(setup: dict[str,
         assert loaded_holders(client, GPU_HOST) == []
         result = ask(setup, "Hello!", sampling={"max_new_tokens": 5})[1]
         assert result.text == "I'm being updated, back in about 2 minutes."
-        assert result.finish_reason == "stop" and result.adapter_version is None
+        assert result.finish_reason == "updating" and result.error == "" and result.adapter_version is None
         # A promotion while the GPU is released is taken up on reclaim, not refused.
         since = time.time()
         store, v1 = setup["store"], setup["v1"]
@@ -290,7 +290,7 @@ def test_gpu_release_answers_updating_then_reclaim_serves_again(setup: dict[str,
     deadline = time.monotonic() + 60
     while True:
         result = ask(setup, "Hello!", sampling={"max_new_tokens": 5})[1]
-        if result.error != "updating" or time.monotonic() > deadline:
+        if result.finish_reason != "updating" or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert result.error == "" and result.adapter_version == "v1"

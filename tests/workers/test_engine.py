@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from personabot.workers.engine import AdapterRefusedError, EngineError, GenerationDone, GenerationRequest
-from personabot.workers.hf_engine import ACTIVE, HFEngine, load_hf_model
+from personabot.workers.engine import ACTIVE, AdapterRefusedError, EngineError, GenerationDone, GenerationRequest
+from personabot.workers.engine.scheduler import HFEngine, load_hf_model
 from tests.workers.conftest import make_adapter
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 200, 300], list(range(20, 60)), [700, 3, 41, 900, 12]]
@@ -92,8 +92,9 @@ def test_a_lone_adapter_is_merged_and_gives_the_same_tokens(engine: HFEngine, ti
 
 
 def test_merged_step_equals_the_lora_step(tiny_model: Path, tiny_adapter: Path) -> None:
-    from personabot.workers.lora import read_adapter
-    from personabot.workers.qwen2_decode import MERGED, Qwen2Decoder
+    from personabot.workers.engine.adapter_files import read_adapter
+    from personabot.workers.engine.layout import MERGED
+    from personabot.workers.engine.qwen2 import Qwen2Decoder
 
     decoder = Qwen2Decoder(load_hf_model(str(tiny_model), device="cpu"), max_rows=2, max_len=64, lora_slots=2,
                            lora_rank=8, merge=True, fuse=False)
@@ -247,8 +248,9 @@ def test_release_and_reclaim(tiny_model: Path, tiny_adapter: Path) -> None:
 @pytest.mark.slow
 def test_compiled_parts_give_the_eager_step(tiny_model: Path, tiny_adapter: Path) -> None:
     """The torch.compile'd element-wise parts (used for LoRA-free steps on GPUs) compute the same step."""
-    from personabot.workers.lora import read_adapter
-    from personabot.workers.qwen2_decode import MERGED, Qwen2Decoder
+    from personabot.workers.engine.adapter_files import read_adapter
+    from personabot.workers.engine.layout import MERGED
+    from personabot.workers.engine.qwen2 import Qwen2Decoder
 
     results = {}
     for fuse in (False, True):

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from personabot.core import events
+from personabot.core.gpu_share import loaded_holders
 from personabot.core.schemas import ChatRequest, Message, SamplingParams
 from personabot.core.store import Store
 from personabot.core.streams import read_reply
-from personabot.training.gpu_share import loaded_holders
 from personabot.workers import chat_tasks
 from personabot.workers.chat_service import ADAPTER_SYNC_S, ChatRuntime
 
@@ -86,7 +86,7 @@ def test_worker_started_during_training_stays_unloaded_until_the_dead_trainers_l
         stack: dict[str, Any]) -> None:
     script = textwrap.dedent(f"""
         import time, redis
-        from personabot.training.gpu_share import gpu_released
+        from personabot.core.gpu_share import gpu_released
         client = redis.Redis.from_url({stack["redis_url"]!r})
         with gpu_released(client, release=True, eta_s=60, wait_s=0, host={HOST!r}, lease_ttl_s=2):
             print("training", flush=True)
@@ -98,7 +98,7 @@ def test_worker_started_during_training_stays_unloaded_until_the_dead_trainers_l
         assert trainer.stdout is not None and trainer.stdout.readline().strip() == b"training"
         runtime = start_runtime(stack)
         assert runtime.engine.released  # never loaded the model next to the training run
-        assert runtime.serve(request()).error == "updating"
+        assert runtime.serve(request()).finish_reason == "updating"
         wait_until(lambda: stack["client"].hexists(f"personabot:gpu-holders:{HOST}", runtime.worker_name),
                    10, "the worker never reported itself")
         assert loaded_holders(stack["client"], HOST) == []
@@ -129,12 +129,12 @@ def test_an_activation_whose_event_was_lost_is_caught_up(stack: dict[str, Any]) 
 def test_a_failed_adapter_sync_after_reclaim_does_not_leave_the_worker_updating(stack: dict[str, Any]) -> None:
     runtime = start_runtime(stack)
     runtime.release_gpu(60)
-    assert runtime.serve(request()).error == "updating"
+    assert runtime.serve(request()).finish_reason == "updating"
     with sqlite3.connect(stack["db_path"]) as db:  # the store fails just as training ends
         db.execute("ALTER TABLE adapter_versions RENAME TO adapter_versions_away")
     runtime.reclaim_gpu()
     result = runtime.serve(request())
-    assert result.error != "updating" and result.finish_reason in ("stop", "length"), result
+    assert result.finish_reason in ("stop", "length"), result
     with sqlite3.connect(stack["db_path"]) as db:
         db.execute("ALTER TABLE adapter_versions_away RENAME TO adapter_versions")
 

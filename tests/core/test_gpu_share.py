@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from personabot.core import events
-from personabot.training.gpu_share import (
+from personabot.core.gpu_share import (
     gpu_released,
     lease_key,
     loaded_holders,
@@ -80,7 +80,7 @@ def test_training_waits_for_the_workers_of_its_host_only(redis_client) -> None:
 def test_a_killed_trainer_lease_lapses(redis_server, redis_client) -> None:
     script = textwrap.dedent(f"""
         import sys, time, redis
-        from personabot.training.gpu_share import gpu_released
+        from personabot.core.gpu_share import gpu_released
         client = redis.Redis.from_url({redis_server.url!r})
         with gpu_released(client, release=True, eta_s=60, wait_s=0, host="box-a", lease_ttl_s=1.5):
             print("training", flush=True)

@@ -14,7 +14,11 @@ from typing import Any
 
 import torch
 
-from personabot.workers.engine import (
+from personabot.workers.engine.adapter_files import read_adapter, same_base
+from personabot.workers.engine.layout import MIXED, LoraMode, bucket_of
+from personabot.workers.engine.merge_policy import MergePolicy
+from personabot.workers.engine.protocol import (
+    ACTIVE,
     FINISH_CANCELLED,
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -25,16 +29,14 @@ from personabot.workers.engine import (
     GenerationRequest,
     GenerationStream,
 )
-from personabot.workers.lora import read_adapter, same_base
-from personabot.workers.qwen2_decode import MERGED, MIXED, LoraMode, Qwen2Decoder, bucket_of
-from personabot.workers.sampling import RowSampler
+from personabot.workers.engine.qwen2 import Qwen2Decoder
+from personabot.workers.engine.sampling import RowSampler
+from personabot.workers.engine.slots import AdapterSlots
 
 log = logging.getLogger(__name__)
 
 COUNTERS = ("prefills", "prefill_passes", "prefill_tokens", "decode_steps", "decode_rows", "tokens", "max_batch_seen",
             "finished", "adapter_loads", "swaps", "merges", "merge_ms_max")
-ACTIVE = ":active:"  # GenerationRequest.adapter value: whatever adapter is active at submit time
-MERGE_AFTER_STEPS = 8  # decode steps of one adapter alone before its weights are merged (about 10 ms on a GPU)
 PREFILL_TOKENS = 4096  # prompt tokens prefilled together before running streams take their next step
 
 
@@ -70,8 +72,7 @@ class HFEngine:
         """`load=False` starts released: nothing is loaded until `reclaim` (the GPU is lent to training).
         `merge` / `fuse`: see Qwen2Decoder (None = automatic)."""
         self._merge, self._fuse = merge, fuse
-        self._merge_candidate: int | None = None
-        self._merge_streak = 0
+        self._merge_policy = MergePolicy()
         self.model_name = model_name
         self._loader = loader
         self.max_batch, self.max_len = max_batch, max_len
@@ -82,10 +83,7 @@ class HFEngine:
         self._ops: collections.deque[Callable[[], None]] = collections.deque()
         self._cancels: dict[str, str] = {}
         self._rows: list[_Row | None] = [None] * max_batch
-        self._slot_names: list[str | None] = [None] * lora_slots
-        self._slot_refs = [0] * lora_slots
-        self._slot_used = [0.0] * lora_slots
-        self._slot_busy = [False] * lora_slots
+        self.slots = AdapterSlots(lora_slots)
         self._active: str | None = None
         self._releasing = False
         self._stop = False
@@ -137,7 +135,7 @@ class HFEngine:
     def _free(self) -> None:
         self.decoder = None
         self.sampler = None
-        self._slot_names = [None] * self.lora_slots
+        self.slots.forget_all()
         self._active = None
         gc.collect()
         if torch.cuda.is_available():
@@ -157,11 +155,7 @@ class HFEngine:
 
     def has_adapter(self, name: str) -> bool:
         with self._cv:
-            return name in self._slot_names
-
-    def _free_slots(self) -> list[int]:
-        return [s for s in range(self.lora_slots) if self._slot_refs[s] == 0 and not self._slot_busy[s]
-                and (self._slot_names[s] is None or self._slot_names[s] != self._active)]
+            return name in self.slots
 
     def load_adapter(self, name: str, path: str | Path, base_model: str = "", *,
                      slot_wait_s: float = 120.0) -> float:
@@ -177,14 +171,12 @@ class HFEngine:
         weights = read_adapter(path, decoder.dims, max_rank=self.lora_rank, model_name=self.model_name)
         with self._cv:
             deadline = time.monotonic() + slot_wait_s
-            while not (free := self._free_slots()):
+            while not (free := self.slots.free(self._active)):
                 # Every slot serves running requests: they end within one reply, so wait for one.
                 if not self._cv.wait(timeout=max(0.0, deadline - time.monotonic())):
                     raise EngineError(f"all {self.lora_slots} adapter slots served running requests for "
                                       f"{slot_wait_s:.0f}s; try again or raise PERSONABOT_LORA_SLOTS")
-            slot = min(free, key=lambda s: (self._slot_names[s] is not None, self._slot_used[s]))
-            self._slot_names[slot] = None
-            self._slot_busy[slot] = True
+            slot = self.slots.claim_for_write(free)
         stall: list[float] = []
 
         def copy() -> None:
@@ -198,16 +190,13 @@ class HFEngine:
             self._call_in_loop(copy)
         finally:
             with self._cv:
-                self._slot_busy[slot] = False
-                if stall:
-                    self._slot_names[slot] = name
-                    self._slot_used[slot] = time.monotonic()
+                self.slots.end_write(slot, name if stall else None)
         self._counters["adapter_loads"] += 1
         return stall[0]
 
     def set_active(self, name: str | None) -> None:
         with self._cv:
-            if name is not None and name not in self._slot_names:
+            if name is not None and name not in self.slots:
                 raise EngineError(f"adapter {name} is not loaded; load_adapter it first")
             self._active = name
         self._counters["swaps"] += 1
@@ -226,11 +215,9 @@ class HFEngine:
             name = self._active if request.adapter == ACTIVE else request.adapter
             slot = None
             if name is not None:
-                if name not in self._slot_names:
+                if name not in self.slots:
                     raise EngineError(f"adapter {name} is not loaded in this worker")
-                slot = self._slot_names.index(name)
-                self._slot_refs[slot] += 1
-                self._slot_used[slot] = time.monotonic()
+                slot = self.slots.acquire(name)
             stream.lora_slot, stream.adapter = slot, name
             self._waiting.append(stream)
             self._cv.notify_all()
@@ -241,7 +228,7 @@ class HFEngine:
             for stream in list(self._waiting):
                 if stream.request.request_id == request_id:
                     self._waiting.remove(stream)
-                    self._unref(stream.lora_slot)
+                    self.slots.release(stream.lora_slot)
                     stream.items.put(GenerationDone(reason, 0, stream.adapter))
                     return
             self._cancels[request_id] = reason
@@ -256,10 +243,6 @@ class HFEngine:
         return counters
 
     # --- decode loop ----------------------------------------------------------------------------
-    def _unref(self, slot: int | None) -> None:
-        if slot is not None:
-            self._slot_refs[slot] -= 1
-
     def _call_in_loop(self, op: Callable[[], None]) -> None:
         done = threading.Event()
         failure: list[BaseException] = []
@@ -352,7 +335,7 @@ class HFEngine:
         slots = {self._rows[i].lora_slot for i in active}  # type: ignore[union-attr]
         mode: LoraMode = next(iter(slots)) if len(slots) == 1 else MIXED
         if isinstance(mode, int) and decoder.can_merge:
-            mode = self._merged_mode(mode)
+            mode = self._merge_policy.mode(decoder, mode, self._counters)
         logits = decoder.decode(rows, length, mode)
         tokens = sampler.sample(logits, active)
         if sampler.uses_penalty(active):
@@ -368,31 +351,6 @@ class HFEngine:
             assert row is not None
             row.position += 1
             self._deliver(index, host[index])
-
-    def _merged_mode(self, slot: int) -> LoraMode:
-        """MERGED once `slot` has run alone for MERGE_AFTER_STEPS steps (merging it then), else `slot`.
-
-        A batch of one adapter then costs what the base model costs. Requests that started on an
-        older adapter keep the batch mixed until they end, so a swap merges only after they do.
-        """
-        decoder = self.decoder
-        assert decoder is not None
-        if decoder.merged_slot == slot:
-            return MERGED
-        if self._merge_candidate == slot:
-            self._merge_streak += 1
-        else:
-            self._merge_candidate, self._merge_streak = slot, 1
-        if self._merge_streak < MERGE_AFTER_STEPS:
-            return slot
-        started = time.perf_counter()
-        decoder.merge(slot)
-        if decoder.device.type == "cuda":
-            torch.cuda.synchronize()
-        took = (time.perf_counter() - started) * 1000
-        self._counters["merges"] += 1
-        self._counters["merge_ms_max"] = max(self._counters["merge_ms_max"], round(took, 2))
-        return MERGED
 
     def _deliver(self, index: int, token: int) -> None:
         row = self._rows[index]
@@ -419,6 +377,6 @@ class HFEngine:
             self.decoder.positions[index] = 0
         row.stream.items.put(GenerationDone(reason, row.generated, row.adapter, error))
         with self._cv:
-            self._unref(row.lora_slot)
+            self.slots.release(row.lora_slot)
             self._counters["finished"] += 1
             self._cv.notify_all()

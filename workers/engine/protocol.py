@@ -11,6 +11,8 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 FINISH_ERROR = "error"
+FINISH_UPDATING = "updating"  # the model is unloaded while training uses the GPU
+ACTIVE = ":active:"  # GenerationRequest.adapter value: whatever adapter is active at submit time
 
 
 class EngineError(RuntimeError):
@@ -75,7 +77,7 @@ class GenerationStream:
 
 
 class Engine(Protocol):
-    """What the chat task needs from a backend (this repo: `workers.hf_engine.HFEngine`)."""
+    """What the chat task needs from a backend (this repo: `workers.engine.scheduler.HFEngine`)."""
 
     model_name: str
 

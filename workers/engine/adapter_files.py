@@ -9,14 +9,12 @@ from pathlib import Path
 
 import torch
 
-from personabot.workers.engine import AdapterRefusedError
-from personabot.workers.qwen2_decode import LORA_TARGETS, Dims
+from personabot.workers.engine.layout import LORA_TARGETS, Dims, LoraWeights
+from personabot.workers.engine.protocol import AdapterRefusedError
 
 KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
-
-LoraWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _normalise(name: str) -> str:

@@ -10,89 +10,15 @@ captured graph; loading an adapter is an in-place copy into its buffers and keep
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-LENGTH_BUCKET = 256
-
-
-@dataclass
-class Dims:
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    layers: int
-    vocab: int
-    eps: float
-
-    @property
-    def q_out(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_out(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def target_shape(self, target: str) -> tuple[int, int]:
-        """(in_features, out_features) of a LoRA target module."""
-        return {
-            "q_proj": (self.hidden, self.q_out),
-            "k_proj": (self.hidden, self.kv_out),
-            "v_proj": (self.hidden, self.kv_out),
-            "o_proj": (self.q_out, self.hidden),
-            "gate_proj": (self.hidden, self.intermediate),
-            "up_proj": (self.hidden, self.intermediate),
-            "down_proj": (self.intermediate, self.hidden),
-        }[target]
-
-
-@dataclass
-class Layer:
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor
-    o_w: torch.Tensor
-    gate_up_w: torch.Tensor
-    down_w: torch.Tensor
-    in_norm: torch.Tensor
-    post_norm: torch.Tensor
-    # LoRA buffers, slot-major: slot s owns rows [s*k*r, (s+1)*k*r) of an A buffer (k = 3 for
-    # q|k|v, 2 for gate|up, 1 otherwise) and the same rows of its B buffer; scaling is in B.
-    # The q|k|v and gate|up A buffers are extra rows of the fused base weight, so one GEMM
-    # gives the base output and every slot's LoRA down-projection.
-    a_qkv: torch.Tensor  # [S*3r, hidden], a view into qkv_w
-    b_qkv: torch.Tensor  # [S*3r, q_out + 2 kv_out], block diagonal inside each slot
-    a_o: torch.Tensor  # [S*r, q_out]
-    b_o: torch.Tensor  # [S*r, hidden]
-    a_gu: torch.Tensor  # [S*2r, hidden], a view into gate_up_w
-    b_gu: torch.Tensor  # [2, S*r, intermediate]
-    a_down: torch.Tensor  # [S*r, intermediate]
-    b_down: torch.Tensor  # [S*r, hidden]
-    # One adapter merged into copies of the weights (W + B A), or None where merging is off.
-    m_qkv_w: torch.Tensor | None = None
-    m_o_w: torch.Tensor | None = None
-    m_gate_up_w: torch.Tensor | None = None
-    m_down_w: torch.Tensor | None = None
-
-
-MIXED = "mixed"
-MERGED = "merged"
-# None: base model; int: every row uses that slot; MIXED: per-row masks;
-# MERGED: every row uses the slot merged into the weight copies (no LoRA work at all).
-LoraMode = int | str | None
-
-
-def bucket_of(n: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> int:
-    for size in buckets:
-        if size >= n:
-            return size
-    return n
+from personabot.workers.engine.fused import FusedParts
+from personabot.workers.engine.graphs import DecodeGraphs
+from personabot.workers.engine.layout import LENGTH_BUCKET, MERGED, MIXED, Dims, Layer, LoraMode, LoraWeights
+from personabot.workers.engine.lora_buffers import merge_slot, slot_rows, write_slot
 
 
 def _take(module: torch.nn.Module, name: str) -> torch.Tensor:
@@ -100,45 +26,6 @@ def _take(module: torch.nn.Module, name: str) -> torch.Tensor:
     tensor = getattr(module, name).detach()
     setattr(module, name, None)
     return tensor
-
-
-class _FusedParts:
-    """A LoRA-free decode step's pieces under torch.compile: everything between two GEMMs (RMSNorm,
-    RoPE, the attention softmax, SiLU*mul, residual adds) becomes one kernel; the GEMMs stay cuBLAS
-    calls. Compiled on first use (the warm-up before a graph capture), then replayed in the graphs."""
-
-    def __init__(self, d: Dims, compiled: bool = True) -> None:
-        """`compiled=False`: the same functions run eagerly (the LoRA-free parts of the eager path)."""
-        group = d.heads // d.kv_heads
-        scale = 1.0 / math.sqrt(d.head_dim)
-
-        def attn_in(x: torch.Tensor, norm_w: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor,
-                    cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            n = x.shape[0]
-            h = F.rms_norm(x, (d.hidden,), norm_w, d.eps)
-            qkv = torch.addmm(qkv_b, h, qkv_w.t())
-            qk = qkv[:, :d.q_out + d.kv_out].view(n, d.heads + d.kv_heads, d.head_dim)
-            qk = qk * cos + qk.roll(d.head_dim // 2, dims=-1) * sin
-            v = qkv[:, d.q_out + d.kv_out:].view(n, d.kv_heads, d.head_dim)
-            return qk[:, :d.heads], qk[:, d.heads:], v
-
-        def attn_out(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                     x: torch.Tensor, o_w: torch.Tensor) -> torch.Tensor:
-            rows = x.shape[0]
-            scores = torch.baddbmm(bias, q.reshape(rows * d.kv_heads, group, d.head_dim), keys.transpose(1, 2),
-                                   alpha=scale)
-            attn = torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, d.q_out)
-            return torch.addmm(x, attn, o_w.t())
-
-        def mlp(x: torch.Tensor, norm_w: torch.Tensor, gate_up_w: torch.Tensor,
-                down_w: torch.Tensor) -> torch.Tensor:
-            h = F.rms_norm(x, (d.hidden,), norm_w, d.eps)
-            gu = h @ gate_up_w.t()
-            act = F.silu(gu[:, :d.intermediate]) * gu[:, d.intermediate:]
-            return torch.addmm(x, act, down_w.t())
-
-        wrap = (lambda fn: torch.compile(fn, fullgraph=True)) if compiled else (lambda fn: fn)
-        self.attn_in, self.attn_out, self.mlp = wrap(attn_in), wrap(attn_out), wrap(mlp)
 
 
 class Qwen2Decoder:
@@ -207,7 +94,6 @@ class Qwen2Decoder:
         if merge is None:
             merge = self.device.type == "cuda" and self._room_for_merged_copy()
         self.merged_slot: int | None = None
-        self.merges = 0
         if merge:
             for layer in self.layers:
                 layer.m_qkv_w = torch.empty_like(layer.qkv_w[:d.q_out + 2 * d.kv_out])
@@ -219,11 +105,9 @@ class Qwen2Decoder:
             import importlib.util
 
             fuse = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        self.fused = _FusedParts(d) if fuse else None
-        self.plain = _FusedParts(d, compiled=False)
-        self._graphs: dict[tuple[int, int, LoraMode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.graph_captures = 0
+        self.fused = FusedParts(d) if fuse else None
+        self.plain = FusedParts(d, compiled=False)
+        self.graphs = DecodeGraphs(self._decode) if self.use_graphs else None
 
     # --- LoRA slots -----------------------------------------------------------------------------
     def slot_mask(self, slot: int | None, k: int) -> torch.Tensor:
@@ -238,44 +122,11 @@ class Qwen2Decoder:
         for k, buffer in self.masks.items():
             buffer[row] = self.slot_mask(slot, k)
 
-    @torch.no_grad()
-    def write_lora(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def write_lora(self, slot: int, weights: LoraWeights) -> None:
         """Copy one adapter into a slot: weights[(layer, target)] = (A [r, in], B*scale [out, r])."""
-        r, d = self.lora_rank, self.dims
         if self.merged_slot == slot:
             self.merged_slot = None
-        qkv_starts = {"q_proj": 0, "k_proj": d.q_out, "v_proj": d.q_out + d.kv_out}
-        one, two, three = (slice(slot * k * r, (slot + 1) * k * r) for k in (1, 2, 3))
-        for index, layer in enumerate(self.layers):
-            layer.a_qkv[three] = 0
-            layer.b_qkv[three] = 0
-            layer.a_gu[two] = 0
-            layer.b_gu[:, one] = 0
-            for a, b in ((layer.a_o, layer.b_o), (layer.a_down, layer.b_down)):
-                a[one] = 0
-                b[one] = 0
-            for target in LORA_TARGETS:
-                pair = weights.get((index, target))
-                if pair is None:
-                    continue
-                a_w, b_w = (t.to(self.device, self.dtype, non_blocking=True) for t in pair)
-                rank = a_w.shape[0]
-                if target in qkv_starts:
-                    seg = ("q_proj", "k_proj", "v_proj").index(target)
-                    cols = slice(three.start + seg * r, three.start + seg * r + rank)
-                    start = qkv_starts[target]
-                    layer.a_qkv[cols] = a_w
-                    layer.b_qkv[cols, start:start + b_w.shape[0]] = b_w.T
-                elif target in ("gate_proj", "up_proj"):
-                    seg = 0 if target == "gate_proj" else 1
-                    layer.a_gu[two.start + seg * r:two.start + seg * r + rank] = a_w
-                    layer.b_gu[seg, one.start:one.start + rank] = b_w.T
-                elif target == "o_proj":
-                    layer.a_o[one.start:one.start + rank] = a_w
-                    layer.b_o[one.start:one.start + rank] = b_w.T
-                else:
-                    layer.a_down[one.start:one.start + rank] = a_w
-                    layer.b_down[one.start:one.start + rank] = b_w.T
+        write_slot(self.layers, self.dims, self.lora_rank, slot, weights, device=self.device, dtype=self.dtype)
 
     def _room_for_merged_copy(self) -> bool:
         """The merged copy (every linear weight once more) fits and leaves 8% of the GPU (at least
@@ -290,29 +141,14 @@ class Qwen2Decoder:
         """Write W + B A of `slot` into the merged copies; MERGED steps then run that adapter."""
         if not self.can_merge:
             raise RuntimeError("this decoder keeps no merged copy")
-        d = self.dims
-        base_qkv, inter = d.q_out + 2 * d.kv_out, d.intermediate
-        one, two, three = (self._rows(slot, k) for k in (1, 2, 3))
-        r = self.lora_rank
         self.merged_slot = None
-        for layer in self.layers:
-            assert layer.m_qkv_w is not None and layer.m_o_w is not None
-            assert layer.m_gate_up_w is not None and layer.m_down_w is not None
-            torch.addmm(layer.qkv_w[:base_qkv], layer.b_qkv[three].T, layer.a_qkv[three], out=layer.m_qkv_w)
-            torch.addmm(layer.o_w, layer.b_o[one].T, layer.a_o[one], out=layer.m_o_w)
-            a_gu = layer.a_gu[two]
-            torch.addmm(layer.gate_up_w[:inter], layer.b_gu[0, one].T, a_gu[:r], out=layer.m_gate_up_w[:inter])
-            torch.addmm(layer.gate_up_w[inter:2 * inter], layer.b_gu[1, one].T, a_gu[r:],
-                        out=layer.m_gate_up_w[inter:])
-            torch.addmm(layer.down_w, layer.b_down[one].T, layer.a_down[one], out=layer.m_down_w)
+        merge_slot(self.layers, self.dims, self.lora_rank, slot)
         self.merged_slot = slot
-        self.merges += 1
 
     # --- forward pieces -------------------------------------------------------------------------
     def _rows(self, mode: LoraMode, k: int) -> slice:
         """The A/B rows of the slot `mode` names, for a target with k fused parts."""
-        width = k * self.lora_rank
-        return slice(int(mode) * width, (int(mode) + 1) * width)  # type: ignore[arg-type]
+        return slot_rows(int(mode), k, self.lora_rank)  # type: ignore[arg-type]
 
     def _lora(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
               mode: LoraMode, masks: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -458,28 +294,13 @@ class Qwen2Decoder:
     @torch.no_grad()
     def decode(self, rows: int, length: int, mode: LoraMode) -> torch.Tensor:
         """One step for rows [0, rows) reading `tokens`/`positions`; returns logits [rows, vocab]."""
-        if not self.use_graphs:
+        if self.graphs is None:
             return self._decode(rows, length, mode)
-        entry = self._graphs.get((rows, length, mode))
-        if entry is None:
-            entry = self._capture(rows, length, mode)
-        graph, logits = entry
-        graph.replay()
-        return logits
+        return self.graphs.run(rows, length, mode)
 
-    def _capture(self, rows: int, length: int, mode: LoraMode) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode(rows, length, mode)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._decode(rows, length, mode)
-        self._graphs[(rows, length, mode)] = (graph, logits)
-        self.graph_captures += 1
-        return graph, logits
+    @property
+    def graph_captures(self) -> int:
+        return self.graphs.captures if self.graphs is not None else 0
 
     def length_bucket(self, max_position: int) -> int:
         return min(self.max_len, (max_position // LENGTH_BUCKET + 1) * LENGTH_BUCKET)

@@ -1,0 +1,33 @@
+"""The traffic benchmark's script runs on the tiny model and reports what the chat worker really saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_traffic_bench_tiny_run_matches_prompts_on_both_paths(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "traffic_bench.py"), "--tiny", "--out", str(out),
+                             "--chats", "3", "--turns", "2", "--max-batch", "4", "--rates-per-chat", "2"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "traffic_bench.json").read_text())
+    runs = {key: value for key, value in data.items() if isinstance(value, dict) and "tok_s" in value}
+    assert set(runs) == {f"{path}/3/{label}" for path in ("bare", "celery")
+                         for label in ("closed/fresh", "closed/warm", "poisson_6_per_s/warm")}
+    for key, run in runs.items():
+        assert run["failed"] == 0 and run["turns"] == 6 and run["tok_s"] > 0, (key, run)
+    # The worker re-tokenizes the text the bench sends: the prompt lengths must agree with the ids.
+    for label in ("closed/fresh", "closed/warm"):
+        assert runs[f"celery/3/{label}"]["prompt_tokens_mean"] == pytest.approx(
+            runs[f"bare/3/{label}"]["prompt_tokens_mean"], rel=0.05)
