@@ -126,6 +126,7 @@ class Settings(BaseSettings):
 
     # --- limits -------------------------------------------------------------------------------
     max_pairs: int = Field(5000, ge=1, description="Most pairs a persona may hold.")
+    max_import_bytes: int = Field(20_000_000, ge=1, description="Largest pairs file an import (UI or CLI) accepts.")
     max_instruction_chars: int = Field(2000, ge=1, description="Longest question.")
     max_output_chars: int = Field(8000, ge=1, description="Longest answer.")
     max_system_prompt_chars: int = Field(4000, ge=1, description="Longest system prompt.")

@@ -98,3 +98,17 @@ def test_up_starts_every_built_part_and_stops_cleanly(tmp_path: Path, tiny_model
     assert "test-admin-pw" not in text
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"left behind: {alive}; parts {started}"
+
+
+def test_pairs_import_of_an_empty_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty.json").write_text("[]")
+    result = _cli(tmp_path, "pairs", "import", "empty.json")
+    assert result.returncode == 1 and "holds no pairs" in result.stderr, result.stderr
+
+
+def test_pairs_import_caps_size_and_printed_problems(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text("{bad\n" * 5000)
+    result = _cli(tmp_path, "pairs", "import", "bad.jsonl")
+    assert result.returncode == 1 and len(result.stderr.splitlines()) < 60, result.stderr[-500:]
+    result = _cli(tmp_path, "pairs", "import", "bad.jsonl", PERSONABOT_MAX_IMPORT_BYTES="100")
+    assert result.returncode == 1 and "PERSONABOT_MAX_IMPORT_BYTES" in result.stderr
