@@ -72,6 +72,7 @@ class Settings(BaseSettings):
         "https://api.telegram.org/bot", description="Bot API base URL (tests use a local one)."
     )
     admin_user: str = Field("admin", description="Admin UI login name.")
+    admin_session_hours: float = Field(12.0, gt=0, description="Hours an admin UI sign-in lasts.")
     admin_password: SecretStr | None = Field(
         None, description="Admin UI password; empty = generated on first start, printed once."
     )

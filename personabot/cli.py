@@ -54,6 +54,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_beat(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    from personabot.training.schedule import CronError, validate_cron
+
+    try:
+        validate_cron(settings.retrain_cron)
+    except CronError as error:
+        print(f"PERSONABOT_RETRAIN_CRON: {error}", file=sys.stderr)
+        return 2
     schedule = settings.data_dir.resolve() / "celerybeat-schedule"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "celery", "-A", "personabot.workers.beat:app", "beat", "--loglevel", args.loglevel,

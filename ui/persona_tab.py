@@ -77,6 +77,25 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+class UploadError(ValueError):
+    """A file that did not come through Gradio's upload, or is too large; the message says what to do."""
+
+
+def read_upload(path: str, max_bytes: int) -> bytes:
+    """The bytes of an uploaded file; only files inside Gradio's upload folder (resolved) are read."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(folder) or not resolved.is_file():
+        raise UploadError("that file was not uploaded here; choose the file with the upload box and check again")
+    size = resolved.stat().st_size
+    if size > max_bytes:
+        raise UploadError(f"the file has {size} bytes, over the limit of {max_bytes} (PERSONABOT_MAX_IMPORT_BYTES); "
+                          "split it and import the parts")
+    return resolved.read_bytes()
+
+
 class PersonaTab:
     """The Persona tab: its handlers call the store and `core.pairs_io`."""
 
@@ -202,7 +221,12 @@ class PersonaTab:
         if not path:
             return (notice("choose a file first", ok=False), pd.DataFrame(columns=REPORT_COLUMNS), None,
                     gr.update(interactive=False))
-        report = parse_pairs(Path(path).read_bytes(), Path(path).name, self.ctx.settings,
+        try:
+            data = read_upload(path, self.ctx.settings.max_import_bytes)
+        except UploadError as error:
+            return (notice(str(error), ok=False), pd.DataFrame(columns=REPORT_COLUMNS), None,
+                    gr.update(interactive=False))
+        report = parse_pairs(data, Path(path).name, self.ctx.settings,
                              default_kind=default_kind, store=self.ctx.store, replace=replace)
         errors = pd.DataFrame([[e.row or "file", e.message] for e in report.errors], columns=REPORT_COLUMNS)
         return notice(report.summary(), ok=report.ok), errors, report if report.ok else None, gr.update(
@@ -289,6 +313,8 @@ class PersonaTab:
                 export_format = gr.Dropdown(list(FORMATS), value="json", label="Export format")
                 export = gr.Button("Export", elem_id="export-run")
                 export_file = gr.File(label="Exported file", interactive=False)
+                gr.Markdown("CSV export: a cell starting with = + - @, tab or CR gets a leading ' so a spreadsheet "
+                            "shows it as text instead of running it as a formula.", elem_id="export-csv-note")
         report_state = gr.State(None)
 
         gr.Markdown("### Training set preview")
