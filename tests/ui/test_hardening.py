@@ -103,3 +103,28 @@ def test_verified_credentials_are_cached_and_hashing_is_bounded() -> None:
     assert time.perf_counter() - start < 0.5
     assert HASHING_AT_ONCE <= 4
     assert not auth.check("admin", "nope")
+
+
+def test_waiting_api_chats_do_not_starve_the_admin(admin_server) -> None:
+    import asyncio
+
+    from personabot.ui.api import API_CHATS_AT_ONCE
+
+    async def scenario() -> tuple[list[int], float]:
+        async with httpx.AsyncClient(base_url=admin_server.url, timeout=60) as client:
+            login = await client.post("/login", data={"username": admin_server.user,
+                                                      "password": admin_server.password})
+            login.raise_for_status()
+            body = {"messages": [{"role": "user", "content": "hi"}], "timeout_s": 6}
+            chats = [asyncio.create_task(client.post("/api/v1/chat", json=body)) for _ in range(40)]
+            await asyncio.sleep(1.5)
+            start = time.perf_counter()
+            config = await client.get("/config")
+            took = time.perf_counter() - start
+            assert config.status_code == 200
+            statuses = [r.status_code for r in await asyncio.gather(*chats)]
+            return statuses, took
+
+    statuses, took = asyncio.run(scenario())
+    assert took < 2.0, f"GET /config took {took:.1f} s while API chats waited"
+    assert statuses.count(429) == 40 - API_CHATS_AT_ONCE and statuses.count(504) == API_CHATS_AT_ONCE, statuses
