@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
@@ -14,7 +13,6 @@ from personabot.core.store import isoformat
 from personabot.ui.context import AdminContext
 from personabot.ui.status_tab import collect_status
 from personabot.workers.client import ChatClient
-
 
 # Chats waiting at once on this route; more get 429 at once instead of tying up the admin process.
 API_CHATS_AT_ONCE = 16
