@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,17 @@ def read_upload(path: str, max_bytes: int) -> bytes:
         raise UploadError(f"the file has {size} bytes, over the limit of {max_bytes} (PERSONABOT_MAX_IMPORT_BYTES); "
                           "split it and import the parts")
     return resolved.read_bytes()
+
+
+EXPORT_KEEP_S = 3600.0
+
+
+def remove_old_exports(root: Path, keep_s: float = EXPORT_KEEP_S) -> None:
+    """Delete export folders under `root` older than `keep_s` seconds."""
+    now = time.time()
+    for folder in root.iterdir():
+        if folder.is_dir() and now - folder.stat().st_mtime > keep_s:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class PersonaTab:
@@ -245,8 +258,14 @@ class PersonaTab:
                 self.pairs_frame(filter_kind, search), None, gr.update(interactive=False))
 
     def run_export(self, fmt: str) -> str:
-        """Write the export to a private temp folder; Gradio serves a copy (behind the login)."""
-        path = Path(tempfile.mkdtemp(prefix="personabot-export-")) / f"pairs{EXPORT_SUFFIX[fmt]}"
+        """Write the export to a private folder under Gradio's temp dir; Gradio serves a copy (behind
+        the login). Exports older than EXPORT_KEEP_S are removed first."""
+        from gradio.utils import get_upload_folder
+
+        root = Path(get_upload_folder()) / "personabot-exports"
+        root.mkdir(parents=True, exist_ok=True)
+        remove_old_exports(root)
+        path = Path(tempfile.mkdtemp(prefix="export-", dir=root)) / f"pairs{EXPORT_SUFFIX[fmt]}"
         path.write_bytes(export_pairs(self.ctx.store, fmt))
         return str(path)
 

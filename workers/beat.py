@@ -26,10 +26,10 @@ from personabot.training.schedule import (
     validate_cron,
 )
 from personabot.workers.app import app
-from personabot.workers.client import MAYBE_RETRAIN_TASK
+from personabot.workers.client import RETRAIN_IF_CHANGED_TASK
 
 log = logging.getLogger(__name__)
-ENTRY_NAME = "maybe-retrain"
+ENTRY_NAME = "retrain-if-changed"
 REFRESH_S = 30.0
 # The stale-run sweep (runs of dead train workers end failed) runs on `train` this often.
 SWEEP_TASK = "personabot.train_sweep"
@@ -82,7 +82,7 @@ class StoreCronScheduler(Scheduler):
         self.schedule.clear()
         self._sweep_entry()
         if cron:
-            self.schedule[ENTRY_NAME] = self.Entry(name=ENTRY_NAME, task=MAYBE_RETRAIN_TASK,
+            self.schedule[ENTRY_NAME] = self.Entry(name=ENTRY_NAME, task=RETRAIN_IF_CHANGED_TASK,
                                                    schedule=cron_schedule(cron), app=self.app)
         log.info("retrain schedule: %s", cron or "off")
 

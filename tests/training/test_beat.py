@@ -17,7 +17,7 @@ from personabot.workers.beat import (
     next_retrain_time,
     set_retrain_cron,
 )
-from personabot.workers.client import MAYBE_RETRAIN_TASK
+from personabot.workers.client import RETRAIN_IF_CHANGED_TASK
 
 
 def test_the_store_cron_overrides_the_setting(sqlite_store, settings_env) -> None:
@@ -46,7 +46,7 @@ def test_beat_follows_edits_without_a_restart(sqlite_store, settings_env, monkey
     scheduler = StoreCronScheduler(app=app, lazy=True)
     scheduler.setup_schedule()
     entry = scheduler.schedule[ENTRY_NAME]
-    assert entry.task == MAYBE_RETRAIN_TASK
+    assert entry.task == RETRAIN_IF_CHANGED_TASK
     assert (entry.schedule.hour, entry.schedule.minute) == ({3}, {0})
     set_retrain_cron(sqlite_store, "15 */6 * * *", actor="admin")
     scheduler.refresh()

@@ -128,3 +128,18 @@ def test_waiting_api_chats_do_not_starve_the_admin(admin_server) -> None:
     statuses, took = asyncio.run(scenario())
     assert took < 2.0, f"GET /config took {took:.1f} s while API chats waited"
     assert statuses.count(429) == 40 - API_CHATS_AT_ONCE and statuses.count(504) == API_CHATS_AT_ONCE, statuses
+
+
+def test_old_exports_are_removed(tmp_path: Path) -> None:
+    import os
+
+    from personabot.ui.persona_tab import EXPORT_KEEP_S, remove_old_exports
+
+    old, new = tmp_path / "export-old", tmp_path / "export-new"
+    for folder in (old, new):
+        folder.mkdir()
+        (folder / "pairs.csv").write_text("x")
+    past = time.time() - EXPORT_KEEP_S - 10
+    os.utime(old, (past, past))
+    remove_old_exports(tmp_path)
+    assert not old.exists() and new.exists()
