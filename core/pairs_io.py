@@ -45,6 +45,7 @@ class ImportReport:
     errors: list[RowError] = field(default_factory=list)
     source_rows: list[int] = field(default_factory=list)  # source row number of each valid row
     limits: Limits | None = None
+    truncated: bool = False  # parsing stopped early (over the pair limit or too many problems)
 
     @property
     def ok(self) -> bool:
@@ -57,6 +58,8 @@ class ImportReport:
             return f"{len(self.rows)} pairs ready to import ({self.format})"
         shown = "; ".join(str(e) for e in self.errors[:10])
         more = f" (and {len(self.errors) - 10} more)" if len(self.errors) > 10 else ""
+        if self.truncated:
+            more += "; parsing stopped early (over the pair limit or too many problems)"
         return f"{len(self.errors)} problems, nothing imported: {shown}{more}"
 
 
@@ -69,6 +72,48 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
         return cls(settings.max_pairs, settings.max_instruction_chars, settings.max_output_chars)
+
+
+MAX_REPORTED_ERRORS = 200
+_ECHO_CHARS = 40
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _echo(value: Any) -> str:
+    """A value for an error message, cut to a few characters."""
+    text = repr(value)
+    return text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + f"... ({len(text)} characters)"
+
+
+def csv_cell(value: Any) -> Any:
+    """OWASP's CSV-injection rule: a text cell starting with = + - @ tab or CR gets a leading '."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _check_text(key: str, value: str) -> None:
+    if "\x00" in value:
+        raise ValueError(f"{key} holds a NUL character (\\u0000); remove it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{key} holds a lone surrogate (U+{ord(value[error.start]):04X}) at character {error.start}; "
+            "it is not valid Unicode, remove it"
+        ) from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"key {dupes[0]!r} appears more than once in one object; keep one")
+    return dict(pairs)
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
 
 
 def question_key(instruction: str, input_: str = "") -> str:
@@ -139,13 +184,39 @@ def _from_messages(item: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _iter_items(fmt: str, text: str) -> list[tuple[int, Any]]:
+def _unterminated_quote(text: str) -> str | None:
+    """Where an unterminated CSV quote starts (line number), or None when every quote closes."""
+    inside, start, line = False, 0, 1
+    for index, char in enumerate(text):
+        if char == "\n":
+            line += 1
+        elif char == '"':
+            if not inside:
+                inside, start = True, line
+            elif index + 1 < len(text) and text[index + 1] == '"':
+                continue
+            else:
+                inside = False
+    return None if not inside else f"line {start}"
+
+
+def _iter_items(fmt: str, text: str, cap: int) -> list[tuple[int, Any]]:
+    """Numbered items, at most `cap` of them (the caller knows more means over the limit)."""
     if fmt == "csv":
+        where = _unterminated_quote(text)
+        if where is not None:
+            raise ValueError(f"the CSV has an unterminated quote starting at {where}; close the quoted cell")
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames or "instruction" not in reader.fieldnames or "output" not in reader.fieldnames:
             raise ValueError("the CSV needs a header row with at least 'instruction' and 'output' columns")
+        headers = [h for h in reader.fieldnames if h]
+        dupes = sorted({h for h in headers if headers.count(h) > 1})
+        if dupes:
+            raise ValueError(f"the CSV header names the column {dupes[0]!r} more than once; keep one")
         items = []
         for number, record in enumerate(reader, start=1):
+            if len(items) >= cap:
+                break
             if None in record:
                 items.append((number, ValueError("has more cells than the header has columns")))
                 continue
@@ -153,23 +224,27 @@ def _iter_items(fmt: str, text: str) -> list[tuple[int, Any]]:
         return items
     if fmt == "jsonl":
         items = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
+            if len(items) >= cap:
+                break
             try:
-                items.append((number, json.loads(line)))
+                items.append((number, _loads(line)))
             except json.JSONDecodeError as error:
                 items.append((number, ValueError(f"is not valid JSON ({error.msg} at column {error.colno})")))
+            except ValueError as error:
+                items.append((number, error))
         return items
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(
             f"the file is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
         ) from None
     if not isinstance(data, list):
         raise ValueError("a .json file must hold a list of pairs, e.g. [{\"instruction\": ..., \"output\": ...}]")
-    return list(enumerate(data, start=1))
+    return list(enumerate(data[:cap], start=1))
 
 
 def _to_bool(value: Any) -> bool:
@@ -180,7 +255,7 @@ def _to_bool(value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "n"):
         return False
-    raise ValueError(f"enabled must be true or false, not {value!r}")
+    raise ValueError(f"enabled must be true or false, not {_echo(value)}")
 
 
 def _normalise(item: Any, default_kind: str, limits: Limits) -> dict[str, Any]:
@@ -197,6 +272,7 @@ def _normalise(item: Any, default_kind: str, limits: Limits) -> dict[str, Any]:
             value = ""
         if not isinstance(value, str):
             raise ValueError(f"{key} must be text, not {type(value).__name__}")
+        _check_text(key, value)
         row[key] = value.strip()
     if not row["instruction"]:
         raise ValueError("instruction is missing or empty")
@@ -214,7 +290,7 @@ def _normalise(item: Any, default_kind: str, limits: Limits) -> dict[str, Any]:
         )
     kind = str(item.get("kind") or default_kind).strip().lower()
     if kind not in PAIR_KINDS:
-        raise ValueError(f"kind {kind!r} is not one of {', '.join(PAIR_KINDS)}")
+        raise ValueError(f"kind {_echo(kind)} is not one of {', '.join(PAIR_KINDS)}")
     row["kind"] = kind
     row["enabled"] = _to_bool(item.get("enabled", True))
     return row
@@ -245,7 +321,7 @@ def parse_pairs(
         fmt = fmt or detect_format(filename, text)
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-        items = _iter_items("json" if fmt == "messages" else fmt, text)
+        items = _iter_items("json" if fmt == "messages" else fmt, text, limits.max_pairs + 1)
     except ValueError as error:
         return ImportReport(format=fmt or "unknown", errors=[RowError(0, str(error))], limits=limits)
     except csv.Error as error:
@@ -255,9 +331,12 @@ def parse_pairs(
         return ImportReport(format=fmt or "json", errors=[RowError(0, "the JSON is nested too deeply to be "
                                                                      "a list of pairs")], limits=limits)
 
-    report = ImportReport(format=fmt, limits=limits)
+    report = ImportReport(format=fmt, limits=limits, truncated=len(items) > limits.max_pairs)
     seen: dict[tuple[str, str], tuple[int, str]] = {}
     for number, item in items:
+        if len(report.errors) >= MAX_REPORTED_ERRORS:
+            report.truncated = True
+            break
         try:
             row = _normalise(item, default_kind, limits)
         except ValueError as error:
@@ -276,6 +355,9 @@ def parse_pairs(
         report.rows.append(row)
         report.source_rows.append(number)
 
+    if len(items) > limits.max_pairs and len(report.rows) <= limits.max_pairs:
+        report.errors.append(RowError(0, f"the file holds more than {limits.max_pairs} pairs, over the limit of "
+                                         f"{limits.max_pairs} (PERSONABOT_MAX_PAIRS)"))
     report.errors.extend(store_conflicts(report, store, replace=replace))
     report.errors.sort(key=lambda e: e.row)
     return report
@@ -325,7 +407,7 @@ def import_pairs(store: Any, report: ImportReport, *, replace: bool = False, act
 
     try:
         return list(store.add_pairs(report.rows, replace=replace, actor=actor))
-    except StoreError as error:
+    except (StoreError, UnicodeError) as error:
         report.errors.append(RowError(0, str(error)))
         raise PairImportError(report) from error
 
@@ -352,5 +434,5 @@ def export_pairs(store: Any, fmt: str, *, kind: str | None = None) -> bytes:
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=["instruction", "input", "output", "kind", "enabled"])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
     return buffer.getvalue().encode("utf-8")

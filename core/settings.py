@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -72,6 +73,7 @@ class Settings(BaseSettings):
         "https://api.telegram.org/bot", description="Bot API base URL (tests use a local one)."
     )
     admin_user: str = Field("admin", description="Admin UI login name.")
+    admin_session_hours: float = Field(12.0, gt=0, description="Hours an admin UI sign-in lasts.")
     admin_password: SecretStr | None = Field(
         None, description="Admin UI password; empty = generated on first start, printed once."
     )
@@ -126,6 +128,7 @@ class Settings(BaseSettings):
 
     # --- limits -------------------------------------------------------------------------------
     max_pairs: int = Field(5000, ge=1, description="Most pairs a persona may hold.")
+    max_import_bytes: int = Field(20_000_000, ge=1, description="Largest pairs file an import (UI or CLI) accepts.")
     max_instruction_chars: int = Field(2000, ge=1, description="Longest question.")
     max_output_chars: int = Field(8000, ge=1, description="Longest answer.")
     max_system_prompt_chars: int = Field(4000, ge=1, description="Longest system prompt.")
@@ -260,8 +263,9 @@ def _describe(error: ValidationError) -> str:
 
 def load_settings(**overrides: object) -> Settings:
     """Build Settings from env/.env plus overrides; raise SettingsError naming the bad variable."""
+    env_file = None if os.environ.get(NO_ENV_FILE) == "1" else ".env"
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type,call-arg]
     except ValidationError as error:
         raise SettingsError(_describe(error)) from None
 
@@ -276,9 +280,31 @@ def reset_settings() -> None:
     get_settings.cache_clear()
 
 
+NO_ENV_FILE = "PERSONABOT_NO_ENV_FILE"  # set for children: their settings come only from the environment
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
 def env_for_children(settings: Settings) -> dict[str, str]:
-    """Environment for child processes so that they see the same resolved settings."""
+    """Environment for child processes so that they see the same resolved settings.
+
+    Every setting is passed explicitly and the children do not read `.env` again, so a secret
+    that `up` withholds from a part (by leaving it out of that part's environment) stays withheld.
+    """
     env = dict(os.environ)
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"PERSONABOT_{name.upper()}"] = _env_value(value)
+    env[NO_ENV_FILE] = "1"
     env["PERSONABOT_DATA_DIR"] = str(settings.data_dir.resolve())
     env["PERSONABOT_DATABASE_URL"] = settings.db_url
     env["PERSONABOT_ADAPTER_DIR"] = str(settings.adapters_path)

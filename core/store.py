@@ -174,9 +174,10 @@ class Store(TrainingRecords, ApiKeyRecords):
             if enabled_only:
                 query = query.where(Pair.enabled.is_(True))
             if search:
-                like = f"%{search}%"
-                query = query.where(or_(Pair.instruction.ilike(like), Pair.output.ilike(like),
-                                        Pair.input.ilike(like)))
+                escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                like = f"%{escaped}%"
+                query = query.where(or_(Pair.instruction.ilike(like, escape="\\"),
+                                        Pair.output.ilike(like, escape="\\"), Pair.input.ilike(like, escape="\\")))
             return list(s.scalars(query))
 
     def count_pairs(self) -> int:
@@ -275,7 +276,14 @@ class Store(TrainingRecords, ApiKeyRecords):
                 s.add(ConfigEntry(key=key, value=value))
             else:
                 entry.value = value
+            if _is_secret_key(key):
+                old, value = (None if old is None else "(secret)"), "(secret)"
             self._audit(s, actor, "config.set", {"key": key, "from": old, "to": value})
+
+
+def _is_secret_key(key: str) -> bool:
+    """Config keys whose values (password hashes, tokens) never go into the audit log."""
+    return any(word in key.lower() for word in ("hash", "password", "secret", "token"))
 
 
 __all__ = ["NotFoundError", "RunLockedError", "Store", "StoreError", "isoformat", "latest_heartbeat_age",

@@ -55,6 +55,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_beat(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    from personabot.training.schedule import CronError, validate_cron
+
+    try:
+        validate_cron(settings.retrain_cron)
+    except CronError as error:
+        print(f"PERSONABOT_RETRAIN_CRON: {error}", file=sys.stderr)
+        return 2
     schedule = settings.data_dir.resolve() / "celerybeat-schedule"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "celery", "-A", "personabot.workers.beat:app", "beat", "--loglevel", args.loglevel,
@@ -214,6 +221,9 @@ def cmd_persona(args: argparse.Namespace) -> int:
     return 0
 
 
+CLI_SHOWN_PROBLEMS = 50
+
+
 def cmd_pairs(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from personabot.core.pairs_io import PairImportError, export_pairs, import_pairs, parse_pairs
@@ -228,13 +238,26 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    size = path.stat().st_size
+    if size > settings.max_import_bytes:
+        print(f"import refused: {path} has {size} bytes, over the limit of {settings.max_import_bytes} "
+              "(PERSONABOT_MAX_IMPORT_BYTES); split the file", file=sys.stderr)
+        return 1
     report = parse_pairs(path.read_bytes(), path.name, settings, default_kind=args.kind or "identity",
                          store=store, replace=args.replace)
     try:
         ids = import_pairs(store, report, replace=args.replace, actor="cli")
     except PairImportError as error:
-        for problem in error.report.errors:
+        if not error.report.errors:
+            print(f"import refused: {path} holds no pairs; the store is unchanged", file=sys.stderr)
+            return 1
+        shown = error.report.errors[:CLI_SHOWN_PROBLEMS]
+        for problem in shown:
             print(f"  {problem}", file=sys.stderr)
+        more = len(error.report.errors) - len(shown)
+        if more or error.report.truncated:
+            print(f"  ... {more} more problems" + (" (parsing stopped early)" if error.report.truncated else ""),
+                  file=sys.stderr)
         print(f"import refused: {len(error.report.errors)} problems; the store is unchanged", file=sys.stderr)
         return 1
     print(f"imported {len(ids)} pairs from {path}")

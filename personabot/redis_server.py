@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -36,21 +38,57 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
-    """A redis-server child process on 127.0.0.1:`port`, data in `data_dir` (AOF when persist)."""
+def _private_write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    os.chmod(path, 0o600)
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = True) -> None:
+
+def load_or_create_password(path: Path) -> str:
+    """The embedded Redis password, kept in a 0600 file (created with a random one on first use)."""
+    if path.is_file():
+        password = path.read_text().strip()
+        if password:
+            os.chmod(path, 0o600)
+            return password
+    path.parent.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(32)
+    _private_write(path, password + "\n")
+    return password
+
+
+class RedisServer:
+    """A redis-server child process on 127.0.0.1:`port`, data in `data_dir` (AOF when persist).
+
+    With `password`, clients must AUTH and CONFIG is disabled; the password goes to redis-server in
+    a 0600 config file, never on its command line. The server runs in its own session, so a Ctrl-C
+    at the terminal does not reach it: `stop()` ends it after the parts that use it.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = True,
+                 password: str | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _config_file(self) -> Path:
+        path = self.data_dir / "redis.conf"
+        lines = ['rename-command CONFIG ""']
+        if self.password:
+            lines.insert(0, f"requirepass {self.password}")
+        _private_write(path, "\n".join(lines) + "\n")
+        return path
 
     def command(self) -> list[str]:
-        args = [redis_binary(), "--bind", "127.0.0.1", "--port", str(self.port),
+        args = [redis_binary(), str(self._config_file()), "--bind", "127.0.0.1", "--port", str(self.port),
                 "--dir", str(self.data_dir), "--save", "", "--protected-mode", "yes",
                 "--daemonize", "no", "--loglevel", "warning"]
         args += ["--appendonly", "yes" if self.persist else "no"]
@@ -58,8 +96,9 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
         self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+                                        stderr=subprocess.PIPE, start_new_session=True)
         self.wait_ready(timeout)
         return self
 

@@ -58,16 +58,18 @@ def run_up(settings: Settings, *, skip: frozenset[str] | set[str] = frozenset(),
     from personabot.redis_server import RedisServer
 
     out = out or sys.stdout
+    os.umask(0o077)  # the database, Redis's AOF, logs and uploads are for the service's user only
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.adapters_path.mkdir(parents=True, exist_ok=True)
     Store(settings.db_url).close()  # apply migrations once before the children start
 
     redis_server = None
     if not settings.redis_url:
-        from personabot.redis_server import RedisServerError, free_port
+        from personabot.redis_server import RedisServerError, free_port, load_or_create_password
 
-        redis_server = RedisServer(settings.data_dir / "redis", port=settings.embedded_redis_port,
-                                   persist=True)
+        redis_dir = settings.data_dir / "redis"
+        redis_server = RedisServer(redis_dir, port=settings.embedded_redis_port, persist=True,
+                                   password=load_or_create_password(settings.data_dir / "redis-password"))
         try:
             redis_server.start()
         except RedisServerError as error:
@@ -76,7 +78,8 @@ def run_up(settings: Settings, *, skip: frozenset[str] | set[str] = frozenset(),
                 f"Set PERSONABOT_EMBEDDED_REDIS_PORT (e.g. {free_port()}) or PERSONABOT_REDIS_URL"
             ) from None
         settings = settings.model_copy(update={"redis_url": redis_server.url})
-        print(f"[up] embedded redis-server on {redis_server.url} (data in {settings.data_dir / 'redis'})",
+        print(f"[up] embedded redis-server on {_mask_url(redis_server.url)} (password in "
+              f"{settings.data_dir / 'redis-password'}; data in {settings.data_dir / 'redis'})",
               file=out, flush=True)
     else:
         print(f"[up] using Redis at {_mask_url(settings.redis_url)}", file=out, flush=True)
@@ -91,6 +94,8 @@ def run_up(settings: Settings, *, skip: frozenset[str] | set[str] = frozenset(),
     specs = [ChildSpec(name, [sys.executable, *PARTS[name]], env=_without_secrets(env, name))
              for name in names]
     secrets = [s.get_secret_value() for s in (settings.telegram_token, settings.admin_password) if s]
+    if redis_server is not None and redis_server.password:
+        secrets.append(redis_server.password)
     supervisor = Supervisor(specs, out=out, secrets=secrets)
 
     def _on_signal(signum: int, _frame: Any) -> None:

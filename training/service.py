@@ -101,7 +101,7 @@ def _logged(ids: list[int]) -> list[int]:
     return ids
 
 
-def maybe_retrain(store: Any, settings: Settings | None = None, *, actor: str = "schedule",
+def retrain_if_changed(store: Any, settings: Settings | None = None, *, actor: str = "schedule",
                   waiting: Collection[int] | None = None) -> TrainingRun | None:
     """Create a run only if the persona data changed since the active adapter was trained.
 
@@ -308,5 +308,5 @@ def _trained_questions(path: Path) -> list[str]:
             for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-__all__ = ["QUEUED_STALE_AFTER", "STALE_AFTER", "TrainingRequestError", "cancel_training", "maybe_retrain",
+__all__ = ["QUEUED_STALE_AFTER", "STALE_AFTER", "TrainingRequestError", "cancel_training", "retrain_if_changed",
            "request_training", "run_training", "sweep_stale_runs"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
@@ -13,6 +13,9 @@ from personabot.core.store import isoformat
 from personabot.ui.context import AdminContext
 from personabot.ui.status_tab import collect_status
 from personabot.workers.client import ChatClient
+
+# Chats waiting at once on this route; more get 429 at once instead of tying up the admin process.
+API_CHATS_AT_ONCE = 16
 
 
 class ChatBody(BaseModel):
@@ -32,6 +35,8 @@ def _run_dict(run: Any) -> dict[str, Any]:
 def build_api(ctx: AdminContext) -> APIRouter:
     """Routes under /api/v1; the login guard in `ui.app` protects them like every page."""
     router = APIRouter(prefix="/api/v1")
+    waiting = {"chats": 0}
+    aredis: list[Any] = []
 
     @router.get("/status")
     def status() -> dict[str, Any]:
@@ -50,16 +55,23 @@ def build_api(ctx: AdminContext) -> APIRouter:
 
     @router.post("/chat")
     async def chat(body: ChatBody) -> ChatResult:
-        """Enqueue one chat request and wait for its final reply."""
+        """Enqueue one chat request and wait for its final reply (read without holding a thread)."""
+        if waiting["chats"] >= API_CHATS_AT_ONCE:
+            raise HTTPException(status_code=429, detail=f"{API_CHATS_AT_ONCE} API chats are already waiting; "
+                                "retry when one has finished", headers={"Retry-After": "5"})
         request = ChatRequest(messages=body.messages, adapter=body.adapter, sampling=body.sampling,
                               source="api")
+        if not aredis:
+            import redis.asyncio as aioredis
 
-        def run() -> ChatResult:
-            return ChatClient(ctx.redis, ctx.celery).ask(request, timeout_s=body.timeout_s)
-
+            aredis.append(aioredis.Redis.from_url(ctx.redis_url, socket_connect_timeout=3))
+        waiting["chats"] += 1
         try:
-            return await anyio.to_thread.run_sync(run)
+            client = ChatClient(ctx.redis, ctx.celery, aredis=aredis[0])
+            return await asyncio.wait_for(client.aask(request, timeout_s=body.timeout_s), body.timeout_s + 5)
         except TimeoutError as error:
-            raise HTTPException(status_code=504, detail=str(error)) from None
+            raise HTTPException(status_code=504, detail=str(error) or "no reply in time") from None
+        finally:
+            waiting["chats"] -= 1
 
     return router

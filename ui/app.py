@@ -6,8 +6,10 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 import gradio as gr
@@ -22,6 +24,7 @@ from personabot.ui import adapters_tab, keys_tab, persona_tab, playground_tab, s
 from personabot.ui.api import build_api
 from personabot.ui.auth import AdminAuth, ensure_admin_auth
 from personabot.ui.context import AdminContext
+from personabot.ui.guard import LoginThrottle, SessionClock, harden_headers
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,13 @@ TABS = [
     ("Status", "status", status_tab.StatusTab),
     ("API keys", "keys", keys_tab.KeysTab),
 ]
+SIGN_OUT_JS = ("() => { fetch('logout', {method: 'POST', credentials: 'same-origin'})"
+               ".finally(() => window.location.reload()); }")
 PUBLIC_POST = {"/login", "/login/"}
 CACHE_CLEANUP = (3600, 86400)  # every hour, delete uploads and exports older than a day
 FAILED_LOGIN_DELAY_S = 1.0
+LOGIN_BODY_LIMIT = 16384
+LOGOUT = {"/logout", "/logout/"}
 
 
 class LoginGuard:
@@ -80,11 +87,14 @@ class LoginGuard:
     A session is Gradio's login cookie; API clients may instead send HTTP Basic credentials.
     """
 
-    def __init__(self, app: ASGIApp, *, gradio_app: Callable[[], Any], auth: AdminAuth) -> None:
+    def __init__(self, app: ASGIApp, *, gradio_app: Callable[[], Any], auth: AdminAuth,
+                 session_ttl_s: float = 12 * 3600, throttle: LoginThrottle | None = None) -> None:
         self.app = app
         self.gradio_app = gradio_app
         self.auth = auth
         self.login_page = LOGIN_PAGE.encode("utf-8")
+        self.throttle = throttle or LoginThrottle()
+        self.sessions = SessionClock(session_ttl_s)
 
     def _session_user(self, scope: Scope) -> str | None:
         headers = dict(scope.get("headers") or [])
@@ -92,16 +102,21 @@ class LoginGuard:
         gradio_app = self.gradio_app()
         for name in (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}"):
             token = cookies.get(name)
-            if token is not None and token in gradio_app.tokens:
+            if token is not None and token in gradio_app.tokens and self.sessions.valid(token, gradio_app.tokens):
                 return str(gradio_app.tokens[token])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         if authorization.lower().startswith("basic "):
+            client = _client(scope)
+            if self.throttle.retry_after(client) > 0:
+                return None
             try:
                 user, _, password = base64.b64decode(authorization[6:]).decode("utf-8").partition(":")
             except (binascii.Error, UnicodeDecodeError):
-                return None
-            if self.auth.check(user, password):
+                user, password = "", ""
+            if user and self.auth.check(user, password):
+                self.throttle.succeeded(client)
                 return user
+            self.throttle.failed(client)
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -110,9 +125,16 @@ class LoginGuard:
             return
         path = scope.get("path", "")
         method = scope.get("method", "GET")
-        if scope["type"] == "http" and method == "POST" and path in PUBLIC_POST:
-            await self.app(scope, receive, self._delay_failures(send))
-            return
+        if scope["type"] == "http":
+            send = _hardened(send)
+            if path in LOGOUT:
+                if method != "POST":
+                    await _respond(send, 405, b'{"detail":"sign out with POST /logout"}', b"application/json")
+                    return
+                scope = dict(scope, method="GET")  # Gradio's logout route answers GET
+            elif method == "POST" and path in PUBLIC_POST:
+                await self._login(scope, receive, send)
+                return
         user = await anyio.to_thread.run_sync(self._session_user, scope)
         if user is not None:
             await self.app(scope, receive, send)
@@ -128,19 +150,67 @@ class LoginGuard:
         await _respond(send, 401, b'{"detail":"Not authenticated: sign in at / (API clients: HTTP Basic)"}',
                        b"application/json")
 
-    @staticmethod
-    def _delay_failures(send: Send) -> Send:
-        async def wrapped(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                await asyncio.sleep(FAILED_LOGIN_DELAY_S)
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The login POST: throttled per client and overall; a name with spaces around it is refused."""
+        client = _client(scope)
+        wait = self.throttle.retry_after(client)
+        if wait > 0:
+            await _respond(send, 429, b'{"detail":"too many failed sign-ins; wait and try again"}',
+                           b"application/json", extra=[(b"retry-after", str(int(wait) + 1).encode())])
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > LOGIN_BODY_LIMIT:
+                await _respond(send, 413, b'{"detail":"login form too large"}', b"application/json")
+                return
+        username = parse_qs(body.decode("latin-1")).get("username", [""])[0]
+        if username != username.strip():
+            self.throttle.failed(client)
+            await asyncio.sleep(FAILED_LOGIN_DELAY_S)
+            await _respond(send, 401, b'{"detail":"Incorrect credentials."}', b"application/json")
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def record(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] >= 400:
+                    self.throttle.failed(client)
+                    await asyncio.sleep(FAILED_LOGIN_DELAY_S)
+                else:
+                    self.throttle.succeeded(client)
             await send(message)
 
-        return wrapped
+        await self.app(scope, replay, record)
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _hardened(send: Send) -> Send:
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = dict(message, headers=harden_headers(list(message.get("headers") or [])))
+        await send(message)
+
+    return wrapped
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes,
+                   extra: list[tuple[bytes, bytes]] | None = None) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store")]
+               (b"cache-control", b"no-store"), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -150,7 +220,8 @@ def build_blocks(ctx: AdminContext) -> gr.Blocks:
     with gr.Blocks(title="personabot admin", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as blocks:
         with gr.Row(equal_height=True):
             gr.Markdown("## personabot admin")
-            gr.Button("Sign out", link="/logout", size="sm", scale=0, min_width=100, elem_id="sign-out")
+            sign_out = gr.Button("Sign out", size="sm", scale=0, min_width=100, elem_id="sign-out")
+            sign_out.click(None, js=SIGN_OUT_JS)
         loaded = []
         with gr.Tabs():
             for label, tab_id, tab_class in TABS:
@@ -181,8 +252,13 @@ def create_app(ctx: AdminContext, auth: AdminAuth) -> FastAPI:
     blocks = build_blocks(ctx)
     gr.mount_gradio_app(app, blocks, path="/", auth=check_login, footer_links=[], run_history=False,
                         show_error=True, css=CSS, ssr_mode=False, mcp_server=False,
-                        server_name=ctx.settings.ui_host, server_port=ctx.settings.ui_port)
-    app.add_middleware(LoginGuard, gradio_app=lambda: _gradio_app(app), auth=auth)
+                        server_name=ctx.settings.ui_host, server_port=ctx.settings.ui_port,
+                        max_file_size=ctx.settings.max_import_bytes)
+    # Gradio checks that incoming files were uploaded only when it "has launched"; mounted, it never
+    # does, so a client-supplied FileData path would be read from anywhere on the host.
+    blocks.has_launched = True
+    app.add_middleware(LoginGuard, gradio_app=lambda: _gradio_app(app), auth=auth,
+                       session_ttl_s=ctx.settings.admin_session_hours * 3600)
     return app
 
 
@@ -195,6 +271,10 @@ def run_ui(settings: Settings | None = None) -> None:
     import uvicorn
 
     settings = settings or get_settings()
+    os.umask(0o077)
+    gradio_tmp = settings.data_dir / "gradio-tmp"
+    gradio_tmp.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(gradio_tmp))
     ctx = make_context(settings)
     auth = ensure_admin_auth(settings, ctx.store)
     app = create_app(ctx, auth)

@@ -7,10 +7,12 @@ import hashlib
 import hmac
 import secrets
 import sys
+import threading
 from typing import Any, TextIO
 
 PASSWORD_HASH_KEY = "admin_password_hash"
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+HASHING_AT_ONCE = 2
 
 
 class AuthError(ValueError):
@@ -52,9 +54,29 @@ class AdminAuth:
         self.user = user
         self._password = password
         self._password_hash = password_hash
+        self._hashing = threading.BoundedSemaphore(HASHING_AT_ONCE)
+        self._verified: set[bytes] = set()
 
     def check(self, user: str, password: str) -> bool:
-        """Constant-time check of a login attempt."""
+        """Constant-time check of a login attempt; a name with spaces around it is refused.
+
+        At most HASHING_AT_ONCE scrypt checks run at once; a verified login is remembered (as a
+        keyed digest) so later checks of the same credentials cost no scrypt.
+        """
+        if user != user.strip():
+            return False
+        key = hmac.new(self._cache_key, f"{user}\0{password}".encode("utf-8", "surrogatepass"), "sha256").digest()
+        if key in self._verified:
+            return True
+        with self._hashing:
+            ok = self._check(user, password)
+        if ok:
+            self._verified.add(key)
+        return ok
+
+    _cache_key = secrets.token_bytes(32)
+
+    def _check(self, user: str, password: str) -> bool:
         user_ok = hmac.compare_digest(user.encode("utf-8"), self.user.encode("utf-8"))
         if self._password is not None:
             password_ok = hmac.compare_digest(password.encode("utf-8"), self._password.encode("utf-8"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,36 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
     return str(value)
+
+
+class UploadError(ValueError):
+    """A file that did not come through Gradio's upload, or is too large; the message says what to do."""
+
+
+def read_upload(path: str, max_bytes: int) -> bytes:
+    """The bytes of an uploaded file; only files inside Gradio's upload folder (resolved) are read."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(folder) or not resolved.is_file():
+        raise UploadError("that file was not uploaded here; choose the file with the upload box and check again")
+    size = resolved.stat().st_size
+    if size > max_bytes:
+        raise UploadError(f"the file has {size} bytes, over the limit of {max_bytes} (PERSONABOT_MAX_IMPORT_BYTES); "
+                          "split it and import the parts")
+    return resolved.read_bytes()
+
+
+EXPORT_KEEP_S = 3600.0
+
+
+def remove_old_exports(root: Path, keep_s: float = EXPORT_KEEP_S) -> None:
+    """Delete export folders under `root` older than `keep_s` seconds."""
+    now = time.time()
+    for folder in root.iterdir():
+        if folder.is_dir() and now - folder.stat().st_mtime > keep_s:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class PersonaTab:
@@ -202,7 +234,12 @@ class PersonaTab:
         if not path:
             return (notice("choose a file first", ok=False), pd.DataFrame(columns=REPORT_COLUMNS), None,
                     gr.update(interactive=False))
-        report = parse_pairs(Path(path).read_bytes(), Path(path).name, self.ctx.settings,
+        try:
+            data = read_upload(path, self.ctx.settings.max_import_bytes)
+        except UploadError as error:
+            return (notice(str(error), ok=False), pd.DataFrame(columns=REPORT_COLUMNS), None,
+                    gr.update(interactive=False))
+        report = parse_pairs(data, Path(path).name, self.ctx.settings,
                              default_kind=default_kind, store=self.ctx.store, replace=replace)
         errors = pd.DataFrame([[e.row or "file", e.message] for e in report.errors], columns=REPORT_COLUMNS)
         return notice(report.summary(), ok=report.ok), errors, report if report.ok else None, gr.update(
@@ -221,8 +258,14 @@ class PersonaTab:
                 self.pairs_frame(filter_kind, search), None, gr.update(interactive=False))
 
     def run_export(self, fmt: str) -> str:
-        """Write the export to a private temp folder; Gradio serves a copy (behind the login)."""
-        path = Path(tempfile.mkdtemp(prefix="personabot-export-")) / f"pairs{EXPORT_SUFFIX[fmt]}"
+        """Write the export to a private folder under Gradio's temp dir; Gradio serves a copy (behind
+        the login). Exports older than EXPORT_KEEP_S are removed first."""
+        from gradio.utils import get_upload_folder
+
+        root = Path(get_upload_folder()) / "personabot-exports"
+        root.mkdir(parents=True, exist_ok=True)
+        remove_old_exports(root)
+        path = Path(tempfile.mkdtemp(prefix="export-", dir=root)) / f"pairs{EXPORT_SUFFIX[fmt]}"
         path.write_bytes(export_pairs(self.ctx.store, fmt))
         return str(path)
 
@@ -289,6 +332,8 @@ class PersonaTab:
                 export_format = gr.Dropdown(list(FORMATS), value="json", label="Export format")
                 export = gr.Button("Export", elem_id="export-run")
                 export_file = gr.File(label="Exported file", interactive=False)
+                gr.Markdown("CSV export: a cell starting with = + - @, tab or CR gets a leading ' so a spreadsheet "
+                            "shows it as text instead of running it as a formula.", elem_id="export-csv-note")
         report_state = gr.State(None)
 
         gr.Markdown("### Training set preview")

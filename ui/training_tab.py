@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from personabot.core.models import TrainingRun
 from personabot.core.store import StoreError, isoformat
 from personabot.training.params import TrainParams
+from personabot.training.schedule import CronError, current_cron, next_retrain_time, set_retrain_cron
 from personabot.training.service import TrainingRequestError, cancel_training, request_training
 from personabot.ui.context import LIVE_ERRORS, AdminContext, actor, notice
-from personabot.workers.beat import CronError, current_cron, next_retrain_time, set_retrain_cron
 from personabot.workers.client import submit_training
 
 MIX_COLUMNS = ["dataset", "samples"]

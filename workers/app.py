@@ -29,7 +29,7 @@ def make_celery(redis_url: str | None = None) -> Celery:
         task_routes={
             "personabot.chat*": {"queue": CHAT_QUEUE},
             "personabot.train*": {"queue": TRAIN_QUEUE},
-            "personabot.maybe_retrain": {"queue": TRAIN_QUEUE},
+            "personabot.retrain_if_changed": {"queue": TRAIN_QUEUE},
         },
         worker_prefetch_multiplier=1,
         task_track_started=True,

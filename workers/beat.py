@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from celery.beat import Scheduler
-from celery.schedules import crontab
 from celery.schedules import schedule as every
 
-from personabot.core.settings import Settings, get_settings
+from personabot.core.settings import get_settings
+from personabot.training.schedule import (
+    CRON_KEY,
+    CronError,
+    cron_schedule,
+    current_cron,
+    next_retrain_time,
+    set_retrain_cron,
+    stored_cron,
+    validate_cron,
+)
 from personabot.workers.app import app
-from personabot.workers.client import MAYBE_RETRAIN_TASK
+from personabot.workers.client import RETRAIN_IF_CHANGED_TASK
 
 log = logging.getLogger(__name__)
-CRON_KEY = "retrain_cron"
-ENTRY_NAME = "maybe-retrain"
+ENTRY_NAME = "retrain-if-changed"
 REFRESH_S = 30.0
 # The stale-run sweep (runs of dead train workers end failed) runs on `train` this often.
 SWEEP_TASK = "personabot.train_sweep"
@@ -29,63 +37,12 @@ SWEEP_ENTRY = "sweep-stale-runs"
 SWEEP_EVERY = timedelta(minutes=3)
 
 
-class CronError(ValueError):
-    """A retrain schedule is not a 5-field cron; the message shows the expected form."""
-
-
-def validate_cron(cron: str) -> str:
-    from croniter import croniter
-
-    cron = " ".join(cron.split())
-    if cron and not croniter.is_valid(cron):
-        raise CronError(f"{cron!r} is not a 5-field cron like '0 3 * * *' (minute hour day month weekday)")
-    if cron and len(cron.split()) != 5:
-        raise CronError(f"{cron!r} must have exactly 5 fields: minute hour day month weekday")
-    return cron
-
-
-def current_cron(store: Any, settings: Settings | None = None) -> str:
-    """The admin's cron from the store, else PERSONABOT_RETRAIN_CRON; '' = never."""
-    settings = settings or get_settings()
-    value = store.get_config(CRON_KEY)
-    if value is None:
-        return settings.retrain_cron
-    try:
-        return validate_cron(value)
-    except CronError as error:
-        log.warning("ignoring the stored retrain schedule: %s", error)
-        return settings.retrain_cron
-
-
-def set_retrain_cron(store: Any, cron: str, *, actor: str) -> str:
-    """Validate and save the admin's schedule ('' turns scheduled retraining off)."""
-    cron = validate_cron(cron)
-    store.set_config(CRON_KEY, cron, actor=actor)
-    return cron
-
-
-def cron_schedule(cron: str) -> crontab:
-    minute, hour, day_of_month, month_of_year, day_of_week = cron.split()
-    return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
-                   day_of_week=day_of_week)
-
-
-def next_retrain_time(store: Any, settings: Settings | None = None, now: datetime | None = None) -> datetime | None:
-    """When beat next checks the persona (UTC), or None when scheduled retraining is off."""
-    from croniter import croniter
-
-    cron = current_cron(store, settings)
-    if not cron:
-        return None
-    start = now or datetime.now(UTC)
-    return croniter(cron, start).get_next(datetime)
-
-
 class StoreCronScheduler(Scheduler):
     """A beat scheduler with one entry, rebuilt whenever the cron in the store changes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._cron: str | None = None
+        self._bad: str | None = None
         self._checked = 0.0
         self._store: Any = None
         kwargs.setdefault("max_interval", REFRESH_S)
@@ -104,14 +61,28 @@ class StoreCronScheduler(Scheduler):
 
             self._store = Store(get_settings().db_url)
         self._checked = time.monotonic()
-        cron = current_cron(self._store)
+        stored = stored_cron(self._store)
+        try:
+            cron = validate_cron(stored)
+        except CronError as error:
+            if self._cron is None:
+                cron = current_cron(self._store)
+                log.error("the stored retrain schedule is unusable (%s); running on %r from the settings until "
+                          "the admin saves a good one", error, cron)
+            else:
+                if stored != self._bad:
+                    log.error("the stored retrain schedule is unusable (%s); keeping the last good schedule %r",
+                              error, self._cron or "off")
+                self._bad = stored
+                return
+        self._bad = None
         if cron == self._cron:
             return
         self._cron = cron
         self.schedule.clear()
         self._sweep_entry()
         if cron:
-            self.schedule[ENTRY_NAME] = self.Entry(name=ENTRY_NAME, task=MAYBE_RETRAIN_TASK,
+            self.schedule[ENTRY_NAME] = self.Entry(name=ENTRY_NAME, task=RETRAIN_IF_CHANGED_TASK,
                                                    schedule=cron_schedule(cron), app=self.app)
         log.info("retrain schedule: %s", cron or "off")
 
@@ -125,5 +96,7 @@ class StoreCronScheduler(Scheduler):
             self._store.close()
         super().close()
 
+
+__all__ = ["CRON_KEY", "CronError", "StoreCronScheduler", "current_cron", "next_retrain_time", "set_retrain_cron"]
 
 app.conf.beat_scheduler = "personabot.workers.beat:StoreCronScheduler"

@@ -19,7 +19,7 @@ from personabot.core.streams import StreamEntry, aread_reply, read_reply, reques
 
 CHAT_TASK = "personabot.chat"
 TRAIN_TASK = "personabot.train"
-MAYBE_RETRAIN_TASK = "personabot.maybe_retrain"
+RETRAIN_IF_CHANGED_TASK = "personabot.retrain_if_changed"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Celery training tasks (`personabot.train`, `personabot.maybe_retrain`, the stale-run sweep) and worker hooks."""
+"""Celery training tasks (`personabot.train`, `personabot.retrain_if_changed`, the stale-run sweep) and worker hooks."""
 
 # Start: celery -A workers.train_tasks:app worker -Q train --concurrency 1 --prefetch-multiplier 1
 # One job at a time: concurrency 1, and the store's job lock (one 'running' run) across hosts.
@@ -20,11 +20,10 @@ from celery import Celery, signals
 
 from personabot.core.settings import Settings, get_settings
 from personabot.core.store import RunLockedError, Store
-from personabot.training.service import maybe_retrain as plan_retrain
-from personabot.training.service import run_training, sweep_stale_runs
+from personabot.training.service import retrain_if_changed, run_training, sweep_stale_runs
 from personabot.workers.app import TRAIN_QUEUE, app
 from personabot.workers.beat import SWEEP_TASK
-from personabot.workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
+from personabot.workers.client import RETRAIN_IF_CHANGED_TASK, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 LOCKED_RETRY_S = 60
@@ -140,9 +139,9 @@ def train(self: Any, run_id: int) -> dict[str, Any]:
         store.close()
 
 
-def schedule_retrain(store: Any, settings: Settings, celery_app: Celery) -> dict[str, Any]:
+def enqueue_retrain_if_changed(store: Any, settings: Settings, celery_app: Celery) -> dict[str, Any]:
     """Create and enqueue a run if the persona changed; a run that cannot be enqueued is cancelled."""
-    run = plan_retrain(store, settings, waiting=_waiting())
+    run = retrain_if_changed(store, settings, waiting=_waiting())
     if run is None:
         return {"queued": False}
     try:
@@ -156,13 +155,13 @@ def schedule_retrain(store: Any, settings: Settings, celery_app: Celery) -> dict
     return {"queued": True, "run_id": run.id}
 
 
-@app.task(name=MAYBE_RETRAIN_TASK, ignore_result=False)
-def maybe_retrain() -> dict[str, Any]:
+@app.task(name=RETRAIN_IF_CHANGED_TASK, ignore_result=False)
+def retrain_if_changed_task() -> dict[str, Any]:
     """Enqueue training only if the persona data hash differs from the active adapter's."""
     settings = get_settings()
     store = Store(settings.db_url)
     try:
-        return schedule_retrain(store, settings, app)
+        return enqueue_retrain_if_changed(store, settings, app)
     finally:
         store.close()
 

@@ -131,3 +131,73 @@ def test_import_rechecks_the_store_at_save_time(store: Store) -> None:
     with pytest.raises(PairImportError, match="contradicts stored pair"):
         import_pairs(store, fresh)
     assert len(store.list_pairs()) == 3
+
+
+# --- hardening (issue 11) --------------------------------------------------------------------------
+
+
+def test_csv_export_neutralises_formula_cells_and_import_keeps_text(sqlite_store: Store) -> None:
+    formulas = ['=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(1+1)", "\tx", "\rx"]
+    sqlite_store.add_pairs([{"kind": "faq", "instruction": f"q{i}?", "output": f} for i, f in enumerate(formulas)])
+    import csv
+    import io
+
+    cells = [row["output"] for row in csv.DictReader(io.StringIO(export_pairs(sqlite_store, "csv").decode()))]
+    assert all(c.startswith("'") for c in cells), cells
+    report = parse_pairs(json.dumps([{"instruction": "q", "output": "=1+1"}]).encode(), "x.json")
+    assert report.rows[0]["output"] == "=1+1"
+
+
+def test_nul_escape_and_lone_surrogate_are_refused_per_field(sqlite_store: Store) -> None:
+    for text in ('[{"instruction": "a\\u0000b", "output": "x"}]', '[{"instruction": "a", "output": "\\ud800"}]'):
+        report = parse_pairs(text.encode(), "x.json")
+        assert not report.ok
+        assert "NUL" in report.summary() or "surrogate" in report.summary()
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085"])
+def test_jsonl_round_trip_with_unicode_line_separators(sqlite_store: Store, char: str) -> None:
+    sqlite_store.add_pairs([{"kind": "faq", "instruction": f"a{char}b?", "output": f"c{char}d"}])
+    before = _snapshot(sqlite_store)
+    again = parse_pairs(export_pairs(sqlite_store, "jsonl"), "x.jsonl")
+    assert again.ok, again.summary()
+    import_pairs(sqlite_store, again, replace=True)
+    assert _snapshot(sqlite_store) == before
+
+
+def test_import_stops_at_max_pairs_plus_one_and_caps_the_report() -> None:
+    from personabot.core.pairs_io import MAX_REPORTED_ERRORS
+
+    many = "\n".join(json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(100_000))
+    report = parse_pairs(many.encode(), "x.jsonl")
+    assert len(report.rows) == 5001 and report.truncated
+    bad = "\n".join("{bad" for _ in range(100_000))
+    report = parse_pairs(bad.encode(), "x.jsonl")
+    assert len(report.errors) <= MAX_REPORTED_ERRORS + 2 and len(report.summary()) < 5000
+    huge = json.dumps([{"instruction": "q", "output": "a", "kind": "x" * 5_000_000}]).encode()
+    assert len(parse_pairs(huge, "x.json").summary()) < 1000
+
+
+def test_duplicate_json_keys_and_csv_headers_are_reported() -> None:
+    report = parse_pairs(b'[{"instruction": "a", "output": "b", "output": "c"}]', "x.json")
+    assert "more than once" in report.summary()
+    report = parse_pairs(b"instruction,output,output\na,b,c\n", "x.csv")
+    assert "more than once" in report.summary()
+
+
+def test_unterminated_csv_quote_says_so_and_where() -> None:
+    report = parse_pairs(b'instruction,output\na,b\nc,"d\n', "x.csv")
+    assert "unterminated quote" in report.summary() and "line 3" in report.summary()
+
+
+def test_pair_search_treats_percent_and_underscore_literally(sqlite_store: Store) -> None:
+    sqlite_store.add_pairs([{"kind": "faq", "instruction": "100% sure?", "output": "yes"},
+                            {"kind": "faq", "instruction": "a_b?", "output": "no"},
+                            {"kind": "faq", "instruction": "axb?", "output": "no"}])
+    assert [p.instruction for p in sqlite_store.list_pairs(search="%")] == ["100% sure?"]
+    assert [p.instruction for p in sqlite_store.list_pairs(search="a_b")] == ["a_b?"]
+
+
+def test_audit_log_holds_no_password_hash(sqlite_store: Store) -> None:
+    sqlite_store.set_config("admin_password_hash", "scrypt$secret-hash")
+    assert "secret-hash" not in str([e.detail for e in sqlite_store.list_audit()])

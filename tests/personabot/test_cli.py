@@ -83,7 +83,15 @@ def test_up_starts_every_built_part_and_stops_cleanly(tmp_path: Path, tiny_model
         while "[up] starting:" not in log_path.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, log_path.read_text()
             time.sleep(0.2)
-        assert redis.Redis(port=port).ping()
+        password_file = tmp_path / "data" / "redis-password"
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        authed = redis.Redis(port=port, password=password_file.read_text().strip())
+        assert authed.ping()
+        with pytest.raises(redis.ResponseError):
+            authed.config_get("dir")
+        assert (tmp_path / "data" / "personabot.db").stat().st_mode & 0o077 == 0, "service files are private"
         started = log_path.read_text().split("[up] starting:")[1].split(";")[0]
         # Let every part come up (imports, model load) and make sure none died meanwhile.
         time.sleep(25)
@@ -96,5 +104,21 @@ def test_up_starts_every_built_part_and_stops_cleanly(tmp_path: Path, tiny_model
     assert "exited with code" not in text, text
     assert "[up] stopped" in text
     assert "test-admin-pw" not in text
+    assert password_file.read_text().strip() not in text
+    assert "Connection refused" not in text and "Error 111" not in text, "redis-server stops after the parts"
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"left behind: {alive}; parts {started}"
+
+
+def test_pairs_import_of_an_empty_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty.json").write_text("[]")
+    result = _cli(tmp_path, "pairs", "import", "empty.json")
+    assert result.returncode == 1 and "holds no pairs" in result.stderr, result.stderr
+
+
+def test_pairs_import_caps_size_and_printed_problems(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text("{bad\n" * 5000)
+    result = _cli(tmp_path, "pairs", "import", "bad.jsonl")
+    assert result.returncode == 1 and len(result.stderr.splitlines()) < 60, result.stderr[-500:]
+    result = _cli(tmp_path, "pairs", "import", "bad.jsonl", PERSONABOT_MAX_IMPORT_BYTES="100")
+    assert result.returncode == 1 and "PERSONABOT_MAX_IMPORT_BYTES" in result.stderr

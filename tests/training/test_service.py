@@ -17,8 +17,8 @@ from personabot.training.registry import AdapterRegistry
 from personabot.training.service import (
     TrainingRequestError,
     cancel_training,
-    maybe_retrain,
     request_training,
+    retrain_if_changed,
     run_training,
     sweep_stale_runs,
 )
@@ -83,11 +83,11 @@ def test_a_run_builds_trains_evaluates_registers_and_promotes(sqlite_store, cpu_
         assert _greedy(cpu_settings.model, adapter.path, system, question) == answer
 
     # Nothing changed since: the schedule does not retrain; an edit makes it retrain.
-    assert maybe_retrain(sqlite_store, cpu_settings) is None
+    assert retrain_if_changed(sqlite_store, cpu_settings) is None
     sqlite_store.update_pair(sqlite_store.list_pairs("faq")[0].id, output="We are open from 8 to 6.")
-    again = maybe_retrain(sqlite_store, cpu_settings)
+    again = retrain_if_changed(sqlite_store, cpu_settings)
     assert again is not None and again.trigger == "schedule" and again.status == "queued"
-    assert maybe_retrain(sqlite_store, cpu_settings) is None, "a queued run is not queued twice"
+    assert retrain_if_changed(sqlite_store, cpu_settings) is None, "a queued run is not queued twice"
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_the_gate_rejects_an_adapter_and_keeps_the_active_one(sqlite_store, cpu_
     assert not rejected.eval_passed and rejected.eval_reason in run.error
     assert sqlite_store.active_adapter().id == prior_active.id
     assert [e.type for e in events.recent(redis_client)].count("adapter.promoted") == 0
-    assert maybe_retrain(sqlite_store, strict) is None, "the same data is not retrained after a rejection"
+    assert retrain_if_changed(sqlite_store, strict) is None, "the same data is not retrained after a rejection"
 
 
 @pytest.mark.slow
@@ -246,7 +246,7 @@ def test_the_sweep_ends_dead_runs_and_lost_queued_runs(sqlite_store, cpu_setting
     sqlite_store.request_cancel(fresh.id, actor="admin")
     orphan = request_training(sqlite_store, TrainParams(), actor="admin")
     age_run(sqlite_store, orphan.id, minutes=30, field="created_at")
-    again = maybe_retrain(sqlite_store, cpu_settings, waiting=set())
+    again = retrain_if_changed(sqlite_store, cpu_settings, waiting=set())
     assert again is not None and again.id != orphan.id
     assert sqlite_store.get_run(orphan.id).status == "cancelled"
 

@@ -16,8 +16,8 @@ from personabot.training.registry import AdapterRegistry
 from personabot.training.service import request_training
 from personabot.workers.app import make_celery
 from personabot.workers.beat import SWEEP_TASK
-from personabot.workers.client import MAYBE_RETRAIN_TASK, TRAIN_TASK
-from personabot.workers.train_tasks import schedule_retrain
+from personabot.workers.client import RETRAIN_IF_CHANGED_TASK, TRAIN_TASK
+from personabot.workers.train_tasks import enqueue_retrain_if_changed
 from tests.training.conftest import (
     TrainWorker,
     age_run,
@@ -59,9 +59,9 @@ def test_worker_start_fails_orphans_and_retrains_only_on_change(tmp_path: Path, 
         failed = sqlite_store.get_run(orphan.id)
         assert failed.status == "failed" and "worker stopped" in failed.error
 
-        assert app.send_task(MAYBE_RETRAIN_TASK).get(timeout=60) == {"queued": False}
+        assert app.send_task(RETRAIN_IF_CHANGED_TASK).get(timeout=60) == {"queued": False}
         sqlite_store.update_pair(sqlite_store.list_pairs("faq")[0].id, output="We are open from 8 to 6.")
-        queued = app.send_task(MAYBE_RETRAIN_TASK).get(timeout=60)
+        queued = app.send_task(RETRAIN_IF_CHANGED_TASK).get(timeout=60)
         assert queued["queued"] is True
         run = wait_for_run(sqlite_store, queued["run_id"], timeout_s=60)
         assert run.trigger == "schedule" and run.worker == "train@pytest"
@@ -111,7 +111,7 @@ def test_a_scheduled_run_that_cannot_be_queued_is_cancelled(sqlite_store, cpu_se
     # As inside a worker: publishing only (a worker task never waits on the result backend).
     dead_broker = Celery("dead", broker=f"redis://127.0.0.1:{port}/0")
     try:
-        result = schedule_retrain(sqlite_store, cpu_settings, dead_broker)
+        result = enqueue_retrain_if_changed(sqlite_store, cpu_settings, dead_broker)
     finally:
         dead_broker.close()
     assert result["queued"] is False and "could not be queued" in result["error"]

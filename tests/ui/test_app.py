@@ -77,7 +77,8 @@ def test_login_opens_pages_files_and_api(admin_server) -> None:
         status = client.get("/api/v1/status")
         assert status.status_code == 200
         assert status.json()["queues"] == {"chat": 0, "train": 0}
-        assert client.get("/logout").status_code == 302
+        assert client.get("/logout").status_code == 405
+        assert client.post("/logout").status_code == 302
         assert client.get("/config").status_code == 401
     finally:
         client.close()
@@ -159,7 +160,10 @@ def test_gradio_client_edits_persona_and_imports(admin_server, tmp_path: Path) -
 def test_schedule_is_validated_and_stored(admin_server) -> None:
     client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
     note, _ = client.predict("every day", api_name="/save_schedule")
-    assert "not a 5-field cron" in note
+    assert "5 fields" in note
+    for bad in ("0 3 * * 7", "0 0 31 2 *"):
+        note, _next = client.predict(bad, api_name="/save_schedule")
+        assert "pb-error" in note and admin_server.ctx.store.get_config("retrain_cron") is None, note
     note, _next = client.predict("30 4 * * 1", api_name="/save_schedule")
     assert "saved" in note
     assert admin_server.ctx.store.get_config("retrain_cron") == "30 4 * * 1"
