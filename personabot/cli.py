@@ -161,6 +161,12 @@ def cmd_persona(args: argparse.Namespace) -> int:
 
     store = Store(settings.db_url)
     if args.action == "set":
+        from personabot.core.persona import check_persona
+
+        current = store.get_persona()
+        check_persona(settings, current.name if args.name is None else args.name,
+                      current.author if args.author is None else args.author,
+                      current.system_prompt if args.system_prompt is None else args.system_prompt)
         store.update_persona(name=args.name, author=args.author, system_prompt=args.system_prompt, actor="cli")
     persona = store.get_persona()
     print(json.dumps({"name": persona.name, "author": persona.author, "system_prompt": persona.system_prompt,
