@@ -59,7 +59,8 @@ def test_persona_set_refuses_over_long_system_prompt_and_keeps_store(tmp_path: P
     assert _cli(tmp_path, "persona", "set", "--name", "Ada", "--system-prompt", "short").returncode == 0
     refused = _cli(tmp_path, "persona", "set", "--system-prompt", "x" * 50, PERSONABOT_MAX_SYSTEM_PROMPT_CHARS="20")
     assert refused.returncode != 0
-    assert "system prompt has 50 characters" in refused.stderr and "PERSONABOT_MAX_SYSTEM_PROMPT_CHARS" in refused.stderr
+    assert "system prompt has 50 characters" in refused.stderr
+    assert "PERSONABOT_MAX_SYSTEM_PROMPT_CHARS" in refused.stderr
     shown = _cli(tmp_path, "persona", "show")
     assert '"system_prompt": "short"' in shown.stdout and '"name": "Ada"' in shown.stdout
     long_name = _cli(tmp_path, "persona", "set", "--name", "n" * 201)
