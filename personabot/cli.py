@@ -86,14 +86,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from personabot.training.params import TrainParams
     from personabot.training.service import request_training, run_training
 
-    base = TrainParams.from_settings(settings).model_dump()
-    for key in ("epochs", "learning_rate", "lora_rank", "speed_mode"):
-        if getattr(args, key) is not None:
-            base[key] = getattr(args, key)
-    if args.general_data is not None:
-        base["general_data"] = args.general_data
+    params = TrainParams.from_settings(settings, **{key: getattr(args, key) for key in (
+        "epochs", "learning_rate", "lora_rank", "speed_mode", "general_data")})
     store = Store(settings.db_url)
-    run = request_training(store, TrainParams(**base), actor="cli", trigger="cli")
+    run = request_training(store, params, actor="cli", trigger="cli")
     print(f"training run {run.id} queued; running it here")
     run_training(run.id)
     run = store.get_run(run.id)
