@@ -14,11 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from personabot.core.models import PAIR_KINDS
+from personabot.core.store_errors import StoreError
 
 FORMATS = ("json", "jsonl", "csv", "messages")
 _USER_ROLES = {"user", "human"}
 _ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
 _SYSTEM_ROLES = {"system"}
+
+
+class PairError(StoreError):
+    """One pair breaks an import rule; the message names the problem and the fix."""
 
 
 class PairImportError(ValueError):
@@ -361,6 +366,23 @@ def parse_pairs(
     report.errors.extend(store_conflicts(report, store, replace=replace))
     report.errors.sort(key=lambda e: e.row)
     return report
+
+
+def validate_pair(row: dict[str, Any], settings: Any = None, *, store: Any = None) -> dict[str, Any]:
+    """Validate one pair with the import rules (limits, kind, NUL bytes; with `store`, clashes and the
+    pair limit) and return it normalised; raise PairError naming the problem otherwise."""
+    limits = Limits.from_settings(settings) if settings is not None else Limits()
+    if any(isinstance(value, str) and "\x00" in value for value in row.values()):
+        raise PairError("the pair contains NUL bytes, which no text field may hold; remove them")
+    try:
+        normalised = _normalise(row, str(row.get("kind") or "identity"), limits)
+    except ValueError as error:
+        raise PairError(str(error)) from None
+    report = ImportReport(format="pair", rows=[normalised], source_rows=[1], limits=limits)
+    errors = store_conflicts(report, store, replace=False)
+    if errors:
+        raise PairError("; ".join(error.message for error in errors))
+    return normalised
 
 
 def store_conflicts(report: ImportReport, store: Any, *, replace: bool) -> list[RowError]:

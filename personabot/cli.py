@@ -138,14 +138,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from personabot.training.params import TrainParams
     from personabot.training.service import request_training, run_training
 
-    base = TrainParams.from_settings(settings).model_dump()
-    for key in ("epochs", "learning_rate", "lora_rank", "speed_mode"):
-        if getattr(args, key) is not None:
-            base[key] = getattr(args, key)
-    if args.general_data is not None:
-        base["general_data"] = args.general_data
+    params = TrainParams.from_settings(settings, **{key: getattr(args, key) for key in (
+        "epochs", "learning_rate", "lora_rank", "speed_mode", "general_data")})
     store = Store(settings.db_url)
-    run = request_training(store, TrainParams(**base), actor="cli", trigger="cli")
+    run = request_training(store, params, actor="cli", trigger="cli")
     print(f"training run {run.id} queued; running it here")
     run_training(run.id)
     run = store.get_run(run.id)
@@ -213,6 +209,12 @@ def cmd_persona(args: argparse.Namespace) -> int:
 
     store = Store(settings.db_url)
     if args.action == "set":
+        from personabot.core.persona import check_persona
+
+        current = store.get_persona()
+        check_persona(settings, current.name if args.name is None else args.name,
+                      current.author if args.author is None else args.author,
+                      current.system_prompt if args.system_prompt is None else args.system_prompt)
         store.update_persona(name=args.name, author=args.author, system_prompt=args.system_prompt, actor="cli")
     persona = store.get_persona()
     print(json.dumps({"name": persona.name, "author": persona.author, "system_prompt": persona.system_prompt,

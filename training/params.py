@@ -48,8 +48,9 @@ class TrainParams(BaseModel):
         return [spec.strip() for spec in value]
 
     @classmethod
-    def from_settings(cls, settings: object) -> TrainParams:
-        return cls(
+    def from_settings(cls, settings: object, **overrides: object) -> TrainParams:
+        """The settings' training defaults with `overrides` (None = keep the default), validated."""
+        base = cls.model_construct(
             epochs=settings.train_epochs,  # type: ignore[attr-defined]
             learning_rate=settings.train_learning_rate,  # type: ignore[attr-defined]
             lora_rank=settings.train_lora_rank,  # type: ignore[attr-defined]
@@ -58,4 +59,5 @@ class TrainParams(BaseModel):
             general_data=list(settings.general_data),  # type: ignore[attr-defined]
             identity_oversample=settings.identity_oversample,  # type: ignore[attr-defined]
             min_identity_pairs=settings.min_identity_pairs,  # type: ignore[attr-defined]
-        )
+        ).model_dump()
+        return cls(**{**base, **{key: value for key, value in overrides.items() if value is not None}})

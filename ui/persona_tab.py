@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -20,8 +19,8 @@ from personabot.core.pairs_io import (
     export_pairs,
     import_pairs,
     parse_pairs,
-    question_key,
 )
+from personabot.core.persona import PersonaFieldError, check_persona, refuse_clash, validate_pair
 from personabot.core.store import StoreError
 from personabot.training.dataset import preview_training_set
 from personabot.training.params import TrainParams
@@ -30,21 +29,6 @@ from personabot.ui.context import AdminContext, actor, notice
 PAIR_COLUMNS = ["id", "kind", "enabled", "instruction", "input", "output"]
 REPORT_COLUMNS = ["row", "problem"]
 EXPORT_SUFFIX = {"json": ".json", "jsonl": ".jsonl", "csv": ".csv", "messages": ".messages.json"}
-
-
-class PersonaFieldError(ValueError):
-    """A persona field is too long; the message names the limit to raise."""
-
-
-def check_persona(settings: Any, name: str, author: str, system_prompt: str) -> None:
-    if len(system_prompt) > settings.max_system_prompt_chars:
-        raise PersonaFieldError(
-            f"system prompt has {len(system_prompt)} characters, over the limit of "
-            f"{settings.max_system_prompt_chars} (PERSONABOT_MAX_SYSTEM_PROMPT_CHARS)"
-        )
-    for label, value in (("name", name), ("author", author)):
-        if len(value) > 200:
-            raise PersonaFieldError(f"{label} has {len(value)} characters; keep it under 200")
 
 
 def preview_summary(preview: dict[str, Any]) -> str:
@@ -134,20 +118,11 @@ class PersonaTab:
         return pd.DataFrame([[p.id, p.kind, p.enabled, p.instruction, p.input, p.output] for p in pairs],
                             columns=PAIR_COLUMNS)
 
-    def _validate_row(self, row: dict[str, Any], *, against_store: bool) -> dict[str, Any]:
-        """Validate one pair with the import rules (limits, kinds, duplicates) and return it normalised."""
-        report = parse_pairs(json.dumps([row]).encode("utf-8"), "pair.json", self.ctx.settings,
-                             default_kind=row.get("kind", "identity"),
-                             store=self.ctx.store if against_store else None)
-        if not report.ok:
-            raise StoreError("; ".join(error.message for error in report.errors))
-        return report.rows[0]
-
     def add_pair(self, kind: str, instruction: str, input_: str, output: str,
                  filter_kind: str, search: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         try:
-            row = self._validate_row({"kind": kind, "instruction": instruction, "input": input_,
-                                      "output": output}, against_store=True)
+            row = validate_pair({"kind": kind, "instruction": instruction, "input": input_, "output": output},
+                                self.ctx.settings, store=self.ctx.store)
             (pair_id,) = self.ctx.store.add_pairs([row], actor=actor(request))
         except StoreError as error:
             return notice(f"not added: {error}", ok=False), gr.skip(), instruction, input_, output
@@ -167,8 +142,8 @@ class PersonaTab:
             row["enabled"] = record.get("enabled") in (True, "true", "True", 1, "1")
             try:
                 stored = self.ctx.store.get_pair(pair_id)
-                row = self._validate_row(row, against_store=False)
-                self._refuse_clash(pair_id, row)
+                row = validate_pair(row, self.ctx.settings)
+                refuse_clash(self.ctx.store, pair_id, row)
                 fields = {key: row[key] for key in ("kind", "instruction", "input", "output", "enabled")
                           if getattr(stored, key) != row[key]}
                 if fields:
@@ -180,13 +155,6 @@ class PersonaTab:
         if problems:
             text += f"; {len(problems)} refused: " + "; ".join(problems)
         return notice(text, ok=not problems), self.pairs_frame(filter_kind, search)
-
-    def _refuse_clash(self, pair_id: int, row: dict[str, Any]) -> None:
-        """An edited question may not become the same question as another stored pair."""
-        key = (row["kind"], question_key(row["instruction"], row["input"]))
-        for other in self.ctx.store.list_pairs(row["kind"]):
-            if other.id != pair_id and (other.kind, question_key(other.instruction, other.input)) == key:
-                raise StoreError(f"asks the same question as pair {other.id}; edit or delete that one")
 
     @staticmethod
     def _parse_ids(text: str) -> list[int]:

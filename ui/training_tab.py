@@ -144,10 +144,9 @@ class TrainingTab:
               speed_mode: str, request: gr.Request | None = None) -> str:
         """Validate the parameters, create the queued run in the store, enqueue it on `train`."""
         try:
-            params = TrainParams(**{
-                **TrainParams.from_settings(self.ctx.settings).model_dump(),
-                "epochs": int(epochs), "learning_rate": float(learning_rate), "lora_rank": int(rank),
-                "lora_alpha": int(alpha), "speed_mode": speed_mode, "general_data": mix_specs(mix)})
+            params = TrainParams.from_settings(
+                self.ctx.settings, epochs=int(epochs), learning_rate=float(learning_rate), lora_rank=int(rank),
+                lora_alpha=int(alpha), speed_mode=speed_mode, general_data=mix_specs(mix))
         except ValidationError as error:
             return notice(f"not started: {params_error(error)}", ok=False)
         except (TypeError, ValueError) as error:

@@ -55,6 +55,18 @@ def test_pairs_import_refuses_bad_file_and_keeps_store(tmp_path: Path) -> None:
     assert (tmp_path / "out.csv").read_text().splitlines()[1] == "Who are you?,,I am {name}.,identity,True"
 
 
+def test_persona_set_refuses_over_long_system_prompt_and_keeps_store(tmp_path: Path) -> None:
+    assert _cli(tmp_path, "persona", "set", "--name", "Ada", "--system-prompt", "short").returncode == 0
+    refused = _cli(tmp_path, "persona", "set", "--system-prompt", "x" * 50, PERSONABOT_MAX_SYSTEM_PROMPT_CHARS="20")
+    assert refused.returncode != 0
+    assert "system prompt has 50 characters" in refused.stderr
+    assert "PERSONABOT_MAX_SYSTEM_PROMPT_CHARS" in refused.stderr
+    shown = _cli(tmp_path, "persona", "show")
+    assert '"system_prompt": "short"' in shown.stdout and '"name": "Ada"' in shown.stdout
+    long_name = _cli(tmp_path, "persona", "set", "--name", "n" * 201)
+    assert long_name.returncode != 0 and "name has 201 characters" in long_name.stderr
+
+
 def test_make_tiny_model_loads_with_transformers(tmp_path: Path) -> None:
     result = _cli(tmp_path, "make-tiny-model", "tiny")
     assert result.returncode == 0, result.stderr
