@@ -66,6 +66,7 @@ class Pacing:
     limiter: ChatRateLimiter
     draft_interval_s: float
     edit_interval_s: float
+    drafts: bool = True  # False once the Bot API answered "Not Found": private chats then edit
 
 
 @dataclass
@@ -135,7 +136,8 @@ class ReplyDelivery:
         rendered = to_html(tail)
         if not tail.strip() or rendered == self._live_text:
             return
-        interval = self.pacing.draft_interval_s if self.private else self.pacing.edit_interval_s
+        drafting = self.private and self.pacing.drafts
+        interval = self.pacing.draft_interval_s if drafting else self.pacing.edit_interval_s
         now = time.monotonic()
         if self._first_token_at is None:
             self._first_token_at = now
@@ -144,7 +146,7 @@ class ReplyDelivery:
             # with no edit (groups) or draft, and no wait for the per-chat pacing.
             return
         limiter = self.pacing.limiter
-        if self.private:
+        if drafting:
             if not limiter.has_room():
                 return
             shown = await self._draft(tail)
@@ -196,6 +198,11 @@ class ReplyDelivery:
                     raise
                 await self.bot.send_message_draft(self.chat_id, self.draft_id, text)
         except TelegramError as error:
+            if "not found" in str(error).lower():
+                # An older (self-hosted) Bot API without sendMessageDraft: edit instead, from now on.
+                self.pacing.drafts = False
+                log.warning("the Bot API has no sendMessageDraft; private chats now use send-then-edit")
+                return False
             self._skipped("draft", error)
             return False
         return True

@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     # --- secrets ------------------------------------------------------------------------------
     telegram_token: SecretStr | None = Field(None, description="Bot token from @BotFather.")
     telegram_base_url: str = Field(
-        "https://api.telegram.org/bot", description="Bot API base URL (tests use a local one)."
+        "https://api.telegram.org/bot",
+        description="Bot API base URL, e.g. http://host:8081 for a self-hosted server ('/bot' is added).",
     )
     admin_user: str = Field("admin", description="Admin UI login name.")
     admin_session_hours: float = Field(12.0, gt=0, description="Hours an admin UI sign-in lasts.")
@@ -204,6 +205,16 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("telegram_base_url")
+    @classmethod
+    def _telegram_base_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")) or "://" == value[-3:] or " " in value:
+            raise ValueError("must be an http(s) URL such as https://api.telegram.org/bot or http://host:8081")
+        if "{" in value or "?" in value or "#" in value:
+            raise ValueError("must be a plain http(s) URL without query, fragment or placeholders")
+        return value if value.endswith("/bot") else value + "/bot"
 
     @field_validator("redis_url")
     @classmethod

@@ -74,6 +74,7 @@ class FakeBotApi:
         self.chats: dict[int, dict[str, Any]] = {}
         self.messages: dict[int, dict[int, StoredMessage]] = {}
         self.drafts: dict[int, list[str]] = {}
+        self.drafts_supported = True  # False: answer sendMessageDraft 404 like an old self-hosted server
         self.commands: list[dict[str, str]] = []
         self.confirmed_offset = 0
         self._next_message_id: dict[int, int] = {}
@@ -243,7 +244,7 @@ class FakeBotApi:
             if request.match_info["token"] != self.token:
                 raise ApiError(401, "Unauthorized")
             handler = getattr(self, f"_api_{method}", None)
-            if handler is None:
+            if handler is None or (method == "sendMessageDraft" and not self.drafts_supported):
                 raise ApiError(404, "Not Found")
             self._injected_failure(method)
             result = await handler(params)
