@@ -41,3 +41,25 @@ def test_converted_model_is_qwen2_and_exact(small_model: Path) -> None:  # noqa:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                            add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def _model_dir(root: Path, model_type: str, template: str) -> Path:
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (root / "chat_template.jinja").write_text(template)
+    return root
+
+
+def test_swift_flags_come_from_the_model(tmp_path: Path) -> None:
+    from personabot.training.runner import UnsupportedModelError, model_flags
+    from personabot.training.tiny_model import CHAT_TEMPLATE
+
+    qwen = _model_dir(tmp_path / "qwen", "qwen2", CHAT_TEMPLATE)
+    smol = _model_dir(tmp_path / "smol", "qwen2", "{{'<|im_start|>' + m['role'] }}")
+    assert model_flags(str(qwen)) == ["--model_type", "qwen2", "--template", "qwen2_5"]
+    assert model_flags(str(smol)) == ["--model_type", "qwen2", "--template", "chatml"]
+    assert model_flags("Qwen/Qwen2.5-7B-Instruct") == []
+    with pytest.raises(UnsupportedModelError, match="make-small-model"):
+        model_flags(str(_model_dir(tmp_path / "llama", "llama", CHAT_TEMPLATE)))
+    with pytest.raises(UnsupportedModelError, match="no ChatML"):
+        model_flags(str(_model_dir(tmp_path / "plain", "qwen2", "{{ messages }}")))
