@@ -123,6 +123,10 @@ class Settings(BaseSettings):
         list(DEFAULT_BASE_IDENTITY_TERMS),
         description="Names an answer must not claim as its own identity.",
     )
+    eval_identity_questions: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The admin's own held-out identity questions (comma-separated); empty = the built-in 30.",
+    )
 
     # --- limits -------------------------------------------------------------------------------
     max_pairs: int = Field(5000, ge=1, description="Most pairs a persona may hold.")
@@ -174,7 +178,8 @@ class Settings(BaseSettings):
     ui_host: str = Field("127.0.0.1", description="Admin UI bind address.")
     ui_port: int = Field(7860, ge=1, le=65535, description="Admin UI port.")
 
-    @field_validator("general_data", "base_identity_terms", "allow_users", "allow_chats", mode="before")
+    @field_validator("general_data", "base_identity_terms", "eval_identity_questions", "allow_users", "allow_chats",
+                     mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
