@@ -220,6 +220,22 @@ def _gate(rows: list[dict[str, Any]], retention: float, settings: Any) -> EvalRe
     return EvalReport(scores=scores, passed=not failures, reason="; ".join(failures), rows=rows)
 
 
+def gate_table(report: dict[str, Any], *, failed_only: bool = True, limit: int = 40) -> str:
+    """The gate's scores and per-item results as a plain-text table (for the CLI)."""
+    lines = [f"gate: {'passed' if report.get('passed') else 'rejected'}"
+             + (f" — {report['reason']}" if report.get("reason") else "")]
+    lines += [f"  {k}: {v:.3f}" for k, v in sorted(report.get("scores", {}).items()) if isinstance(v, float)]
+    rows = [r for r in report.get("rows", []) if not (failed_only and r.get("pass"))]
+    lines.append(f"{'kind':<10} {'set':<12} {'pass':<5} question -> answer")
+    for row in rows[:limit]:
+        answer = str(row.get("answer", "")).replace("\n", " ")[:70]
+        lines.append(f"{row['kind']:<10} {row.get('set', row.get('system', '')):<12} "
+                     f"{'yes' if row['pass'] else 'NO':<5} {str(row['question'])[:50]} -> {answer}")
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more")
+    return "\n".join(lines)
+
+
 # --- own process ------------------------------------------------------------------------------
 _SETTINGS_FIELDS = ("device", "dtype", "base_identity_terms", "eval_identity_min", "eval_faq_min",
                     "eval_retention_min")
