@@ -8,8 +8,8 @@ import logging
 import os
 import socket
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from personabot.core.settings import Settings, SettingsError, get_settings
 
