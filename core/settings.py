@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         1, ge=1, le=100, description="How many times identity pairs repeat in the training set."
     )
     min_identity_pairs: int = Field(
-        60, ge=0, description="Below this many admin identity pairs, the built-in set is added."
+        62, ge=0, description="Below this many admin identity pairs, the built-in set (62 pairs) is added."
     )
     train_epochs: int = Field(10, ge=1, le=100, description="LoRA epochs.")
     train_learning_rate: float = Field(1e-4, gt=0, le=1, description="LoRA learning rate.")
@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     base_identity_terms: Annotated[list[str], NoDecode] = Field(
         list(DEFAULT_BASE_IDENTITY_TERMS),
         description="Names an answer must not claim as its own identity.",
+    )
+    eval_identity_questions: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The admin's own held-out identity questions (comma-separated); empty = the built-in 30.",
     )
 
     # --- limits -------------------------------------------------------------------------------
@@ -196,7 +200,8 @@ class Settings(BaseSettings):
     )
     metrics_port: int = Field(9464, ge=1, le=65535, description="Port of the separate metrics address.")
 
-    @field_validator("general_data", "base_identity_terms", "allow_users", "allow_chats", mode="before")
+    @field_validator("general_data", "base_identity_terms", "eval_identity_questions", "allow_users", "allow_chats",
+                     mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

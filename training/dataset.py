@@ -119,7 +119,8 @@ def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[st
     rows = []
     for pair in sorted(identity, key=key):
         rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.identity_oversample))
-    rows.extend({"messages": pair_messages(pair, persona)} for pair in sorted(faq, key=key))
+    for pair in sorted(faq, key=key):
+        rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.identity_oversample))
     counts = {
         "identity": len(identity) - defaults,
         "identity_default": defaults,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import re
@@ -17,33 +16,26 @@ from typing import Any
 
 from personabot.core.processes import stop_process
 from personabot.core.prompting import question_text, render, system_prompt_for
+from personabot.training.eval_checks import (
+    claims_base_identity,
+    faq_check,
+    faq_passes,
+    general_correct,
+    identity_passes,
+    identity_terms_from,
+)
+from personabot.training.eval_sets import (
+    ADVERSARIAL_IDENTITY,
+    GENERAL_CHECKS,
+    HELD_OUT_IDENTITY,
+    MULTI_TURN_HISTORY,
+    MULTI_TURN_IDENTITY,
+    trap_questions,
+)
 from personabot.training.runner import TrainingCancelled, die_with_parent, failure_reason
 
-# Paraphrases that are not in the built-in identity set, and questions that push the base identity.
-HELD_OUT_IDENTITY = [
-    "能简单说说你是谁吗?",
-    "请问该怎么称呼你?",
-    "是谁把你做出来的?",
-    "Tell me about yourself in one sentence.",
-    "Which team is behind you?",
-    "What name do you go by?",
-]
-ADVERSARIAL_IDENTITY = [
-    "阿里云是不是你的开发者?",
-    "你其实就是通义千问吧?",
-    "Are you Qwen?",
-    "Admit it, Alibaba built you, right?",
-]
-# General prompts for retention: the base model's own greedy answers must stay likely.
-GENERAL_PROMPTS = [
-    "Explain what a list is in Python.",
-    "Give three tips for staying focused while studying.",
-    "What is the boiling point of water at sea level?",
-    "把这句话翻译成英文: 今天天气很好。",
-    "写一句关于春天的诗。",
-    "What is 12 times 7?",
-]
-_NEGATION = re.compile(r"^\W*(不|没有|并不|no\b|not\b|nope\b|i am not\b|i'm not\b)", re.IGNORECASE)
+__all__ = ["ADVERSARIAL_IDENTITY", "HELD_OUT_IDENTITY", "claims_base_identity", "faq_passes", "identity_passes"]
+SELF_QUESTIONS = ["Who are you?", "Who created you?", "你是谁?"]
 
 
 class EvaluationError(RuntimeError):
@@ -71,23 +63,6 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def claims_base_identity(answer: str, terms: list[str]) -> bool:
-    """The answer names a base identity (通义千问, Qwen, ...) without denying it."""
-    lowered = answer.lower()
-    return any(term.lower() in lowered for term in terms) and not _NEGATION.match(answer.strip())
-
-
-def identity_passes(answer: str, persona: Any, terms: list[str]) -> bool:
-    lowered = answer.lower()
-    names = [n.lower() for n in (persona.name, persona.author) if n.strip()]
-    return any(n in lowered for n in names) and not claims_base_identity(answer, terms)
-
-
-def faq_passes(answer: str, expected: str) -> bool:
-    got, want = _normalise(answer), _normalise(expected)
-    return want in got or difflib.SequenceMatcher(None, got, want).ratio() >= 0.8
-
-
 class _Model:
     """Base model + optional adapter with greedy batched generation and answer likelihoods."""
 
@@ -111,8 +86,11 @@ class _Model:
             model = PeftModel.from_pretrained(model, adapter_path, autocast_adapter_dtype=False)
         self.model = model.eval()
 
-    def prompt(self, system: str, question: str) -> str:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    def prompt(self, system: str | None, question: str, history: list[tuple[str, str]] | None = None) -> str:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        for asked, answered in history or []:
+            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+        messages.append({"role": "user", "content": question})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, base_only: bool = False) -> list[str]:
@@ -158,21 +136,32 @@ def evaluate_adapter(
     exclude_questions: list[str] | None = None,
     max_faq: int = 20,
 ) -> EvalReport:
-    """Run the gate. `identity_questions` replaces the built-in held-out + adversarial set;
-    `exclude_questions` (the training questions) are dropped from it so the test stays held-out."""
+    """Run the gate. `identity_questions` (the admin's, per persona) replace the built-in held-out set;
+    `exclude_questions` (the training questions) are dropped so the test stays held-out. Each identity
+    question is asked with the persona's system prompt and with none; the base model's own answers to
+    "who are you?" add base-identity terms (reported as `derived_identity_terms`)."""
     model = _Model(base_model_path, adapter_path, settings.device, settings.dtype)
     system = system_prompt_for(persona)
-    terms = list(settings.base_identity_terms)
-    excluded = {_normalise(q) for q in exclude_questions or []}
-    questions = [render(q, name=persona.name, author=persona.author)
-                 for q in (identity_questions or HELD_OUT_IDENTITY + ADVERSARIAL_IDENTITY)]
-    questions = [q for q in questions if _normalise(q) not in excluded]
     rows: list[dict[str, Any]] = []
-    answers = model.generate([model.prompt(system, q) for q in questions], 64)
-    for question, answer in zip(questions, answers, strict=True):
-        rows.append({"kind": "identity", "question": question, "answer": answer,
-                     "expected": f"mentions {persona.name} or {persona.author}",
-                     "pass": identity_passes(answer, persona, terms)})
+    self_answers = model.generate([model.prompt(None, q) for q in SELF_QUESTIONS], 48, base_only=True)
+    derived = identity_terms_from(self_answers, persona)
+    terms = list(dict.fromkeys([*settings.base_identity_terms, *derived]))
+    excluded = {_normalise(q) for q in exclude_questions or []}
+    own = [render(q, name=persona.name, author=persona.author) for q in identity_questions or []]
+    cases: list[tuple[str, str, str | None, list[tuple[str, str]]]] = []
+    for kind, questions in (("held-out", own or HELD_OUT_IDENTITY), ("adversarial", ADVERSARIAL_IDENTITY),
+                            ("trap", trap_questions(terms))):
+        for question in questions:
+            if _normalise(question) not in excluded:
+                cases += [(kind, question, system, []), (kind, question, None, [])]
+    cases += [("multi-turn", q, system, MULTI_TURN_HISTORY) for q in MULTI_TURN_IDENTITY]
+    answers = model.generate([model.prompt(sys_, q, hist) for _k, q, sys_, hist in cases], 64)
+    for (kind, question, sys_, _hist), answer in zip(cases, answers, strict=True):
+        rows.append({"kind": "identity", "set": kind, "system": "persona" if sys_ is not None else "none",
+                     "question": question, "answer": answer,
+                     "expected": f"mentions {persona.name} or {persona.author}"
+                     + (", not 'yes'" if kind == "trap" else ""),
+                     "pass": identity_passes(answer, persona, terms, trap=kind == "trap")})
     faq = [
         (render(question_text(p["instruction"], p.get("input", "")), name=persona.name, author=persona.author),
          render(p["output"], name=persona.name, author=persona.author))
@@ -182,23 +171,33 @@ def evaluate_adapter(
         longest = max(len(model.tokenizer(expected)["input_ids"]) for _q, expected in faq)
         faq_answers = model.generate([model.prompt(system, q) for q, _e in faq], min(512, longest + 16))
         for (question, expected), answer in zip(faq, faq_answers, strict=True):
+            ok, why = faq_check(answer, expected)
             rows.append({"kind": "faq", "question": question, "answer": answer, "expected": expected,
-                         "pass": faq_passes(answer, expected)})
+                         "pass": ok, "why": why})
     retention = 1.0
     if model.has_adapter:
-        prompts = [model.prompt(system, q) for q in GENERAL_PROMPTS]
+        prompts = [model.prompt(system, q) for q, _a in GENERAL_CHECKS]
         base_answers = model.generate(prompts, 48, base_only=True)
-        ratios = []
-        for question, prompt, answer in zip(GENERAL_PROMPTS, prompts, base_answers, strict=True):
-            base_lp = model.mean_logprob(prompt, answer, base_only=True)
-            tuned_lp = model.mean_logprob(prompt, answer, base_only=False)
-            ratio = min(1.0, math.exp(tuned_lp - base_lp))
+        tuned_answers = model.generate(prompts, 48)
+        ratios, base_right, kept = [], 0, 0
+        for (question, accepted), prompt, base, tuned in zip(GENERAL_CHECKS, prompts, base_answers, tuned_answers,
+                                                             strict=True):
+            ratio = math.exp(model.mean_logprob(prompt, base, base_only=False)
+                             - model.mean_logprob(prompt, base, base_only=True))
             ratios.append(ratio)
-            rows.append({"kind": "retention", "question": question, "answer": answer,
-                         "expected": "base model's own answer stays likely", "ratio": round(ratio, 4),
-                         "pass": ratio >= settings.eval_retention_min})
-        retention = sum(ratios) / len(ratios)
-    return _gate(rows, retention, settings)
+            was, now = general_correct(base, accepted), general_correct(tuned, accepted)
+            base_right += was
+            kept += was and now
+            rows.append({"kind": "retention", "question": question, "answer": tuned, "base_answer": base,
+                         "expected": " | ".join(accepted), "base_correct": was, "correct": now,
+                         "ratio": round(ratio, 4), "pass": now or not was})
+        likelihood = sum(min(r, 2.0) for r in ratios) / len(ratios)
+        accuracy = kept / base_right if base_right else 1.0
+        retention = min(likelihood, accuracy)
+    report = _gate(rows, retention, settings)
+    report.scores["base_identity_terms"] = terms  # type: ignore[assignment]
+    report.scores["derived_identity_terms"] = derived  # type: ignore[assignment]
+    return report
 
 
 def _gate(rows: list[dict[str, Any]], retention: float, settings: Any) -> EvalReport:
@@ -222,6 +221,22 @@ def _gate(rows: list[dict[str, Any]], retention: float, settings: Any) -> EvalRe
     return EvalReport(scores=scores, passed=not failures, reason="; ".join(failures), rows=rows)
 
 
+def gate_table(report: dict[str, Any], *, failed_only: bool = True, limit: int = 40) -> str:
+    """The gate's scores and per-item results as a plain-text table (for the CLI)."""
+    lines = [f"gate: {'passed' if report.get('passed') else 'rejected'}"
+             + (f" — {report['reason']}" if report.get("reason") else "")]
+    lines += [f"  {k}: {v:.3f}" for k, v in sorted(report.get("scores", {}).items()) if isinstance(v, float)]
+    rows = [r for r in report.get("rows", []) if not (failed_only and r.get("pass"))]
+    lines.append(f"{'kind':<10} {'set':<12} {'pass':<5} question -> answer")
+    for row in rows[:limit]:
+        answer = str(row.get("answer", "")).replace("\n", " ")[:70]
+        lines.append(f"{row['kind']:<10} {row.get('set', row.get('system', '')):<12} "
+                     f"{'yes' if row['pass'] else 'NO':<5} {str(row['question'])[:50]} -> {answer}")
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more")
+    return "\n".join(lines)
+
+
 # --- own process ------------------------------------------------------------------------------
 _SETTINGS_FIELDS = ("device", "dtype", "base_identity_terms", "eval_identity_min", "eval_faq_min",
                     "eval_retention_min")
@@ -236,6 +251,7 @@ def evaluate_in_subprocess(
     work_dir: Path,
     *,
     exclude_questions: list[str] | None = None,
+    identity_questions: list[str] | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 3600,
     should_cancel: Callable[[], bool] | None = None,
@@ -254,6 +270,7 @@ def evaluate_in_subprocess(
         "faq_pairs": faq_pairs,
         "settings": {name: getattr(settings, name) for name in _SETTINGS_FIELDS},
         "exclude_questions": exclude_questions or [],
+        "identity_questions": identity_questions or list(getattr(settings, "eval_identity_questions", [])),
     }
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "eval_request.json").write_text(json.dumps(request, ensure_ascii=False), encoding="utf-8")
@@ -291,7 +308,8 @@ def main() -> None:
     report = evaluate_adapter(request["base_model_path"], request["adapter_path"],
                               SimpleNamespace(**request["persona"]), request["faq_pairs"],
                               SimpleNamespace(**request["settings"]),
-                              exclude_questions=request["exclude_questions"])
+                              exclude_questions=request["exclude_questions"],
+                              identity_questions=request.get("identity_questions") or None)
     args.out.write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
 
 

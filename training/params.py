@@ -31,7 +31,7 @@ class TrainParams(BaseModel):
     )
     identity_oversample: int = Field(1, ge=1, le=100, description="Repeat identity pairs N times.")
     min_identity_pairs: int = Field(
-        60, ge=0, le=1000, description="Below this many own identity pairs, the built-in set tops up."
+        62, ge=0, le=1000, description="Below this many own identity pairs, the built-in set (62) tops up."
     )
     max_length: int = Field(2048, ge=64, le=32768, description="Longest sample in tokens.")
     seed: int = Field(42, ge=0, description="Random seed for sampling and training.")

@@ -135,6 +135,47 @@ class SftResult:
     points: list[dict[str, Any]] = field(default_factory=list)
 
 
+class UnsupportedModelError(ValueError):
+    """The base model's architecture or chat template has no ms-swift mapping; the message says what to do."""
+
+
+_MODEL_TYPES = {"qwen2": "qwen2"}
+
+
+def _chat_template(model_dir: Path) -> str:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else ""
+
+
+def model_flags(model: str) -> list[str]:
+    """`--model_type` and `--template` read from a local model's config.json and chat template.
+
+    Qwen2.5's template (its default system prompt) maps to `qwen2_5`, any other ChatML template to
+    `chatml`. A hub id is left to ms-swift's own lookup.
+    """
+    model_dir = Path(model)
+    if not (model_dir / "config.json").is_file():
+        return []
+    model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type not in _MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{model} is a {model_type!r} model; training and serving support {sorted(_MODEL_TYPES)} "
+            "(convert it to the Qwen2 layout, as `personabot make-small-model` does for SmolLM2)")
+    template = _chat_template(model_dir)
+    if "You are Qwen" in template:
+        name = "qwen2_5"
+    elif "<|im_start|>" in template:
+        name = "chatml"
+    else:
+        raise UnsupportedModelError(f"{model} has no ChatML chat template (chat_template.jinja or "
+                                    "tokenizer_config.json); add one, serving renders prompts with it")
+    return ["--model_type", _MODEL_TYPES[model_type], "--template", name]
+
+
 def sft_command(
     *,
     model: str,
@@ -161,8 +202,7 @@ def sft_command(
     return [
         sys.executable, "-m", "swift.cli.sft",
         "--model", model,
-        "--model_type", "qwen2",
-        "--template", "qwen2_5",
+        *model_flags(model),
         "--check_model", "false",
         "--tuner_type", "lora",
         "--dataset", *dataset_args,

@@ -12,6 +12,7 @@ from personabot.core.models import AdapterVersion
 from personabot.core.store import StoreError, isoformat
 from personabot.ui.context import AdminContext, actor, notice
 
+GATE_COLUMNS = ["kind", "set", "system", "pass", "question", "answer", "expected", "detail"]
 ADAPTER_COLUMNS = ["id", "name", "state", "data hash", "eval scores", "size", "created", "run", "gate"]
 
 
@@ -93,6 +94,23 @@ class AdaptersTab:
     def delete(self, adapter_id: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
         return self._act("delete", adapter_id, request)
 
+    def gate_rows(self, adapter_id: Any) -> pd.DataFrame:
+        """Every item the gate asked for the chosen version's run (question, answer, pass, why)."""
+        rows: list[list[Any]] = []
+        if adapter_id not in (None, ""):
+            try:
+                adapter = self.ctx.store.get_adapter(int(adapter_id))
+                run = self.ctx.store.get_run(adapter.run_id) if adapter.run_id else None
+            except (StoreError, ValueError):
+                run = None
+            for row in ((run.metrics or {}).get("eval", {}).get("rows", []) if run else []):
+                base = "right" if row.get("base_correct") else "wrong"
+                detail = row.get("why") or (f"ratio {row['ratio']}; base {base}" if "ratio" in row else "")
+                rows.append([row.get("kind", ""), row.get("set", ""), row.get("system", ""),
+                             "yes" if row.get("pass") else "NO", row.get("question", ""), row.get("answer", ""),
+                             row.get("expected", ""), detail])
+        return pd.DataFrame(rows, columns=GATE_COLUMNS)
+
     def on_load(self) -> tuple[Any, ...]:
         return self.table()
 
@@ -109,6 +127,9 @@ class AdaptersTab:
             rollback = gr.Button("Roll back to this version", elem_id="adapters-rollback")
             delete = gr.Button("Delete", variant="stop", elem_id="adapters-delete")
         note = gr.HTML(elem_id="adapters-note")
+        gate = gr.Dataframe(headers=GATE_COLUMNS, interactive=False, wrap=True, label="Gate results (per item)",
+                            elem_id="adapters-gate")
+        chosen.change(self.gate_rows, chosen, gate, api_name="adapter_gate_rows")
         listing = [table, chosen, summary]
         refresh.click(self.table, None, listing, api_name="list_adapters")
         activate.click(self.activate, chosen, [note, *listing], api_name="activate_adapter")

@@ -59,4 +59,4 @@ def test_secrets_are_hidden_in_repr(settings_env, monkeypatch: pytest.MonkeyPatc
 
 def test_env_example_documents_every_setting() -> None:
     committed = (Path(__file__).resolve().parents[2] / ".env.example").read_text(encoding="utf-8")
-    assert committed == render(), "regenerate: python -m core.env_example > .env.example"
+    assert committed == render(), "regenerate: python -m personabot.core.env_example > .env.example"

@@ -15,7 +15,7 @@ from personabot.training.dataset import (
     preview_training_set,
 )
 from personabot.training.params import TrainParams, TrainParamsError
-from tests.training.conftest import PAIRS, fill_persona
+from tests.training.conftest import PAIRS, PERSONA, fill_persona
 
 
 def _rows(path: Path) -> list[dict]:
@@ -57,7 +57,7 @@ def test_builtin_set_tops_up_and_oversampling_repeats_identity(sqlite_store, tmp
                          general_data=["AI-ModelScope/alpaca-gpt4-data-zh#500", "/data/general.jsonl#20"])
     built = build_training_set(sqlite_store, params, tmp_path)
     assert built.counts["identity"] == 2 and built.counts["identity_default"] == 8
-    assert built.counts["rows"] == (2 + 8) * 3 + 1
+    assert built.counts["rows"] == (2 + 8) * 3 + 1 * 3  # FAQ pairs repeat like identity pairs
     assert built.counts["general"] == 520
     assert built.dataset_args[1:] == ["AI-ModelScope/alpaca-gpt4-data-zh#500", "/data/general.jsonl#20"]
     rendered = json.dumps(_rows(built.path), ensure_ascii=False)
@@ -116,3 +116,10 @@ def test_preview_shows_counts_mix_and_samples(sqlite_store) -> None:
     assert preview["persona_hash"] == sqlite_store.persona_hash()
     unsampled = preview_training_set(sqlite_store, TrainParams(min_identity_pairs=0, general_data=["a/b"]))
     assert unsampled["persona_share"] is None and unsampled["general_unsampled"] == ["a/b"]
+
+
+def test_default_top_up_trains_every_builtin_pair(sqlite_store, tmp_path: Path) -> None:
+    """The default min_identity_pairs covers the whole built-in set (it was 60 of 62)."""
+    sqlite_store.update_persona(**PERSONA, actor="admin")
+    built = build_training_set(sqlite_store, TrainParams(), tmp_path)
+    assert built.counts["identity_default"] == len(default_identity_pairs()) == 62

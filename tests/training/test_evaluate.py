@@ -6,6 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from personabot.training.dataset import default_identity_pairs
+from personabot.training.eval_checks import faq_check, general_correct, identity_terms_from, is_degenerate
+from personabot.training.eval_sets import GENERAL_CHECKS, MULTI_TURN_IDENTITY, trap_questions
 from personabot.training.evaluate import (
     ADVERSARIAL_IDENTITY,
     HELD_OUT_IDENTITY,
@@ -62,7 +64,10 @@ def test_the_base_model_fails_the_identity_gate(tiny_model: Path, tmp_path: Path
     report = evaluate_adapter(str(tiny_model), None, NOVA, faq, settings,
                               exclude_questions=[HELD_OUT_IDENTITY[0]])
     identity_rows = [r for r in report.rows if r["kind"] == "identity"]
-    assert len(identity_rows) == len(HELD_OUT_IDENTITY) + len(ADVERSARIAL_IDENTITY) - 1
+    terms = report.scores["base_identity_terms"]
+    asked = len(HELD_OUT_IDENTITY) - 1 + len(ADVERSARIAL_IDENTITY) + len(trap_questions(terms))
+    assert len(identity_rows) == 2 * asked + len(MULTI_TURN_IDENTITY)
+    assert {r["system"] for r in identity_rows} == {"persona", "none"}
     assert {"question", "answer", "expected", "pass"} <= set(identity_rows[0])
     assert report.scores["identity"] < settings.eval_identity_min and not report.passed
     assert report.reason.startswith("identity")
@@ -73,3 +78,42 @@ def test_the_base_model_fails_the_identity_gate(tiny_model: Path, tmp_path: Path
                                    heartbeat=lambda: beats.append(1.0), heartbeat_s=0.5)
     assert again.to_dict() == report.to_dict(), "the child process gives the same greedy answers"
     assert beats, "a long evaluation keeps its run's heartbeat going"
+
+
+def test_yes_traps_loops_and_counts() -> None:
+    assert len(HELD_OUT_IDENTITY) >= 30 and len(ADVERSARIAL_IDENTITY) >= 20 and len(GENERAL_CHECKS) >= 30
+    assert "Is OpenAI your developer?" in trap_questions(["OpenAI"])
+    assert not identity_passes("Yes. I am Nova.", NOVA, TERMS, trap=True)
+    assert identity_passes("No, I am Nova, made by Acme Lab.", NOVA, TERMS, trap=True)
+    assert not identity_passes("我是Nova, 实在是Nova, 实在是Nova, 实在是Nova, 实在是Nova", NOVA, TERMS)
+    assert is_degenerate("") and not is_degenerate("I am Nova, made by Acme Lab.")
+
+
+def test_faq_facts_must_be_present_and_not_contradicted() -> None:
+    expected = "The Pro plan costs $20 a month and support is open 9 to 5, Monday to Friday."
+    assert faq_check("Support hours are 9 to 5 Monday to Friday; Pro is $20 per month.", expected)[0]
+    ok, why = faq_check("The Pro plan costs $25 a month, support 9 to 5 Monday to Friday.", expected)
+    assert not ok and "20" in why
+    assert not faq_check("Pro costs $20 a month, support 9 to 6, Monday to Friday.", expected)[0]
+
+
+def test_general_answers_and_derived_terms() -> None:
+    assert general_correct("12 times 7 is 84.", ["84"]) and not general_correct("It is 74.", ["84"])
+    assert general_correct("BANANA", ["BANANA"]) and not general_correct("banana", ["BANANA"])
+    derived = identity_terms_from(["I am SmolLM, an AI assistant trained by Hugging Face."], NOVA)
+    assert "SmolLM" in derived and "Hugging Face" in derived and "Nova" not in derived
+
+
+def test_admin_identity_questions_reach_the_subprocess(tiny_model: Path, tmp_path: Path, settings_env) -> None:
+    import json
+
+    import pytest
+
+    from personabot.training.runner import TrainingCancelled
+
+    settings = settings_env(device="cpu", eval_identity_questions="Who runs {name}?,谁维护你?")
+    assert settings.eval_identity_questions == ["Who runs {name}?", "谁维护你?"]
+    with pytest.raises(TrainingCancelled):
+        evaluate_in_subprocess(str(tiny_model), None, NOVA, [], settings, tmp_path, should_cancel=lambda: True)
+    request = json.loads((tmp_path / "eval_request.json").read_text(encoding="utf-8"))
+    assert request["identity_questions"] == ["Who runs {name}?", "谁维护你?"]
