@@ -143,3 +143,15 @@ def test_old_exports_are_removed(tmp_path: Path) -> None:
     os.utime(old, (past, past))
     remove_old_exports(tmp_path)
     assert not old.exists() and new.exists()
+
+
+def test_global_failure_limit_slows_every_client_after_a_spread_out_attack() -> None:
+    from personabot.ui.guard import LoginThrottle
+
+    throttle = LoginThrottle(per_client=5, global_limit=10)
+    for i in range(9):  # nine clients, one failure each: nobody is over their own limit
+        throttle.failed(f"10.0.0.{i}")
+    assert throttle.retry_after("10.0.0.99") == 0
+    throttle.failed("10.0.0.9")
+    assert 0 < throttle.retry_after("10.0.0.99") <= 1.0  # a client that never failed waits too
+    assert throttle.retry_after("10.0.0.0") > 0
