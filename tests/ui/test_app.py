@@ -119,7 +119,7 @@ def test_gradio_client_edits_persona_and_imports(admin_server, tmp_path: Path) -
     assert store.list_pairs("identity")[0].instruction == "Who are you?"
 
     note, samples = client.predict(api_name="/preview_training_set")
-    assert "identity pairs: 1" in note and "built-in identity pairs added: 59" in note
+    assert "identity pairs: 1" in note and "built-in identity pairs added: 61" in note
     assert samples["data"][0][0] == "You are Ava, made by Acme Labs."
 
     bad = tmp_path / "bad.jsonl"
