@@ -254,7 +254,8 @@ def test_admin_flow_in_chromium(stack: dict, artifacts_dir: Path, tmp_path: Path
             assert len(bubbles) >= 2 and bubbles[-1].strip(), bubbles
             page.click("#identity-run")
             expect(page.locator("#identity-note")).to_contain_text("passed (gate needs", timeout=180_000)
-            expect(page.locator("#identity-table")).to_contain_text("能简单说说你是谁吗?")  # rows render lazily: an early one
+            # The table renders its rows lazily: check an early question.
+            expect(page.locator("#identity-table")).to_contain_text("能简单说说你是谁吗?")
             page.screenshot(path=shots / "4-playground.png", full_page=True)
 
             # --- status: both workers online ------------------------------------------------------
