@@ -28,6 +28,7 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
     """Serve the saved model through redis-server + a real Celery chat worker and measure from the client."""
     import redis
 
+    from personabot.core.processes import stop_process
     from personabot.core.schemas import ChatRequest, Message, SamplingParams
     from personabot.core.store import Store
     from personabot.redis_server import RedisServer
@@ -54,7 +55,7 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
                                    "--prefetch-multiplier", "1",
                                    "-n", "bench@gpu", "--without-gossip", "--without-mingle", "--without-heartbeat",
                                    "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  cwd=Path(__file__).resolve().parents[1])
+                                  cwd=Path(__file__).resolve().parents[1], start_new_session=True)
     chat = ChatClient(client, make_celery(server.url))
 
     def words(n: int, seed: int) -> str:
@@ -114,11 +115,7 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
     try:
         return measure()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)
         client.close()
         server.stop()
         store.close()

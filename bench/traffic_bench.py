@@ -217,6 +217,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
     """redis-server + the store + one real chat worker; returns a ChatClient and a stop function."""
     import redis
 
+    from personabot.core.processes import stop_process
     from personabot.core.store import Store
     from personabot.redis_server import RedisServer
     from personabot.workers.app import make_celery
@@ -242,7 +243,8 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                                "-Q", "chat", "--pool", "threads", "--concurrency", str(max_batch),
                                "--prefetch-multiplier", "1", "-n", "traffic@bench", "--without-gossip",
                                "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                              start_new_session=True)
     deadline = time.monotonic() + 300
     while not any(b"worker.online" in f[b"event"] for _, f in client.xrange("personabot:event-log")):
         if worker.poll() is not None or time.monotonic() > deadline:
@@ -251,11 +253,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
         time.sleep(0.5)
 
     def stop() -> None:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)
         log.close()
         client.close()
         server.stop()
