@@ -73,7 +73,8 @@ class Completions:
         persona = await anyio.to_thread.run_sync(self.store.get_persona)
         override = system_override(self.settings.api_system_messages, persona.system_prompt, systems)
         sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_new_tokens,
-                                  stop=body.stops, seed=body.seed)
+                                  stop=body.stops, seed=body.seed, min_new_tokens=body.min_tokens,
+                                  repetition_penalty=body.repetition_penalty)
         return ChatRequest(messages=turns, adapter=adapter, system_prompt=override, sampling=sampling,
                            chat_id=f"api-key-{key.id}:{body.user or ''}", source="openai-api")
 

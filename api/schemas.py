@@ -48,6 +48,9 @@ class ChatCompletionBody(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     user: str | None = Field(None, max_length=256)
+    # Extensions with vLLM's names (send them through the openai client's `extra_body`).
+    min_tokens: int = Field(0, ge=0, le=8192, description="End-of-text is ignored before this many tokens.")
+    repetition_penalty: float | None = Field(None, ge=1, le=2, description="1 = off; default: the persona's.")
 
     @field_validator("stop")
     @classmethod
@@ -67,6 +70,12 @@ class ChatCompletionBody(BaseModel):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def check_lengths(self) -> None:
+        """min_tokens may not exceed the reply's length cap."""
+        if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
+            raise APIError(400, f"min_tokens={self.min_tokens} is more than max_tokens={self.max_new_tokens}; "
+                           "lower min_tokens or raise max_tokens", param="min_tokens", code="invalid_value")
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -81,6 +90,7 @@ def parse_body(raw: Any) -> ChatCompletionBody:
     except ValidationError as error:
         raise validation_error(list(error.errors())) from None
     refuse_unsupported(body)
+    body.check_lengths()
     return body
 
 

@@ -51,6 +51,9 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
      "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages[1]"),
     ({"model": ""}, "model"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"repetition_penalty": 0.5}, "repetition_penalty"),
 ])
 def test_bad_fields_are_400_naming_the_field(api: dict[str, Any], patch: dict[str, Any], param: str) -> None:
     error = error_of(post(api, {"model": "persona", "messages": ASK, **patch}), 400)

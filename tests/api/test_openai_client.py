@@ -65,6 +65,12 @@ def test_max_tokens_ends_with_length(openai_client: Any) -> None:
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
 
 
+def test_min_tokens_and_repetition_penalty_extensions(openai_client: Any) -> None:
+    """vLLM's extra parameters: min_tokens holds off end-of-text, repetition_penalty overrides the persona's."""
+    reply = greedy(openai_client, max_tokens=40, extra_body={"min_tokens": 40, "repetition_penalty": 1.0})
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 40
+
+
 def test_stop_strings_cut_the_reply(openai_client: Any) -> None:
     whole = greedy(openai_client, max_tokens=30).choices[0].message.content
     stop = whole[len(whole) // 2:len(whole) // 2 + 2]
