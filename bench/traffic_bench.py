@@ -212,9 +212,88 @@ def celery_backend(chat: Any, vocab: WordVocab) -> Backend:
     return answer
 
 
+def api_backend(url: str, key: str, chats: int, vocab: WordVocab) -> tuple[Backend, Callable[[], None]]:
+    """The OpenAI API path: `personabot api` (SSE) -> the same Celery chat path, read as a client would."""
+    import httpx
+
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
+                        limits=httpx.Limits(max_connections=chats + 8, max_keepalive_connections=chats + 8))
+    words = vocab.text
+
+    def answer(messages: list[tuple[str, list[int]]], reply_len: int, request_id: str):  # type: ignore[no-untyped-def]
+        body = {"model": "persona", "stream": True, "stream_options": {"include_usage": True},
+                "messages": [{"role": role, "content": words(ids)} for role, ids in messages],
+                "temperature": 0, "max_tokens": reply_len, "min_tokens": reply_len, "repetition_penalty": 1.0,
+                "user": request_id}
+        sent = time.monotonic()
+        times: list[float] = []
+        text, finish, usage = [], None, None
+        with http.stream("POST", "/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                print(f"api turn failed: {response.status_code} {response.text[:300]}", flush=True)
+                return [], time.monotonic() - sent, [], False, 0
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        times.append(time.monotonic())
+                        text.append(choice["delta"]["content"])
+                    finish = choice.get("finish_reason") or finish
+        ttft = (times[0] if times else time.monotonic()) - sent
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        ok = finish == "length" and usage is not None and usage["completion_tokens"] == reply_len
+        if not ok and not getattr(answer, "reported", False):
+            answer.reported = True  # type: ignore[attr-defined]
+            print(f"api turn failed: finish={finish} usage={usage}", flush=True)
+        return vocab.ids("".join(text)), ttft, gaps, ok, usage["prompt_tokens"] if usage else 0
+
+    return answer, http.close
+
+
+def start_api(service: dict[str, Any]) -> tuple[str, str, Callable[[], None]]:
+    """`personabot api` on a free port over the service's Redis and store; returns its /v1 URL and a key."""
+    import httpx
+
+    from personabot.core.processes import stop_process
+    from personabot.redis_server import free_port
+
+    _, key = service["store"].create_api_key("traffic-bench", rate_limit_per_minute=10_000_000)
+    port = free_port()
+    env = {**service["env"], "PERSONABOT_API_PORT": str(port), "PERSONABOT_API_SYSTEM_MESSAGES": "replace",
+           "PERSONABOT_API_TIMEOUT_S": "600"}
+    log = open(service["work"] / "api.log", "wb")  # noqa: SIM115 - closed by stop()
+    process = subprocess.Popen([sys.executable, "-m", "personabot.cli", "api"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process)
+            raise RuntimeError("the API did not start: " + (service["work"] / "api.log").read_text()[-2000:])
+        time.sleep(0.3)
+
+    def stop() -> None:
+        stop_process(process)
+        log.close()
+
+    return url, key, stop
+
+
 def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str, max_batch: int,
-                 context: int) -> tuple[Any, Callable[[], None]]:
-    """redis-server + the store + one real chat worker; returns a ChatClient and a stop function."""
+                 context: int) -> tuple[Any, Callable[[], None], dict[str, Any]]:
+    """redis-server + the store + one real chat worker; returns a ChatClient, a stop function and the
+    service's parts (work dir, worker environment, store) for `start_api`."""
     import redis
 
     from personabot.core.processes import stop_process
@@ -259,7 +338,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
         server.stop()
         store.close()
 
-    return ChatClient(client, make_celery(server.url)), stop
+    return ChatClient(client, make_celery(server.url)), stop, {"work": work, "env": env, "store": store}
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -290,7 +369,7 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=0.3)
     parser.add_argument("--rates-per-chat", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
                         help="Poisson rates, in messages/s per chat (e.g. 0.05,0.1)")
-    parser.add_argument("--backends", default="bare,celery")
+    parser.add_argument("--backends", default="bare,celery,api")
     parser.add_argument("--max-batch", type=int, default=256)
     args = parser.parse_args()
     out = Path(args.out)
@@ -350,19 +429,30 @@ def main() -> None:
                 save()
             results[f"bare/{chats}/stats"] = engine.stats()
             engine.close()
-    if "celery" in backends:
+    served = [b for b in ("celery", "api") if b in backends]
+    if served:
         build_model(dims, "cpu", dtype).save_pretrained(model_dir)
+    for backend_name in served:
         for chats in chat_counts:
-            chat, stop = start_celery(work / f"celery-{chats}", model_dir, adapter_dir, device=device,
-                                      max_batch=args.max_batch, context=context)
+            chat, stop, service = start_celery(work / f"{backend_name}-{chats}", model_dir, adapter_dir,
+                                               device=device, max_batch=args.max_batch, context=context)
+            stops = [stop]
             try:
+                if backend_name == "api":
+                    url, api_key, stop_api = start_api(service)
+                    stops.insert(0, stop_api)
+                    backend, close = api_backend(url, api_key, chats, vocab)
+                    stops.insert(0, close)
+                else:
+                    backend = celery_backend(chat, vocab)
                 for label, spec in phases(args, chats):
-                    key = f"celery/{chats}/{label}"
-                    results[key] = run_traffic(spec, celery_backend(chat, vocab), vocab)
+                    key = f"{backend_name}/{chats}/{label}"
+                    results[key] = run_traffic(spec, backend, vocab)
                     print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
                     save()
             finally:
-                stop()
+                for stop_one in stops:
+                    stop_one()
     save()
 
 

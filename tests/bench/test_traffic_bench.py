@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_traffic_bench_tiny_run_matches_prompts_on_both_paths(tmp_path: Path) -> None:
+def test_traffic_bench_tiny_run_matches_prompts_on_every_path(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "traffic_bench.py"), "--tiny", "--out", str(out),
@@ -23,11 +23,12 @@ def test_traffic_bench_tiny_run_matches_prompts_on_both_paths(tmp_path: Path) ->
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "traffic_bench.json").read_text())
     runs = {key: value for key, value in data.items() if isinstance(value, dict) and "tok_s" in value}
-    assert set(runs) == {f"{path}/3/{label}" for path in ("bare", "celery")
+    assert set(runs) == {f"{path}/3/{label}" for path in ("bare", "celery", "api")
                          for label in ("closed/fresh", "closed/warm", "poisson_6_per_s/warm")}
     for key, run in runs.items():
         assert run["failed"] == 0 and run["turns"] == 6 and run["tok_s"] > 0, (key, run)
     # The worker re-tokenizes the text the bench sends: the prompt lengths must agree with the ids.
     for label in ("closed/fresh", "closed/warm"):
-        assert runs[f"celery/3/{label}"]["prompt_tokens_mean"] == pytest.approx(
-            runs[f"bare/3/{label}"]["prompt_tokens_mean"], rel=0.05)
+        for path in ("celery", "api"):
+            assert runs[f"{path}/3/{label}"]["prompt_tokens_mean"] == pytest.approx(
+                runs[f"bare/3/{label}"]["prompt_tokens_mean"], rel=0.05), (path, label)
