@@ -410,49 +410,57 @@ def main() -> None:
     chat_counts = [int(c) for c in args.chats.split(",")]
     backends = args.backends.split(",")
 
-    if "bare" in backends:
-        from personabot.workers.engine.scheduler import HFEngine
+    from personabot.workers.engine.scheduler import HFEngine
 
-        for chats in chat_counts:
-            started = time.monotonic()
-            engine = HFEngine(lambda: build_model(dims, device, dtype), model_name=str(model_dir),
-                              max_batch=args.max_batch, max_len=context, lora_slots=3, lora_rank=32,
-                              eos_ids=tuple(specials.values()))
-            engine.load_adapter("a", adapter_dir)
-            engine.set_active("a")
-            ready = round(time.monotonic() - started, 1)
+    def run_bare(chats: int) -> None:
+        started = time.monotonic()
+        engine = HFEngine(lambda: build_model(dims, device, dtype), model_name=str(model_dir),
+                          max_batch=args.max_batch, max_len=context, lora_slots=3, lora_rank=32,
+                          eos_ids=tuple(specials.values()))
+        engine.load_adapter("a", adapter_dir)
+        engine.set_active("a")
+        ready = round(time.monotonic() - started, 1)
+        for label, spec in phases(args, chats):
+            key = f"bare/{chats}/{label}"
+            summary = run_traffic(spec, engine_backend(engine, tokenizer, vocab), vocab)
+            results[key] = {**summary, "engine_ready_s": ready}
+            print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
+            save()
+        results[f"bare/{chats}/stats"] = engine.stats()
+        engine.close()
+
+    def run_served(backend_name: str, chats: int) -> None:
+        chat, stop, service = start_celery(work / f"{backend_name}-{chats}", model_dir, adapter_dir,
+                                           device=device, max_batch=args.max_batch, context=context)
+        stops = [stop]
+        try:
+            if backend_name == "api":
+                url, api_key, stop_api = start_api(service)
+                stops.insert(0, stop_api)
+                backend, close = api_backend(url, api_key, chats, vocab)
+                stops.insert(0, close)
+            else:
+                backend = celery_backend(chat, vocab)
             for label, spec in phases(args, chats):
-                key = f"bare/{chats}/{label}"
-                summary = run_traffic(spec, engine_backend(engine, tokenizer, vocab), vocab)
-                results[key] = {**summary, "engine_ready_s": ready}
+                key = f"{backend_name}/{chats}/{label}"
+                results[key] = run_traffic(spec, backend, vocab)
                 print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
                 save()
-            results[f"bare/{chats}/stats"] = engine.stats()
-            engine.close()
-    served = [b for b in ("celery", "api") if b in backends]
-    if served:
+        finally:
+            for stop_one in stops:
+                stop_one()
+
+    if {"celery", "api"} & set(backends):
         build_model(dims, "cpu", dtype).save_pretrained(model_dir)
-    for backend_name in served:
-        for chats in chat_counts:
-            chat, stop, service = start_celery(work / f"{backend_name}-{chats}", model_dir, adapter_dir,
-                                               device=device, max_batch=args.max_batch, context=context)
-            stops = [stop]
-            try:
-                if backend_name == "api":
-                    url, api_key, stop_api = start_api(service)
-                    stops.insert(0, stop_api)
-                    backend, close = api_backend(url, api_key, chats, vocab)
-                    stops.insert(0, close)
-                else:
-                    backend = celery_backend(chat, vocab)
-                for label, spec in phases(args, chats):
-                    key = f"{backend_name}/{chats}/{label}"
-                    results[key] = run_traffic(spec, backend, vocab)
-                    print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
-                    save()
-            finally:
-                for stop_one in stops:
-                    stop_one()
+    # Chat count outermost: a run cut short still compares every path at the counts it reached.
+    for chats in chat_counts:
+        for backend_name in backends:
+            if backend_name == "bare":
+                run_bare(chats)
+            elif backend_name in ("celery", "api"):
+                run_served(backend_name, chats)
+            else:
+                raise SystemExit(f"unknown backend {backend_name!r}: use bare, celery and/or api")
     save()
 
 
