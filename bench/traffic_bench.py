@@ -326,8 +326,9 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                               start_new_session=True)
     deadline = time.monotonic() + 300
     while not any(b"worker.online" in f[b"event"] for _, f in client.xrange("personabot:event-log")):
-        if worker.poll() is not None or time.monotonic() > deadline:
-            worker.kill()
+        failed = b"cannot start its engine" in (work / "chat-worker.log").read_bytes()
+        if failed or worker.poll() is not None or time.monotonic() > deadline:
+            stop_process(worker)
             raise RuntimeError("chat worker did not come online: " + (work / "chat-worker.log").read_text()[-2000:])
         time.sleep(0.5)
 
@@ -428,6 +429,8 @@ def main() -> None:
             save()
         results[f"bare/{chats}/stats"] = engine.stats()
         engine.close()
+        if device == "cuda":
+            results[f"bare/{chats}/gpu_reserved_after_close_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
 
     def run_served(backend_name: str, chats: int) -> None:
         chat, stop, service = start_celery(work / f"{backend_name}-{chats}", model_dir, adapter_dir,

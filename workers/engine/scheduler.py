@@ -123,6 +123,8 @@ class HFEngine:
         self.decoder = None
         self.sampler = None
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the weights, KV cache and graph pools back to the driver
 
     def release(self) -> None:
         """Refuse new requests, let running ones finish, then free the model and its GPU memory."""
