@@ -290,3 +290,50 @@ def test_compare_and_http_chat_reach_the_chat_worker(stack: dict) -> None:
         assert reply.status_code == 200, reply.text
         assert reply.json()["finish_reason"] in ("stop", "length")
         assert reply.json()["adapter_version"] is None
+
+
+def test_remote_images_in_the_admin_page_are_not_fetched(admin_server) -> None:  # type: ignore[no-untyped-def]
+    """Model text that carries an <img> or a markdown image (shown by the Playground) cannot make the
+    admin's browser fetch another host or a route of ours: the page's CSP allows images from itself only."""
+    import http.server
+    import threading
+
+    from playwright.sync_api import sync_playwright
+
+    hits: list[str] = []
+
+    class Remote(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/gif")
+            self.end_headers()
+            self.wfile.write(b"GIF89a")
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    remote = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Remote)
+    threading.Thread(target=remote.serve_forever, daemon=True).start()
+    image = f"http://127.0.0.1:{remote.server_address[1]}/pixel.gif"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(admin_server.url)
+            page.fill("#username", admin_server.user)
+            page.fill("#password", admin_server.password)
+            page.click("#signin")
+            page.get_by_role("tab", name="Persona").wait_for()
+            page.evaluate("""(src) => {
+                const box = document.createElement('div');
+                box.innerHTML = `<img id="remote-img" src="${src}">`;
+                document.body.appendChild(box);
+            }""", image)
+            page.wait_for_timeout(1500)
+            loaded = page.evaluate("document.getElementById('remote-img').naturalWidth")
+            browser.close()
+    finally:
+        remote.shutdown()
+    assert hits == [] and loaded == 0, (hits, loaded)

@@ -155,3 +155,47 @@ def test_global_failure_limit_slows_every_client_after_a_spread_out_attack() -> 
     throttle.failed("10.0.0.9")
     assert 0 < throttle.retry_after("10.0.0.99") <= 1.0  # a client that never failed waits too
     assert throttle.retry_after("10.0.0.0") > 0
+
+
+def test_personabot_ui_keeps_uploads_private_in_the_data_dir_and_caps_their_size(module_redis, tmp_path: Path) -> None:
+    """`personabot ui` as started by `up`: Gradio's upload copies go under the data dir (not /tmp/gradio),
+    readable by the service's user only, and an upload over PERSONABOT_MAX_IMPORT_BYTES is refused."""
+    import os
+    import subprocess
+    import sys
+
+    from personabot.core.processes import stop_process
+    from personabot.redis_server import free_port
+    from tests.ui.conftest import ADMIN_PASSWORD, ADMIN_USER
+
+    port, data = free_port(), tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSONABOT_", "GRADIO_"))}
+    env.update(PERSONABOT_DATA_DIR=str(data), PERSONABOT_REDIS_URL=module_redis, PERSONABOT_UI_PORT=str(port),
+               PERSONABOT_ADMIN_USER=ADMIN_USER, PERSONABOT_ADMIN_PASSWORD=ADMIN_PASSWORD,
+               PERSONABOT_MAX_IMPORT_BYTES="4000", PERSONABOT_RETRAIN_CRON="")
+    log = tmp_path / "ui.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "personabot.cli", "ui"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(url + "/login", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            client.post("/login", data={"username": ADMIN_USER, "password": ADMIN_PASSWORD}).raise_for_status()
+            small = json.dumps([{"instruction": "hi", "output": "hello"}]).encode()
+            upload = client.post("/gradio_api/upload", files={"files": ("pairs.json", small)})
+            upload.raise_for_status()
+            stored = Path(upload.json()[0]).resolve()
+            assert stored.is_relative_to((data / "gradio-tmp").resolve()), stored
+            assert stored.stat().st_mode & 0o077 == 0, oct(stored.stat().st_mode)
+            big = client.post("/gradio_api/upload", files={"files": ("big.json", b"[" + b" " * 5000 + b"]")})
+            assert big.status_code == 413, (big.status_code, big.text[:300])
+    finally:
+        stop_process(process)
