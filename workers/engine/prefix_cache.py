@@ -138,5 +138,11 @@ class PrefixPool:
     def clear(self) -> None:
         self.entries.clear()
 
+    def capacity(self, row_tokens: int) -> dict[str, int]:
+        """KV rows in all, and how many finished chats (and their tokens) the pool keeps at most."""
+        rows = self.decode_rows + self.spare_rows
+        chats = min(self.max_rows or rows, rows) if self.enabled else 0
+        return {"kv_rows": rows, "prefix_chats": chats, "prefix_tokens": chats * (row_tokens - 1)}
+
     def stats(self) -> dict[str, int]:
         return {"parked_rows": len(self.entries), "parked_tokens": sum(len(e.ids) for e in self.entries.values())}

@@ -257,8 +257,7 @@ class HFEngine:
             counters["running"] = sum(1 for row in self._rows if row)
             counters["waiting"] = len(self._waiting)
             counters.update(self.pool.stats())
-        counters["kv_rows"] = self.max_batch + self.pool.spare_rows
-        counters["kv_row_tokens"] = self.max_len
+        counters.update(self.pool.capacity(self.max_len))
         counters["graphs"] = self.decoder.graph_captures if self.decoder else 0
         return counters
 
