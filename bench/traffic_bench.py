@@ -124,6 +124,17 @@ def run_traffic(spec: TrafficSpec, backend: Backend, vocab: WordVocab) -> dict[s
     return summarize(spec, turns, wall)
 
 
+def reuse_per_reply(before: dict[str, Any], after: dict[str, Any], replies: int) -> dict[str, Any]:
+    """Engine counters over one phase: prompt tokens computed vs. taken from the KV reuse pool, per reply."""
+    def per(name: str) -> float | None:
+        if name not in after or not replies:
+            return None
+        return round((after[name] - before.get(name, 0)) / replies, 1)
+
+    return {"prefill_tokens_per_reply": per("prefill_tokens"), "prefix_hit_tokens_per_reply": per("prefix_hit_tokens"),
+            "parked_rows": after.get("parked_rows")}
+
+
 def summarize(spec: TrafficSpec, turns: list[Turn], wall: float) -> dict[str, Any]:
     def ms(value: float | None) -> float | None:
         return None if value is None else round(1000 * value, 1)
@@ -213,14 +224,16 @@ def celery_backend(chat: Any, vocab: WordVocab) -> Backend:
 
 
 def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str, max_batch: int,
-                 context: int) -> tuple[Any, Callable[[], None]]:
-    """redis-server + the store + one real chat worker; returns a ChatClient and a stop function."""
+                 context: int, reuse: bool) -> tuple[Any, Callable[[], None], Callable[[], dict[str, Any]]]:
+    """redis-server + the store + one real chat worker; returns a ChatClient, a stop function and a
+    reader of the engine stats the worker publishes after each reply."""
     import redis
 
     from personabot.core.processes import stop_process
     from personabot.core.store import Store
     from personabot.redis_server import RedisServer
     from personabot.workers.app import make_celery
+    from personabot.workers.chat_service import STATS_KEY
     from personabot.workers.client import ChatClient
 
     server = RedisServer(work / "redis", persist=False).start()
@@ -236,6 +249,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                 "PERSONABOT_MODEL": str(model_dir), "PERSONABOT_DATA_DIR": str(work / "data"),
                 "PERSONABOT_MAX_BATCH": str(max_batch), "PERSONABOT_CONTEXT_TOKENS": str(context),
                 "PERSONABOT_DEVICE": device, "PERSONABOT_RETRAIN_CRON": "",
+                "PERSONABOT_CHAT_PREFIX_CACHE": str(reuse).lower(),
                 "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")})
     client = redis.Redis.from_url(server.url)
     log = open(work / "chat-worker.log", "wb")  # noqa: SIM115 - closed by stop()
@@ -259,7 +273,15 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
         server.stop()
         store.close()
 
-    return ChatClient(client, make_celery(server.url)), stop
+    def stats() -> dict[str, Any]:
+        raw = client.hget(STATS_KEY, "traffic@bench")
+        return json.loads(raw) if raw else {}
+
+    return ChatClient(client, make_celery(server.url)), stop, stats
+
+
+REPORTED = ("tok_s", "ttft_ms", "ttft_ms_follow_up", "prefill_tokens_per_reply", "prefix_hit_tokens_per_reply",
+            "failed")
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -292,6 +314,7 @@ def main() -> None:
                         help="Poisson rates, in messages/s per chat (e.g. 0.05,0.1)")
     parser.add_argument("--backends", default="bare,celery")
     parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--reuse", default="on", help="KV reuse in the engine: on, off, or on,off to compare")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,35 +354,42 @@ def main() -> None:
     chat_counts = [int(c) for c in args.chats.split(",")]
     backends = args.backends.split(",")
 
+    reuse_modes = [mode == "on" for mode in args.reuse.split(",")]
     if "bare" in backends:
         from personabot.workers.engine.scheduler import HFEngine
 
-        for chats in chat_counts:
+        for chats, reuse in itertools.product(chat_counts, reuse_modes):
             started = time.monotonic()
             engine = HFEngine(lambda: build_model(dims, device, dtype), model_name=str(model_dir),
                               max_batch=args.max_batch, max_len=context, lora_slots=3, lora_rank=32,
-                              eos_ids=tuple(specials.values()))
+                              eos_ids=tuple(specials.values()), prefix_cache=reuse)
             engine.load_adapter("a", adapter_dir)
             engine.set_active("a")
             ready = round(time.monotonic() - started, 1)
+            path = "bare" if reuse else "bare-no-reuse"
             for label, spec in phases(args, chats):
-                key = f"bare/{chats}/{label}"
+                key = f"{path}/{chats}/{label}"
+                before = engine.stats()
                 summary = run_traffic(spec, engine_backend(engine, tokenizer, vocab), vocab)
-                results[key] = {**summary, "engine_ready_s": ready}
-                print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
+                results[key] = {**summary, "engine_ready_s": ready,
+                                **reuse_per_reply(before, engine.stats(), summary["turns"])}
+                print(key, json.dumps({k: results[key][k] for k in REPORTED}), flush=True)
                 save()
-            results[f"bare/{chats}/stats"] = engine.stats()
+            results[f"{path}/{chats}/stats"] = engine.stats()
             engine.close()
     if "celery" in backends:
         build_model(dims, "cpu", dtype).save_pretrained(model_dir)
-        for chats in chat_counts:
-            chat, stop = start_celery(work / f"celery-{chats}", model_dir, adapter_dir, device=device,
-                                      max_batch=args.max_batch, context=context)
+        for chats, reuse in itertools.product(chat_counts, reuse_modes):
+            path = "celery" if reuse else "celery-no-reuse"
+            chat, stop, stats = start_celery(work / f"{path}-{chats}", model_dir, adapter_dir, device=device,
+                                             max_batch=args.max_batch, context=context, reuse=reuse)
             try:
                 for label, spec in phases(args, chats):
-                    key = f"celery/{chats}/{label}"
-                    results[key] = run_traffic(spec, celery_backend(chat, vocab), vocab)
-                    print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
+                    key = f"{path}/{chats}/{label}"
+                    before = stats()
+                    summary = run_traffic(spec, celery_backend(chat, vocab), vocab)
+                    results[key] = {**summary, **reuse_per_reply(before, stats(), summary["turns"])}
+                    print(key, json.dumps({k: results[key][k] for k in REPORTED}), flush=True)
                     save()
             finally:
                 stop()
