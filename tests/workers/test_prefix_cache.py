@@ -56,17 +56,25 @@ def test_common_prefix_and_plans() -> None:
     pool.park(0, [1, 2, 3, 4], None)
     pool.park(1, [1, 2, 7], ("v1", 1))
     follow_up = pool.plan([1, 2, 3, 4, 5], None, [0, 1, 2], [])
-    assert (follow_up.target, follow_up.reuse, follow_up.copies) == (0, 4, [])
-    other_chat = pool.plan([1, 2, 3, 9, 9], None, [0, 1, 2], [])  # copy the shared part, keep chat 0 parked
-    assert (other_chat.target, other_chat.reuse, other_chat.copies) == (2, 3, [(0, 2, 3)])
+    assert (follow_up.target, follow_up.reuse, follow_up.ops) == (0, 4, [])
+    # Another chat with the same start: chat 0's KV moves to the empty spare row, the shared part stays.
+    other_chat = pool.plan([1, 2, 3, 9, 9], None, [0, 1, 2], [])
+    assert (other_chat.target, other_chat.reuse, other_chat.ops) == (0, 3, [("copy", 0, 3, 4)])
     assert pool.plan([1, 2, 7, 8], ("v1", 2), [0, 1, 2], []).reuse == 0  # other weights, same name
     from_running = pool.plan([8, 8, 8, 1], None, [1, 2], [(0, [8, 8, 8, 8], 3, None)])
-    assert (from_running.target, from_running.reuse, from_running.copies) == (2, 3, [(0, 2, 3)])
+    assert (from_running.target, from_running.reuse) == (1, 3)
+    assert from_running.ops == [("copy", 1, 3, 3), ("copy", 0, 1, 3)]  # move row 1's KV away, then copy
     pool.park(2, [6, 6], None)
-    evicting = pool.plan([4, 4, 4], None, [0, 1, 2], [])  # no empty row: the LRU one moves to the spare row
-    assert (evicting.target, evicting.spill, evicting.copies) == (0, 3, [(0, 3, 4)])
-    pool.commit(evicting)
-    assert 0 not in pool.entries and pool.entries[3].ids == [1, 2, 3, 4]
+    swapped = pool.plan([6, 6, 5], None, [0, 1, 2], [])  # a chat parked high runs in the lowest free row
+    assert (swapped.target, swapped.reuse, swapped.ops) == (0, 2, [("swap", 2, 0, 4)])
+    pool.commit(swapped)
+    assert 0 not in pool.entries and pool.entries[2].ids == [1, 2, 3, 4]
+    full = PrefixPool(decode_rows=2)
+    full.park(0, [1], None)
+    full.park(1, [2], None)
+    dropped = full.plan([3, 3], None, [0, 1], [])  # row 0 holds the least recently used KV: it goes
+    full.commit(dropped)
+    assert (dropped.target, dropped.ops, list(full.entries)) == (0, [], [1])
 
 
 def test_suffix_prefill_gives_the_cold_logits_and_decode(tiny_model: Path, tiny_adapter: Path) -> None:

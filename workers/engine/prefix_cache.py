@@ -2,11 +2,12 @@
 
 The decoder's KV cache is one contiguous row of `max_len` positions per request, so the unit of
 reuse is a row: a finished request leaves its row parked (token ids whose KV is written + the key
-of the weights that computed it). A new request takes the parked row its prompt extends (the
-chat's previous turn), or a free row into which the longest matching prefix of any resident row
-(parked or running: the persona's system prompt) is copied device to device. Rows past the decode
-rows ("spare rows") only store parked KV: an evicted decode row moves there, and a request whose
-prefix sits there copies it back into a decode row. Not thread-safe: the engine's loop owns it.
+of the weights that computed it). A new request always runs in the lowest free decode row (decode
+steps run rows [0, bucket), so running rows stay packed as without reuse): the chat's previous
+turn is swapped into it, or the longest matching prefix of any resident row (parked or running:
+the persona's system prompt) is copied into it, device to device; parked KV that held the row moves
+to an empty row or replaces the least recently used parked row. Rows past the decode rows ("spare
+rows") only keep parked KV. Not thread-safe: the engine's loop owns it.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ class Entry:
 class Plan:
     """Where one request runs and what KV it starts from."""
 
-    target: int  # the decode row it runs in
-    reuse: int  # prompt tokens whose KV is in `target` once `copies` ran (prefill starts here)
-    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (from row, to row, tokens), in order
-    source: int | None = None  # the row the reused prefix came from (target itself: in place)
-    spill: int | None = None  # the spare row the target's parked KV moves to
+    target: int  # the decode row it runs in: always the lowest free one, so decode steps stay small
+    reuse: int  # prompt tokens whose KV is in `target` once `ops` ran (prefill starts here)
+    # ("copy", from row, to row, tokens) or ("swap", row, row, tokens), run in order before the prefill
+    ops: list[tuple[str, int, int, int]] = field(default_factory=list)
+    source: int | None = None  # the row the reused prefix came from (None: nothing reused)
+    updates: dict[int, Entry | None] = field(default_factory=dict)  # parked entries after the ops
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -65,61 +67,56 @@ class PrefixPool:
     # --- admission --------------------------------------------------------------------------------
     def plan(self, prompt: list[int], key: Hashable, free: list[int],
              running: Iterable[tuple[int, list[int], int, Hashable]]) -> Plan:
-        """Choose a row among `free` (decode rows not running and not taken this round, ascending)
-        for `prompt`; `running` gives (row, ids, tokens written, key) of running rows (copy sources)."""
+        """Plan `prompt` into the lowest of `free` (decode rows not running and not taken this round,
+        ascending); `running` gives (row, ids, tokens written, key) of running rows (copy sources)."""
+        target = free[0]
         if not self.enabled:
-            return Plan(target=next((r for r in free if r not in self.entries), free[0]), reuse=0)
+            return Plan(target=target, reuse=0)
         limit = len(prompt) - 1  # the last prompt token is always computed: its logits give the first token
-        source, best = None, 0
-        in_place, in_place_n = None, 0
-        free_set = set(free)
+        source, best, rank = None, 0, (0, False)
         for row, entry in self.entries.items():
-            if entry.key != key or (row < self.decode_rows and row not in free_set):
-                continue
-            n = common_prefix(entry.ids, prompt, limit)
-            if n > best:
-                source, best = row, n
-            if row in free_set and n == len(entry.ids) and n > in_place_n:
-                in_place, in_place_n = row, n
+            n = common_prefix(entry.ids, prompt, limit) if entry.key == key else 0
+            if n and (n, row == target) > rank:
+                source, best, rank = row, n, (n, row == target)
         for row, ids, written, row_key in running:
             if row_key == key and (n := common_prefix(ids, prompt, min(limit, written))) > best:
-                source, best = row, n
-        if in_place is not None and in_place_n == best:
-            return Plan(target=in_place, reuse=best, source=in_place)
-        target = self._victim(free, keep=source)
-        if target == source:
-            return Plan(target=target, reuse=best, source=source)
-        plan = Plan(target=target, reuse=best, source=source if best else None)
-        if target in self.entries and (spill := self._spare_for(self.entries[target], keep=source)) is not None:
-            plan.spill = spill
-            plan.copies.append((target, spill, len(self.entries[target].ids)))
-        if best:
-            plan.copies.append((source, target, best))  # type: ignore[arg-type]
+                source, best, rank = row, n, (n, False)
+        held = self.entries.get(target)
+        plan = Plan(target=target, reuse=best, source=source, updates={target: None})
+        if source != target and source in self.entries and best == len(self.entries[source].ids):
+            # The chat's own previous turn: swap it into the target row; the target's parked KV
+            # (if any) takes the chat's old row.
+            plan.ops.append(("swap", source, target, max(best, len(held.ids) if held else 0)))
+            plan.updates[source] = held
+            return plan
+        if held is not None and not (source == target and best == len(held.ids)):
+            if (home := self._home_for(held, free, avoid={source, target})) is not None:
+                plan.ops.append(("copy", target, home, len(held.ids)))  # before the target is written
+                plan.updates[home] = held
+        if best and source != target:
+            plan.ops.append(("copy", source, target, best))  # type: ignore[arg-type]
         return plan
 
-    def _victim(self, free: list[int], keep: int | None) -> int:
-        """An empty free row (lowest first), else the least recently used parked one, `keep` last."""
-        for row in free:
+    def _home_for(self, moved: Entry, free: list[int], avoid: set[int | None]) -> int | None:
+        """A row for parked KV that must leave its row: an empty spare row, else the highest empty
+        free decode row, else the least recently used parked row if it is older (None: drop it)."""
+        spares = range(self.decode_rows, self.decode_rows + self.spare_rows)
+        rows = [r for r in (*spares, *reversed(free)) if r not in avoid]
+        for row in rows:
             if row not in self.entries:
                 return row
-        return min(free, key=lambda r: (r == keep, self.entries[r].used))
-
-    def _spare_for(self, evicted: Entry, keep: int | None) -> int | None:
-        """A spare row for an evicted decode row's KV: an empty one, else one holding older KV."""
-        spares = [r for r in range(self.decode_rows, self.decode_rows + self.spare_rows) if r != keep]
-        for row in spares:
-            if row not in self.entries:
-                return row
-        older = [r for r in spares if self.entries[r].used < evicted.used]
+        older = [r for r in rows if self.entries[r].used < moved.used]
         return min(older, key=lambda r: self.entries[r].used) if older else None
 
     def commit(self, plan: Plan) -> None:
-        """The plan's request takes its row: its parked entry leaves (or moves to the spill row)."""
-        entry = self.entries.pop(plan.target, None)
-        if plan.spill is not None and entry is not None:
-            self.entries[plan.spill] = entry
-        if plan.source is not None and plan.source in self.entries:
-            self.entries[plan.source].used = next(self._clock)
+        """The plan's request takes its row; parked entries follow the plan's copies and swaps."""
+        for row, entry in plan.updates.items():
+            if entry is None:
+                self.entries.pop(row, None)
+            else:
+                self.entries[row] = entry
+        if plan.source in self.entries and plan.source not in plan.updates:
+            self.entries[plan.source].used = next(self._clock)  # a shared prefix stays resident
 
     # --- parking ----------------------------------------------------------------------------------
     def park(self, row: int, ids: list[int], key: Hashable) -> None:

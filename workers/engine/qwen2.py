@@ -269,6 +269,14 @@ class Qwen2Decoder:
             k_cache[target, :, :tokens] = k_cache[source, :, :tokens]
             v_cache[target, :, :tokens] = v_cache[source, :, :tokens]
 
+    @torch.no_grad()
+    def swap_prefix(self, a: int, b: int, tokens: int) -> None:
+        """Exchange the KV of positions [0, tokens) between two rows (one layer's row at a time)."""
+        for cache in (*self.k_cache, *self.v_cache):
+            held = cache[a, :, :tokens].clone()
+            cache[a, :, :tokens] = cache[b, :, :tokens]
+            cache[b, :, :tokens] = held
+
     def _decode(self, rows: int, length: int, mode: LoraMode) -> torch.Tensor:
         d = self.dims
         group = d.heads // d.kv_heads

@@ -318,6 +318,8 @@ class HFEngine:
     def _plan_admits(self) -> list[tuple[Plan, GenerationStream]]:
         """Take waiting requests while rows are free and their uncached prompt tokens fit the budget."""
         free = [i for i, row in enumerate(self._rows) if row is None]
+        if not (self._waiting and free):
+            return []
         running = [(i, row.ids, row.position, row.key) for i, row in enumerate(self._rows) if row is not None]
         admits: list[tuple[Plan, GenerationStream]] = []
         budget = PREFILL_TOKENS
@@ -340,8 +342,8 @@ class HFEngine:
         decoder, sampler = self.decoder, self.sampler
         assert decoder is not None and sampler is not None
         for plan, _ in admits:
-            for source, target, tokens in plan.copies:
-                decoder.copy_prefix(source, target, tokens)
+            for op, first, second, tokens in plan.ops:
+                (decoder.swap_prefix if op == "swap" else decoder.copy_prefix)(first, second, tokens)
                 self._counters["prefix_copies"] += 1
         for plan, stream in admits:
             request, index = stream.request, plan.target
