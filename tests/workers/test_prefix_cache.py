@@ -161,6 +161,13 @@ def test_eviction_under_pressure_then_a_cold_prefill(tiny_model: Path) -> None:
         assert tokens == reference(tiny_model, None, follow_up, 8)
         assert delta(engine, before, "prefix_hit_tokens") == 0
         assert delta(engine, before, "prefill_tokens") == len(follow_up)
+        engine.release()  # the model leaves the GPU: so does every parked KV
+        assert engine.stats()["parked_rows"] == 0
+        engine.reclaim()
+        before = engine.stats()
+        tokens, _ = collect(engine.submit(ask(follow_up, None, n=8)))
+        assert tokens == reference(tiny_model, None, follow_up, 8)
+        assert delta(engine, before, "prefix_hit_tokens") == 0
     finally:
         engine.close()
 
@@ -231,6 +238,11 @@ def _assert_parked_kv_is_cold_kv(engine: HFEngine, tiny_model: Path) -> None:
 
 
 def test_cancelled_requests_leave_the_pool_consistent(engine: HFEngine, tiny_model: Path) -> None:
+    mid_reply = engine.submit(ask(SYSTEM + [99], None, n=50, min_new_tokens=10**9))
+    assert mid_reply.next_batch(timeout=30)
+    engine.cancel(mid_reply.request.request_id)
+    assert collect(mid_reply)[1].finish_reason == "cancelled"
+    assert engine.stats()["parked_rows"] == 1
     prompts = [SYSTEM + [k, k + 1] for k in range(1, 9)]
     streams = []
     for prompt in prompts:  # cancelled while waiting, just admitted, or mid-reply
@@ -243,4 +255,21 @@ def test_cancelled_requests_leave_the_pool_consistent(engine: HFEngine, tiny_mod
         follow_up = prompt + [200]
         tokens, _ = collect(engine.submit(ask(follow_up, None, n=6)))
         assert tokens == reference(tiny_model, None, follow_up, 6)
+    _assert_parked_kv_is_cold_kv(engine, tiny_model)
+
+
+def test_a_parked_row_between_running_rows_keeps_its_kv(engine: HFEngine, tiny_model: Path) -> None:
+    """Decode steps run rows [0, bucket) at once: a parked row inside the bucket must not be written."""
+    long_a = engine.submit(ask([1] + SYSTEM, None, n=60, min_new_tokens=10**9))
+    assert long_a.next_batch(timeout=30)
+    short = engine.submit(ask([2] + SYSTEM, None, n=3, min_new_tokens=10**9))
+    long_c = engine.submit(ask([3] + SYSTEM, None, n=60, min_new_tokens=10**9))
+    reply, done = collect(short)  # its row (1) parks while rows 0 and 2 keep decoding
+    collect(long_a)
+    collect(long_c)
+    follow_up = [2] + SYSTEM + reply + [7]
+    before = engine.stats()
+    tokens, _ = collect(engine.submit(ask(follow_up, None, n=8)))
+    assert delta(engine, before, "prefix_hit_tokens") == resident([2] + SYSTEM, reply, done)
+    assert tokens == reference(tiny_model, None, follow_up, 8)
     _assert_parked_kv_is_cold_kv(engine, tiny_model)
