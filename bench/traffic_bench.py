@@ -147,6 +147,17 @@ def summarize(spec: TrafficSpec, turns: list[Turn], wall: float) -> dict[str, An
     }
 
 
+def reuse_per_reply(before: dict[str, Any], after: dict[str, Any], replies: int) -> dict[str, Any]:
+    """Engine counters over one phase: prompt tokens computed vs. taken from the KV reuse pool, per reply."""
+    def per(name: str) -> float | None:
+        if name not in after or not replies:
+            return None
+        return round((after[name] - before.get(name, 0)) / replies, 1)
+
+    return {"prefill_tokens_per_reply": per("prefill_tokens"), "prefix_hit_tokens_per_reply": per("prefix_hit_tokens"),
+            "parked_rows": after.get("parked_rows")}
+
+
 # --- backends ---------------------------------------------------------------------------------------------
 def engine_backend(engine: Any, tokenizer: Any, vocab: WordVocab) -> Backend:
     """The bare engine, given the prompt the chat worker would build (the same chat template)."""
@@ -291,15 +302,17 @@ def start_api(service: dict[str, Any]) -> tuple[str, str, Callable[[], None]]:
 
 
 def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str, max_batch: int,
-                 context: int) -> tuple[Any, Callable[[], None], dict[str, Any]]:
+                 context: int, reuse: bool) -> tuple[Any, Callable[[], None], dict[str, Any]]:
     """redis-server + the store + one real chat worker; returns a ChatClient, a stop function and the
-    service's parts (work dir, worker environment, store) for `start_api`."""
+    service's parts (work dir, worker environment, store, for `start_api`; `stats`, a reader of the
+    engine stats the worker publishes after each reply)."""
     import redis
 
     from personabot.core.processes import stop_process
     from personabot.core.store import Store
     from personabot.redis_server import RedisServer
     from personabot.workers.app import make_celery
+    from personabot.workers.chat_service import STATS_KEY
     from personabot.workers.client import ChatClient
 
     server = RedisServer(work / "redis", persist=False).start()
@@ -315,6 +328,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                 "PERSONABOT_MODEL": str(model_dir), "PERSONABOT_DATA_DIR": str(work / "data"),
                 "PERSONABOT_MAX_BATCH": str(max_batch), "PERSONABOT_CONTEXT_TOKENS": str(context),
                 "PERSONABOT_DEVICE": device, "PERSONABOT_RETRAIN_CRON": "",
+                "PERSONABOT_CHAT_PREFIX_CACHE": str(reuse).lower(),
                 "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")})
     client = redis.Redis.from_url(server.url)
     log = open(work / "chat-worker.log", "wb")  # noqa: SIM115 - closed by stop()
@@ -339,7 +353,16 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
         server.stop()
         store.close()
 
-    return ChatClient(client, make_celery(server.url)), stop, {"work": work, "env": env, "store": store}
+    def stats() -> dict[str, Any]:
+        raw = client.hget(STATS_KEY, "traffic@bench")
+        return json.loads(raw) if raw else {}
+
+    return ChatClient(client, make_celery(server.url)), stop, {"work": work, "env": env, "store": store,
+                                                               "stats": stats}
+
+
+REPORTED = ("tok_s", "ttft_ms", "ttft_ms_follow_up", "prefill_tokens_per_reply", "prefix_hit_tokens_per_reply",
+            "failed")
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -372,6 +395,7 @@ def main() -> None:
                         help="Poisson rates, in messages/s per chat (e.g. 0.05,0.1)")
     parser.add_argument("--backends", default="bare,celery,api")
     parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--reuse", default="on", help="KV reuse in the engine: on, off, or on,off to compare")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,28 +437,32 @@ def main() -> None:
 
     from personabot.workers.engine.scheduler import HFEngine
 
-    def run_bare(chats: int) -> None:
+    def run_bare(chats: int, reuse: bool) -> None:
         started = time.monotonic()
         engine = HFEngine(lambda: build_model(dims, device, dtype), model_name=str(model_dir),
                           max_batch=args.max_batch, max_len=context, lora_slots=3, lora_rank=32,
-                          eos_ids=tuple(specials.values()))
+                          eos_ids=tuple(specials.values()), prefix_cache=reuse)
         engine.load_adapter("a", adapter_dir)
         engine.set_active("a")
         ready = round(time.monotonic() - started, 1)
+        path = "bare" if reuse else "bare-no-reuse"
         for label, spec in phases(args, chats):
-            key = f"bare/{chats}/{label}"
+            key = f"{path}/{chats}/{label}"
+            before = engine.stats()
             summary = run_traffic(spec, engine_backend(engine, tokenizer, vocab), vocab)
-            results[key] = {**summary, "engine_ready_s": ready}
-            print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
+            results[key] = {**summary, "engine_ready_s": ready,
+                            **reuse_per_reply(before, engine.stats(), summary["turns"])}
+            print(key, json.dumps({k: results[key][k] for k in REPORTED}), flush=True)
             save()
-        results[f"bare/{chats}/stats"] = engine.stats()
+        results[f"{path}/{chats}/stats"] = engine.stats()
         engine.close()
         if device == "cuda":
-            results[f"bare/{chats}/gpu_reserved_after_close_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+            results[f"{path}/{chats}/gpu_reserved_after_close_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
 
-    def run_served(backend_name: str, chats: int) -> None:
-        chat, stop, service = start_celery(work / f"{backend_name}-{chats}", model_dir, adapter_dir,
-                                           device=device, max_batch=args.max_batch, context=context)
+    def run_served(backend_name: str, chats: int, reuse: bool) -> None:
+        path = backend_name if reuse else f"{backend_name}-no-reuse"
+        chat, stop, service = start_celery(work / f"{path}-{chats}", model_dir, adapter_dir,
+                                           device=device, max_batch=args.max_batch, context=context, reuse=reuse)
         stops = [stop]
         try:
             if backend_name == "api":
@@ -445,9 +473,11 @@ def main() -> None:
             else:
                 backend = celery_backend(chat, vocab)
             for label, spec in phases(args, chats):
-                key = f"{backend_name}/{chats}/{label}"
-                results[key] = run_traffic(spec, backend, vocab)
-                print(key, json.dumps({k: results[key][k] for k in ("tok_s", "ttft_ms", "failed")}), flush=True)
+                key = f"{path}/{chats}/{label}"
+                before = service["stats"]()
+                summary = run_traffic(spec, backend, vocab)
+                results[key] = {**summary, **reuse_per_reply(before, service["stats"](), summary["turns"])}
+                print(key, json.dumps({k: results[key][k] for k in REPORTED}), flush=True)
                 save()
         finally:
             for stop_one in stops:
@@ -456,14 +486,14 @@ def main() -> None:
     if {"celery", "api"} & set(backends):
         build_model(dims, "cpu", dtype).save_pretrained(model_dir)
     # Chat count outermost: a run cut short still compares every path at the counts it reached.
-    for chats in chat_counts:
-        for backend_name in backends:
-            if backend_name == "bare":
-                run_bare(chats)
-            elif backend_name in ("celery", "api"):
-                run_served(backend_name, chats)
-            else:
-                raise SystemExit(f"unknown backend {backend_name!r}: use bare, celery and/or api")
+    reuse_modes = [mode == "on" for mode in args.reuse.split(",")]
+    for chats, backend_name, reuse in itertools.product(chat_counts, backends, reuse_modes):
+        if backend_name == "bare":
+            run_bare(chats, reuse)
+        elif backend_name in ("celery", "api"):
+            run_served(backend_name, chats, reuse)
+        else:
+            raise SystemExit(f"unknown backend {backend_name!r}: use bare, celery and/or api")
     save()
 
 

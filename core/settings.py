@@ -152,6 +152,17 @@ class Settings(BaseSettings):
     lora_slots: int = Field(
         3, ge=2, le=16, description="Adapters resident at once in a chat worker (active, previous, playground)."
     )
+    chat_prefix_cache: bool = Field(
+        True, description="Keep finished replies' KV cache so a chat's next message (and a shared system prompt) "
+        "prefills only its new tokens."
+    )
+    chat_prefix_rows: int = Field(
+        0, ge=0, description="Most finished chats whose KV is kept (0 = every KV row no running request holds)."
+    )
+    chat_prefix_spare_rows: int = Field(
+        0, ge=0, le=4096, description="KV rows beyond PERSONABOT_MAX_BATCH that only keep finished chats' KV "
+        "(each holds PERSONABOT_CONTEXT_TOKENS tokens of GPU memory); raise it where the GPU has room."
+    )
 
     # --- bot ----------------------------------------------------------------------------------
     history_turns: int = Field(20, ge=0, description="Turns of memory kept per chat.")

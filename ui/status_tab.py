@@ -27,7 +27,8 @@ def _gpu_text(data: dict[str, Any]) -> str:
     """GPU memory from a worker's `worker.online` event (used/total MB, or GiB in use)."""
     used, total = data.get("gpu_memory_used_mb"), data.get("gpu_memory_total_mb")
     if used is not None and total is not None:
-        return f"{used / 1024:.1f} / {total / 1024:.1f} GiB"
+        reuse = f", KV reuse keeps {data['prefix_chats']} chats" if data.get("prefix_chats") else ""
+        return f"{used / 1024:.1f} / {total / 1024:.1f} GiB{reuse}"
     if data.get("gpu_mem_gb") is not None:
         return f"{float(data['gpu_mem_gb']):.1f} GiB"
     return "no GPU reported"

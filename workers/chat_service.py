@@ -49,7 +49,8 @@ def default_engine(settings: Settings, *, model_dir: Path, load: bool = True) ->
     return HFEngine(lambda: load_hf_model(str(model_dir), device=settings.device, dtype=settings.dtype),
                     model_name=settings.model, max_batch=settings.max_batch,
                     max_len=settings.context_tokens, lora_slots=settings.lora_slots,
-                    lora_rank=settings.lora_max_rank, load=load)
+                    lora_rank=settings.lora_max_rank, load=load, prefix_cache=settings.chat_prefix_cache,
+                    prefix_rows=settings.chat_prefix_rows, spare_rows=settings.chat_prefix_spare_rows)
 
 
 class ChatRuntime:
@@ -96,8 +97,13 @@ class ChatRuntime:
                                   f"adapter: {self._last_error or f'no answer within {timeout_s:.0f}s'}; "
                                   "check PERSONABOT_REDIS_URL, PERSONABOT_DATABASE_URL and the worker log")
         self._syncer.start()
+        stats = self.engine.stats()
+        reuse = {key: stats.get(key, 0) for key in ("kv_rows", "prefix_chats", "prefix_tokens")}
+        log.info("ready: %(kv_rows)d KV rows; KV reuse keeps up to %(prefix_chats)d finished chats "
+                 "(%(prefix_tokens)d tokens)", reuse)
         events.publish(self.client, "worker.online", worker=self.worker_name, kind="chat",
-                       model=self.settings.model, adapter=self.engine.active, host=self.host, **gpu_memory())
+                       model=self.settings.model, adapter=self.engine.active, host=self.host, **reuse,
+                       **gpu_memory())
         return self
 
     def close(self) -> None:

@@ -18,12 +18,14 @@ def test_traffic_bench_tiny_run_matches_prompts_on_every_path(tmp_path: Path) ->
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "traffic_bench.py"), "--tiny", "--out", str(out),
-                             "--chats", "3", "--turns", "2", "--max-batch", "4", "--rates-per-chat", "2"],
+                             "--chats", "3", "--turns", "2", "--max-batch", "4", "--rates-per-chat", "2",
+                             "--reuse", "on,off"],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "traffic_bench.json").read_text())
     runs = {key: value for key, value in data.items() if isinstance(value, dict) and "tok_s" in value}
-    assert set(runs) == {f"{path}/3/{label}" for path in ("bare", "celery", "api")
+    paths = ("bare", "celery", "api", "bare-no-reuse", "celery-no-reuse", "api-no-reuse")
+    assert set(runs) == {f"{path}/3/{label}" for path in paths
                          for label in ("closed/fresh", "closed/warm", "poisson_6_per_s/warm")}
     for key, run in runs.items():
         assert run["failed"] == 0 and run["turns"] == 6 and run["tok_s"] > 0, (key, run)
@@ -32,3 +34,9 @@ def test_traffic_bench_tiny_run_matches_prompts_on_every_path(tmp_path: Path) ->
         for path in ("celery", "api"):
             assert runs[f"{path}/3/{label}"]["prompt_tokens_mean"] == pytest.approx(
                 runs[f"bare/3/{label}"]["prompt_tokens_mean"], rel=0.05), (path, label)
+    # Engine counters per reply: follow-ups take the chat's earlier turns from the KV reuse pool.
+    for path in ("bare", "celery", "api"):
+        for label in ("closed/fresh", "closed/warm", "poisson_6_per_s/warm"):
+            reuse, cold = runs[f"{path}/3/{label}"], runs[f"{path}-no-reuse/3/{label}"]
+            assert reuse["prefix_hit_tokens_per_reply"] > 0 and cold["prefix_hit_tokens_per_reply"] == 0
+            assert reuse["prefill_tokens_per_reply"] < cold["prefill_tokens_per_reply"]

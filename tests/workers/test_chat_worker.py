@@ -111,6 +111,28 @@ def test_stream_is_ordered_complete_and_matches_hf(setup: dict[str, Any]) -> Non
     assert setup["client"].ttl(stream_key(result.request_id)) > 0
 
 
+def test_a_repeated_conversation_reuses_kv_and_the_worker_reports_the_pool(setup: dict[str, Any]) -> None:
+    import json
+
+    from personabot.ui.status_tab import _gpu_text
+
+    worker = setup["worker"]
+    assert "KV reuse keeps up to 4 finished chats" in worker.log_path.read_text(errors="replace")
+    online = next(e.data for e in events.recent(setup["client"], 1000)
+                  if e.type == "worker.online" and e.data.get("worker") == worker.hostname)
+    assert online["prefix_chats"] == 4 and online["kv_rows"] == 4
+    assert _gpu_text({**online, "gpu_memory_used_mb": 1024, "gpu_memory_total_mb": 2048}).endswith(
+        "KV reuse keeps 4 chats")
+    _, first = ask(setup, "Tell me about reuse.", adapter="base", sampling={"max_new_tokens": 8})
+    before = json.loads(setup["client"].hget(STATS_KEY, worker.hostname))
+    _, again = ask(setup, "Tell me about reuse.", adapter="base", sampling={"max_new_tokens": 8})
+    stats = json.loads(setup["client"].hget(STATS_KEY, worker.hostname))
+    assert again.text == first.text
+    assert stats["prefix_hit_tokens"] - before["prefix_hit_tokens"] == again.prompt_tokens - 1
+    assert stats["prefill_tokens"] - before["prefill_tokens"] == 1
+    assert stats["parked_rows"] >= 1
+
+
 def test_concurrent_requests_share_decode_steps(setup: dict[str, Any]) -> None:
     before = setup["client"].hget(STATS_KEY, setup["worker"].hostname)
     results: list[ChatResult] = []

@@ -211,13 +211,19 @@ class Qwen2Decoder:
         return qk[:, :d.heads], qk[:, d.heads:], v
 
     @torch.no_grad()
-    def prefill(self, rows: list[int], prompts: list[list[int]], slots: list[int | None]) -> torch.Tensor:
-        """Run whole prompts into their KV rows in one pass; returns each prompt's last logits [n, vocab]."""
+    def prefill(self, rows: list[int], prompts: list[list[int]], slots: list[int | None],
+                starts: list[int] | None = None) -> torch.Tensor:
+        """Run prompts into their KV rows in one pass; returns each prompt's last logits [n, vocab].
+        `starts[i]`: positions [0, start) of row i already hold this prompt's KV (a reused prefix);
+        only the rest is computed, attending to the cached prefix (start < len(prompt))."""
         d = self.dims
-        lengths = [len(p) for p in prompts]
+        starts = starts or [0] * len(prompts)
+        lengths = [len(p) - s for p, s in zip(prompts, starts, strict=True)]
         total = sum(lengths)
-        tokens = torch.tensor([t for p in prompts for t in p], device=self.device, dtype=torch.long)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        tokens = torch.tensor([t for p, s in zip(prompts, starts, strict=True) for t in p[s:]],
+                              device=self.device, dtype=torch.long)
+        positions = torch.cat([torch.arange(s, len(p), device=self.device)
+                               for p, s in zip(prompts, starts, strict=True)])
         mode: LoraMode = slots[0] if len(set(slots)) == 1 else MIXED
         if mode is not None and mode == self.merged_slot:
             mode = MERGED  # the adapter's merged weights: no LoRA work in the prompt pass either
@@ -233,13 +239,19 @@ class Qwen2Decoder:
             q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
             attn = torch.empty(total, d.heads, d.head_dim, device=self.device, dtype=self.dtype)
             start = 0
-            for row, n in zip(rows, lengths, strict=True):
-                span = slice(start, start + n)
-                self.k_cache[index][row, :, :n] = k[span].transpose(0, 1)
-                self.v_cache[index][row, :, :n] = v[span].transpose(0, 1)
-                out = F.scaled_dot_product_attention(
-                    q[span].transpose(0, 1)[None], k[span].transpose(0, 1)[None], v[span].transpose(0, 1)[None],
-                    is_causal=True, enable_gqa=True, scale=scale)
+            for row, n, cached in zip(rows, lengths, starts, strict=True):
+                span, end = slice(start, start + n), cached + n
+                self.k_cache[index][row, :, cached:end] = k[span].transpose(0, 1)
+                self.v_cache[index][row, :, cached:end] = v[span].transpose(0, 1)
+                if cached:  # queries at positions [cached, end) see keys [0, own position]
+                    keys, values = self.k_cache[index][row, :, :end], self.v_cache[index][row, :, :end]
+                    seen = torch.arange(end, device=self.device)[None, :] <= positions[span, None]
+                    out = F.scaled_dot_product_attention(q[span].transpose(0, 1)[None], keys[None], values[None],
+                                                         attn_mask=seen, enable_gqa=True, scale=scale)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        q[span].transpose(0, 1)[None], k[span].transpose(0, 1)[None],
+                        v[span].transpose(0, 1)[None], is_causal=True, enable_gqa=True, scale=scale)
                 attn[span] = out[0].transpose(0, 1)
                 start += n
             flat = attn.view(total, d.q_out)
@@ -249,6 +261,21 @@ class Qwen2Decoder:
         last = torch.tensor([sum(lengths[:i + 1]) - 1 for i in range(len(lengths))], device=self.device)
         out = F.rms_norm(x[last], (d.hidden,), self.final_norm, d.eps)
         return (out @ self.lm_head.T).float()
+
+    @torch.no_grad()
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        """Copy the KV of positions [0, tokens) from one row to another (device to device)."""
+        for k_cache, v_cache in zip(self.k_cache, self.v_cache, strict=True):
+            k_cache[target, :, :tokens] = k_cache[source, :, :tokens]
+            v_cache[target, :, :tokens] = v_cache[source, :, :tokens]
+
+    @torch.no_grad()
+    def swap_prefix(self, a: int, b: int, tokens: int) -> None:
+        """Exchange the KV of positions [0, tokens) between two rows (one layer's row at a time)."""
+        for cache in (*self.k_cache, *self.v_cache):
+            held = cache[a, :, :tokens].clone()
+            cache[a, :, :tokens] = cache[b, :, :tokens]
+            cache[b, :, :tokens] = held
 
     def _decode(self, rows: int, length: int, mode: LoraMode) -> torch.Tensor:
         d = self.dims

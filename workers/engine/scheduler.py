@@ -7,7 +7,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import torch
 from personabot.workers.engine.adapter_files import read_adapter, same_base
 from personabot.workers.engine.layout import MIXED, LoraMode, bucket_of
 from personabot.workers.engine.merge_policy import MergePolicy
+from personabot.workers.engine.prefix_cache import Plan, PrefixPool
 from personabot.workers.engine.protocol import (
     ACTIVE,
     FINISH_CANCELLED,
@@ -35,8 +36,8 @@ from personabot.workers.engine.slots import AdapterSlots
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("prefills", "prefill_passes", "prefill_tokens", "decode_steps", "decode_rows", "tokens", "max_batch_seen",
-            "finished", "adapter_loads", "swaps", "merges", "merge_ms_max")
+COUNTERS = ("prefills", "prefill_passes", "prefill_tokens", "prefix_hit_tokens", "prefix_copies", "decode_steps",
+            "decode_rows", "tokens", "max_batch_seen", "finished", "adapter_loads", "swaps", "merges", "merge_ms_max")
 PREFILL_TOKENS = 4096  # prompt tokens prefilled together before running streams take their next step
 
 
@@ -59,6 +60,8 @@ class _Row:
     stream: GenerationStream
     lora_slot: int | None
     adapter: str | None
+    key: Hashable  # the weights its KV is computed under (see AdapterSlots.key)
+    ids: list[int]  # prompt + every token fed back; KV is written for ids[:position]
     generated: int = 0
     position: int = 0
 
@@ -68,9 +71,14 @@ class HFEngine:
 
     def __init__(self, loader: Callable[[], Any], *, model_name: str, max_batch: int, max_len: int,
                  lora_slots: int = 3, lora_rank: int = 32, eos_ids: tuple[int, ...] = (),
-                 load: bool = True, merge: bool | None = None, fuse: bool | None = None) -> None:
+                 load: bool = True, merge: bool | None = None, fuse: bool | None = None,
+                 prefix_cache: bool = True, prefix_rows: int = 0, spare_rows: int = 0) -> None:
         """`load=False` starts released: nothing is loaded until `reclaim` (the GPU is lent to training).
-        `merge` / `fuse`: see Qwen2Decoder (None = automatic)."""
+        `merge` / `fuse`: see Qwen2Decoder (None = automatic). `prefix_cache`: keep finished requests'
+        KV for reuse (see prefix_cache.py), at most `prefix_rows` rows (0 = every row not running),
+        `spare_rows` KV rows beyond `max_batch` that only hold parked KV."""
+        self.pool = PrefixPool(max_batch, spare_rows if prefix_cache else 0, enabled=prefix_cache,
+                               max_rows=prefix_rows)
         self._merge, self._fuse = merge, fuse
         self._merge_policy = MergePolicy()
         self.model_name = model_name
@@ -104,12 +112,16 @@ class HFEngine:
         eos = model.generation_config.eos_token_id if model.generation_config else None
         self.eos_ids = set(self._extra_eos) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.decoder = Qwen2Decoder(
-            model, max_rows=self.max_batch, max_len=self.max_len,
+            model, max_rows=self.max_batch + self.pool.spare_rows, max_len=self.max_len,
             lora_slots=self.lora_slots, lora_rank=self.lora_rank, merge=self._merge, fuse=self._fuse)
         del model
         gc.collect()
         self.sampler = RowSampler(self.max_batch, self.decoder.dims.vocab, self.decoder.device)
         self._active_rows = torch.zeros(self.max_batch, dtype=torch.long, device=self.decoder.device)
+        # Rows no request runs in decode at the one position whose KV is never kept (see _finish).
+        self.decoder.positions.fill_(self.max_len - 1)
+        with self._cv:
+            self.pool.clear()
 
     @property
     def released(self) -> bool:
@@ -137,7 +149,9 @@ class HFEngine:
     def _free(self) -> None:
         self.decoder = None
         self.sampler = None
-        self.slots.forget_all()
+        with self._cv:
+            self.slots.forget_all()
+            self.pool.clear()
         self._active = None
         gc.collect()
         if torch.cuda.is_available():
@@ -178,10 +192,13 @@ class HFEngine:
                 if not self._cv.wait(timeout=max(0.0, deadline - time.monotonic())):
                     raise EngineError(f"all {self.lora_slots} adapter slots served running requests for "
                                       f"{slot_wait_s:.0f}s; try again or raise PERSONABOT_LORA_SLOTS")
+            stale = {i: self.slots.key(i) for i in free}
             slot = self.slots.claim_for_write(free)
         stall: list[float] = []
 
         def copy() -> None:
+            with self._cv:
+                self.pool.drop_key(stale[slot])
             started = time.perf_counter()
             decoder.write_lora(slot, weights)
             if decoder.device.type == "cuda":
@@ -241,6 +258,8 @@ class HFEngine:
             counters = dict(self._counters)
             counters["running"] = sum(1 for row in self._rows if row)
             counters["waiting"] = len(self._waiting)
+            counters.update(self.pool.stats())
+        counters.update(self.pool.capacity(self.max_len))
         counters["graphs"] = self.decoder.graph_captures if self.decoder else 0
         return counters
 
@@ -278,18 +297,13 @@ class HFEngine:
                 self._ops.clear()
                 cancels = dict(self._cancels)
                 self._cancels.clear()
-                admits: list[tuple[int, GenerationStream]] = []
-                free_rows = [i for i, row in enumerate(self._rows) if row is None]
-                budget = PREFILL_TOKENS
-                while self._waiting and free_rows and self.decoder is not None and (
-                        not admits or len(self._waiting[0].request.prompt_ids) <= budget):
-                    budget -= len(self._waiting[0].request.prompt_ids)
-                    admits.append((free_rows.pop(0), self._waiting.popleft()))
             for op in ops:
                 op()
             for index, row in enumerate(self._rows):
                 if row is not None and row.stream.request.request_id in cancels:
                     self._finish(index, cancels[row.stream.request.request_id])
+            with self._cv:
+                admits = self._plan_admits() if self.decoder is not None else []
             try:
                 if admits:
                     self._admit(admits)
@@ -297,24 +311,54 @@ class HFEngine:
                     self._step()
             except Exception as error:
                 log.exception("decode step failed")
+                with self._cv:
+                    self.pool.clear()  # a copy or prefill may have stopped half way: trust no parked KV
                 for index, row in enumerate(self._rows):
                     if row is not None:
                         self._finish(index, FINISH_ERROR, f"generation failed: {type(error).__name__}: {error}")
 
-    def _admit(self, admits: list[tuple[int, GenerationStream]]) -> None:
-        """Prefill new requests together, then give each its first token."""
+    def _plan_admits(self) -> list[tuple[Plan, GenerationStream]]:
+        """Take waiting requests while rows are free and their uncached prompt tokens fit the budget."""
+        free = [i for i, row in enumerate(self._rows) if row is None]
+        if not (self._waiting and free):
+            return []
+        running = [(i, row.ids, row.position, row.key) for i, row in enumerate(self._rows) if row is not None]
+        admits: list[tuple[Plan, GenerationStream]] = []
+        budget = PREFILL_TOKENS
+        while self._waiting and free:
+            stream = self._waiting[0]
+            prompt = stream.request.prompt_ids
+            plan = self.pool.plan(prompt, self.slots.key(stream.lora_slot), free, running)
+            cost = len(prompt) - plan.reuse
+            if admits and cost > budget:
+                break
+            budget -= cost
+            self.pool.commit(plan)
+            free.remove(plan.target)
+            admits.append((plan, self._waiting.popleft()))
+        return admits
+
+    def _admit(self, admits: list[tuple[Plan, GenerationStream]]) -> None:
+        """Copy reused prefixes into place, prefill the rest of the prompts together, then give each
+        request its first token."""
         decoder, sampler = self.decoder, self.sampler
         assert decoder is not None and sampler is not None
-        for index, stream in admits:
-            request = stream.request
-            self._rows[index] = _Row(stream, stream.lora_slot, stream.adapter, position=len(request.prompt_ids))
+        for plan, _ in admits:
+            for op, first, second, tokens in plan.ops:
+                (decoder.swap_prefix if op == "swap" else decoder.copy_prefix)(first, second, tokens)
+                self._counters["prefix_copies"] += 1
+        for plan, stream in admits:
+            request, index = stream.request, plan.target
+            self._rows[index] = _Row(stream, stream.lora_slot, stream.adapter, self.slots.key(stream.lora_slot),
+                                     list(request.prompt_ids), position=len(request.prompt_ids))
             decoder.set_row_lora(index, stream.lora_slot)
             sampler.configure(index, request.prompt_ids, temperature=request.temperature,
                               top_p=request.top_p, penalty=request.repetition_penalty, seed=request.seed)
-        logits = decoder.prefill([i for i, _ in admits], [s.request.prompt_ids for _, s in admits],
-                                 [s.lora_slot for _, s in admits])
+        logits = decoder.prefill([p.target for p, _ in admits], [s.request.prompt_ids for _, s in admits],
+                                 [s.lora_slot for _, s in admits], [p.reuse for p, _ in admits])
         firsts = []
-        for n, (index, stream) in enumerate(admits):
+        for n, (plan, stream) in enumerate(admits):
+            index = plan.target
             token = sampler.sample(logits[n:n + 1], [index], start=index)
             if sampler.uses_penalty([index]):
                 sampler.observe(token, start=index)
@@ -322,11 +366,12 @@ class HFEngine:
             decoder.positions[index] = len(stream.request.prompt_ids)
             self._active_rows[index] = 1
             firsts.append(token)
-            self._counters["prefill_tokens"] += len(stream.request.prompt_ids)
+            self._counters["prefill_tokens"] += len(stream.request.prompt_ids) - plan.reuse
+            self._counters["prefix_hit_tokens"] += plan.reuse
         self._counters["prefills"] += len(admits)
         self._counters["prefill_passes"] += 1
-        for (index, _), token in zip(admits, torch.cat(firsts).tolist(), strict=True):
-            self._deliver(index, token)
+        for (plan, _), token in zip(admits, torch.cat(firsts).tolist(), strict=True):
+            self._deliver(plan.target, token)
 
     def _step(self) -> None:
         decoder, sampler = self.decoder, self.sampler
@@ -343,7 +388,7 @@ class HFEngine:
         if sampler.uses_penalty(active):
             sampler.observe(tokens)
         decoder.tokens[:rows] = tokens
-        decoder.positions.add_(self._active_rows)
+        decoder.positions[:self.max_batch].add_(self._active_rows)
         host = tokens.tolist()
         self._counters["decode_steps"] += 1
         self._counters["decode_rows"] += len(active)
@@ -358,6 +403,7 @@ class HFEngine:
         row = self._rows[index]
         assert row is not None
         request = row.stream.request
+        row.ids.append(token)  # fed back at the next step unless the request ends here
         if token in self.eos_ids and row.generated >= request.min_new_tokens:
             self._finish(index, FINISH_STOP)
             return
@@ -376,9 +422,13 @@ class HFEngine:
         if self.sampler is not None and self.decoder is not None:
             self.sampler.clear(index)
             self._active_rows[index] = 0
-            self.decoder.positions[index] = 0
+            # Decode steps still run this row (rows [0, bucket) at once) and write a K/V at its
+            # position: max_len - 1 is never part of kept KV (a request ends before it writes there).
+            self.decoder.positions[index] = self.max_len - 1
         row.stream.items.put(GenerationDone(reason, row.generated, row.adapter, error))
         with self._cv:
+            if reason != FINISH_ERROR and self.decoder is not None:
+                self.pool.park(index, row.ids[:row.position], row.key)
             self.slots.release(row.lora_slot)
             self._counters["finished"] += 1
             self._cv.notify_all()

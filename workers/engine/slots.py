@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
+
+_LOADS = itertools.count(1)
 
 
 @dataclass
@@ -12,6 +15,7 @@ class _Slot:
     refs: int = 0  # requests waiting or running on this slot
     used: float = 0.0  # time.monotonic() of the last load or submit
     busy: bool = False  # an adapter is being copied in
+    load: int = 0  # which load put the current weights here (KV computed under them is keyed by it)
 
 
 class AdapterSlots:
@@ -47,6 +51,15 @@ class AdapterSlots:
         if name is not None:
             slot.name = name
             slot.used = time.monotonic()
+            slot.load = next(_LOADS)
+
+    def key(self, index: int | None) -> tuple[str, int] | None:
+        """The identity of the weights in a slot (None = the base model): the same name loaded
+        again from other files gets another key, so KV computed under the old weights never matches."""
+        if index is None:
+            return None
+        slot = self._slots[index]
+        return (slot.name or "", slot.load)
 
     def acquire(self, name: str) -> int:
         """One more request runs on `name`'s slot; returns the slot."""
