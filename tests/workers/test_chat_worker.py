@@ -123,10 +123,23 @@ def test_a_repeated_conversation_reuses_kv_and_the_worker_reports_the_pool(setup
     assert online["prefix_chats"] == 4 and online["kv_rows"] == 4
     assert _gpu_text({**online, "gpu_memory_used_mb": 1024, "gpu_memory_total_mb": 2048}).endswith(
         "KV reuse keeps 4 chats")
+    def published(finished: int | None = None) -> dict[str, Any]:
+        """The worker's stats once they count `finished` replies (None: once they stop changing);
+        a reply's final entry is written just before its stats."""
+        last: dict[str, Any] = {}
+        for _ in range(100):
+            stats = json.loads(setup["client"].hget(STATS_KEY, worker.hostname) or "{}")
+            if (finished is None and stats == last) or (finished is not None and stats.get("finished") == finished):
+                return stats
+            last = stats
+            time.sleep(0.1)
+        raise TimeoutError(f"the worker's stats never counted {finished} replies: {last}")
+
+    settled = published()
     _, first = ask(setup, "Tell me about reuse.", adapter="base", sampling={"max_new_tokens": 8})
-    before = json.loads(setup["client"].hget(STATS_KEY, worker.hostname))
+    before = published(settled["finished"] + 1)
     _, again = ask(setup, "Tell me about reuse.", adapter="base", sampling={"max_new_tokens": 8})
-    stats = json.loads(setup["client"].hget(STATS_KEY, worker.hostname))
+    stats = published(before["finished"] + 1)
     assert again.text == first.text
     assert stats["prefix_hit_tokens"] - before["prefix_hit_tokens"] == again.prompt_tokens - 1
     assert stats["prefill_tokens"] - before["prefill_tokens"] == 1

@@ -52,6 +52,10 @@ def test_common_prefix_and_plans() -> None:
     assert common_prefix([1, 2, 3], [1, 2, 3, 4], 10) == 3
     assert common_prefix([1, 2, 3], [1, 2, 3, 4], 2) == 2
     assert common_prefix([5], [1], 10) == 0
+    base = list(range(1000, 1300))
+    for cut in (0, 1, 15, 16, 17, 47, 48, 200, 299):  # across the growing compare chunks
+        assert common_prefix(base, base[:cut] + [7] + base[cut + 1:], 1000) == cut
+    assert common_prefix(base, base + [1], 1000) == 300 and common_prefix(base, base, 250) == 250
     pool = PrefixPool(decode_rows=3, spare_rows=1)
     pool.park(0, [1, 2, 3, 4], None)
     pool.park(1, [1, 2, 7], ("v1", 1))

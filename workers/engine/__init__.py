@@ -1,7 +1,8 @@
 """The chat worker's engine: the Engine protocol and its types (here), one Qwen2 implementation in the modules.
 
 protocol: the Engine interface, requests, streams, finish reasons. scheduler: HFEngine, the decode
-loop with continuous batching. slots / merge_policy: resident adapters and when one is merged.
+loop with continuous batching. prefix_cache: finished requests' KV kept for reuse. slots /
+merge_policy: resident adapters and when one is merged.
 qwen2 / layout / fused / graphs / lora_buffers: the forward, its shapes, compiled parts, CUDA graphs
 and LoRA buffers. adapter_files: reading a peft adapter. sampling: per-row token choice.
 text: token ids to reply text with stop strings.

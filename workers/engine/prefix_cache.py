@@ -37,20 +37,18 @@ class Plan:
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the longest common prefix of a and b, at most `limit` (C-speed slice compares)."""
+    """Length of the longest common prefix of a and b, at most `limit`: slice compares (C speed)
+    of growing chunks, then one by one inside the first chunk that differs."""
     high = min(len(a), len(b), limit)
-    if high <= 0 or a[0] != b[0]:
-        return 0
-    if a[:high] == b[:high]:
-        return high
-    low = 1  # a[:low] == b[:low] holds, a[:high] == b[:high] does not
-    while high - low > 1:
-        mid = (low + high) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid
-    return low
+    done, step = 0, 16
+    while done < high:
+        end = min(high, done + step)
+        if a[done:end] != b[done:end]:
+            while a[done] == b[done]:
+                done += 1
+            return done
+        done, step = end, step * 2
+    return high
 
 
 class PrefixPool:
