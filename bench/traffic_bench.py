@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,7 +97,18 @@ def run_traffic(spec: TrafficSpec, backend: Backend, vocab: WordVocab) -> dict[s
     lock = threading.Lock()
     mean_think = spec.chats / spec.rate if spec.rate else spec.think_s
 
+    errors: list[str] = []
+
     def user(index: int) -> None:
+        try:
+            converse(index)
+        except Exception as error:  # a user that crashed is counted as failed turns, and reported once
+            with lock:
+                errors.append(f"chat {index}: {type(error).__name__}: {error}")
+            if len(errors) == 1:
+                traceback.print_exc()
+
+    def converse(index: int) -> None:
         rng = random.Random(spec.seed * 100_003 + index)
         history: list[tuple[str, list[int]]] = []
         if spec.rate:
@@ -121,7 +133,7 @@ def run_traffic(spec: TrafficSpec, backend: Backend, vocab: WordVocab) -> dict[s
     for thread in threads:
         thread.join()
     wall = time.monotonic() - started
-    return summarize(spec, turns, wall)
+    return {**summarize(spec, turns, wall), "errors": errors[:5], "lost_turns": spec.chats * spec.turns - len(turns)}
 
 
 def summarize(spec: TrafficSpec, turns: list[Turn], wall: float) -> dict[str, Any]:
@@ -143,7 +155,7 @@ def summarize(spec: TrafficSpec, turns: list[Turn], wall: float) -> dict[str, An
         "ttft_ms_first_message": {"p50": ms(percentile(first, 0.5)), "p95": ms(percentile(first, 0.95))},
         "ttft_ms_follow_up": {"p50": ms(percentile(later, 0.5)), "p95": ms(percentile(later, 0.95))},
         "inter_token_gap_ms": {"p50": ms(percentile(gaps, 0.5)), "p99": ms(percentile(gaps, 0.99))},
-        "failed": sum(1 for t in turns if not t.ok),
+        "failed": sum(1 for t in turns if not t.ok) + spec.chats * spec.turns - len(turns),
     }
 
 
@@ -181,7 +193,10 @@ def engine_backend(engine: Any, tokenizer: Any, vocab: WordVocab) -> Backend:
             times += [time.monotonic()] * len(item)
         ttft = (times[0] if times else time.monotonic()) - sent
         gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
-        return reply, ttft, gaps, item.finish_reason == "length" and len(reply) == reply_len, len(ids)
+        ok = item.finish_reason == "length" and len(reply) == reply_len
+        # The history keeps the text the user saw, as the bot's memory does (special tokens are not shown).
+        shown = [t for t in reply if vocab.first_word <= t < vocab.first_word + len(vocab.words)]
+        return shown, ttft, gaps, ok, len(ids)
 
     return answer
 

@@ -40,3 +40,21 @@ def test_traffic_bench_tiny_run_matches_prompts_on_every_path(tmp_path: Path) ->
             reuse, cold = runs[f"{path}/3/{label}"], runs[f"{path}-no-reuse/3/{label}"]
             assert reuse["prefix_hit_tokens_per_reply"] > 0 and cold["prefix_hit_tokens_per_reply"] == 0
             assert reuse["prefill_tokens_per_reply"] < cold["prefill_tokens_per_reply"]
+
+
+def test_a_crashed_chat_counts_its_lost_turns_as_failed() -> None:
+    """A user thread that dies (a bench bug, a backend error) must not shrink the sample silently."""
+    sys.path.insert(0, str(REPO))
+    from bench.traffic_bench import TrafficSpec, run_traffic
+    from bench.word_tokenizer import WordVocab
+
+    vocab = WordVocab(2000)
+
+    def backend(messages, reply_len, request_id):  # type: ignore[no-untyped-def]
+        if request_id.endswith("-1-1"):
+            raise IndexError("boom")
+        return vocab.word_ids(__import__("random").Random(0), reply_len), 0.01, [0.001], True, 10
+
+    summary = run_traffic(TrafficSpec(chats=3, turns=3, think_s=0, reply_min=2, reply_max=4), backend, vocab)
+    assert summary["turns"] == 7 and summary["lost_turns"] == 2 and summary["failed"] == 2
+    assert summary["errors"] == ["chat 1: IndexError: boom"]
