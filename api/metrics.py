@@ -103,7 +103,8 @@ class ServiceCollector(Collector):
             name = worker.decode()
             running.add_metric([name], float(stats.get("running", 0)))
             waiting.add_metric([name], float(stats.get("waiting", 0)))
-            kv.add_metric([name], float(stats.get("running", 0)) / self.max_batch)
+            rows = stats.get("max_batch") or self.max_batch or 1  # the worker's own size (it may be sized from its GPU)
+            kv.add_metric([name], float(stats.get("running", 0)) / rows)
             if "gpu_memory_used_mb" in stats:
                 gpu.add_metric([name], float(stats["gpu_memory_used_mb"]) * 2**20)
             for key, family in counters.items():

@@ -144,7 +144,10 @@ class Settings(BaseSettings):
     top_p: float = Field(0.9, gt=0, le=1, description="Default nucleus sampling.")
     repetition_penalty: float = Field(1.05, ge=1, le=2, description="Default repetition penalty.")
     context_tokens: int = Field(4096, ge=64, description="Prompt + reply token budget.")
-    max_batch: int = Field(32, ge=1, le=512, description="Concurrent requests per chat worker.")
+    max_batch: int = Field(
+        0, ge=0, le=512, description="Concurrent requests per chat worker (its KV rows); 0 = sized from the GPU's "
+        "free memory at start (up to 256; 32 on the CPU), the arithmetic in the worker's ready log."
+    )
     stream_ttl_s: int = Field(3600, ge=10, description="How long reply streams live in Redis.")
     lora_max_rank: int = Field(
         32, ge=1, le=256, description="Largest LoRA rank the chat worker serves (sizes its adapter buffers)."

@@ -32,6 +32,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(_settings(args), skip=skip)
 
 
+def _chat_rows(settings: Settings) -> int:
+    """PERSONABOT_MAX_BATCH=0: the KV rows this host's GPU holds next to the model (see workers.engine.kv_plan)."""
+    from personabot.training.model_source import resolve_model_dir
+    from personabot.workers.chat_service import chat_rows
+    from personabot.workers.engine.kv_plan import KvPlanError
+
+    try:
+        plan = chat_rows(settings, resolve_model_dir(settings))
+    except KvPlanError as error:
+        raise SettingsError(str(error)) from None
+    print(f"chat worker: {plan.text}", file=sys.stderr)
+    return plan.rows
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     module = {"chat": "personabot.workers.chat_tasks", "train": "personabot.workers.train_tasks"}[args.kind]
@@ -45,7 +59,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "-n", node, "--loglevel", args.loglevel, "--prefetch-multiplier", "1", "--without-gossip",
             "--without-mingle"]
     if args.kind == "chat":
-        argv += ["--pool", "threads", "--concurrency", str(args.concurrency or settings.max_batch)]
+        rows = args.concurrency or settings.max_batch or _chat_rows(settings)
+        # The worker's engine and Celery's thread pool agree on one size, decided here once.
+        os.environ["PERSONABOT_MAX_BATCH"] = str(rows)
+        argv += ["--pool", "threads", "--concurrency", str(rows)]
     else:
         # One job at a time; the job itself runs ms-swift in a child process.
         argv += ["--pool", "solo", "--concurrency", "1"]

@@ -15,7 +15,7 @@ import redis
 
 from personabot.core import events
 from personabot.core.errors import one_line
-from personabot.core.gpu_share import drop_holder, gpu_host, mark_holder, read_lease
+from personabot.core.gpu_share import drop_holder, gpu_host, mark_holder, read_lease, should_release
 from personabot.core.schemas import ChatRequest, ChatResult, Event
 from personabot.core.settings import Settings
 from personabot.core.store import Store
@@ -24,6 +24,7 @@ from personabot.training.model_source import resolve_model_dir
 from personabot.training.registry import AdapterPathError, AdapterRegistry
 from personabot.workers.chat_reply import CLAIM_TTL_S, Reply, claim_key
 from personabot.workers.engine import AdapterRefusedError, Engine, EngineError
+from personabot.workers.engine.kv_plan import KvPlan, auto_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,24 @@ def gpu_memory() -> dict[str, int]:
     return {"gpu_memory_used_mb": (total - free) // 2**20, "gpu_memory_total_mb": total // 2**20}
 
 
+def chat_rows(settings: Settings, model_dir: Path) -> KvPlan:
+    """PERSONABOT_MAX_BATCH, or (0) the rows this host's GPU holds next to the model."""
+    if settings.max_batch:
+        return KvPlan(settings.max_batch, f"{settings.max_batch} KV rows (PERSONABOT_MAX_BATCH)")
+    return auto_rows(model_dir, device=settings.device, max_len=settings.context_tokens,
+                     concurrent_training=not should_release(settings.gpu_share))
+
+
 def default_engine(settings: Settings, *, model_dir: Path, load: bool = True) -> Engine:
     from personabot.workers.engine.scheduler import HFEngine, load_hf_model
 
+    plan = chat_rows(settings, model_dir)
     return HFEngine(lambda: load_hf_model(str(model_dir), device=settings.device, dtype=settings.dtype),
-                    model_name=settings.model, max_batch=settings.max_batch,
+                    model_name=settings.model, max_batch=plan.rows,
                     max_len=settings.context_tokens, lora_slots=settings.lora_slots,
                     lora_rank=settings.lora_max_rank, load=load, prefix_cache=settings.chat_prefix_cache,
-                    prefix_rows=settings.chat_prefix_rows, spare_rows=settings.chat_prefix_spare_rows)
+                    prefix_rows=settings.chat_prefix_rows, spare_rows=settings.chat_prefix_spare_rows,
+                    sizing=plan.text)
 
 
 class ChatRuntime:
@@ -101,6 +112,8 @@ class ChatRuntime:
         reuse = {key: stats.get(key, 0) for key in ("kv_rows", "prefix_chats", "prefix_tokens")}
         log.info("ready: %(kv_rows)d KV rows; KV reuse keeps up to %(prefix_chats)d finished chats "
                  "(%(prefix_tokens)d tokens)", reuse)
+        if getattr(self.engine, "sizing", ""):
+            log.info("ready: sized %s", self.engine.sizing)  # type: ignore[attr-defined]
         events.publish(self.client, "worker.online", worker=self.worker_name, kind="chat",
                        model=self.settings.model, adapter=self.engine.active, host=self.host, **reuse,
                        **gpu_memory())

@@ -72,11 +72,13 @@ class HFEngine:
     def __init__(self, loader: Callable[[], Any], *, model_name: str, max_batch: int, max_len: int,
                  lora_slots: int = 3, lora_rank: int = 32, eos_ids: tuple[int, ...] = (),
                  load: bool = True, merge: bool | None = None, fuse: bool | None = None,
-                 prefix_cache: bool = True, prefix_rows: int = 0, spare_rows: int = 0) -> None:
+                 prefix_cache: bool = True, prefix_rows: int = 0, spare_rows: int = 0, sizing: str = "") -> None:
         """`load=False` starts released: nothing is loaded until `reclaim` (the GPU is lent to training).
         `merge` / `fuse`: see Qwen2Decoder (None = automatic). `prefix_cache`: keep finished requests'
         KV for reuse (see prefix_cache.py), at most `prefix_rows` rows (0 = every row not running),
-        `spare_rows` KV rows beyond `max_batch` that only hold parked KV."""
+        `spare_rows` KV rows beyond `max_batch` that only hold parked KV. `sizing`: how `max_batch` was
+        chosen (workers.engine.kv_plan), for the worker's ready log."""
+        self.sizing = sizing
         self.pool = PrefixPool(max_batch, spare_rows if prefix_cache else 0, enabled=prefix_cache,
                                max_rows=prefix_rows)
         self._merge, self._fuse = merge, fuse
@@ -258,6 +260,7 @@ class HFEngine:
             counters = dict(self._counters)
             counters["running"] = sum(1 for row in self._rows if row)
             counters["waiting"] = len(self._waiting)
+            counters["max_batch"] = self.max_batch
             counters.update(self.pool.stats())
         counters.update(self.pool.capacity(self.max_len))
         counters["graphs"] = self.decoder.graph_captures if self.decoder else 0
