@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from personabot.workers.engine.kv_plan import GIB, CPU_ROWS, KvPlanError, auto_rows, plan_rows, read_shape
+from personabot.workers.engine.kv_plan import CPU_ROWS, GIB, KvPlanError, auto_rows, plan_rows, read_shape
 
 QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
              "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False}
