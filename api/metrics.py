@@ -27,6 +27,7 @@ STATS_KEY = "personabot:chat-workers"  # written by workers.chat_service.ChatRun
 CHAT_QUEUE = "chat"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ENGINE_COUNTERS = {"tokens": "generated tokens", "prefill_tokens": "prompt tokens prefilled",
+                   "prefix_hit_tokens": "prompt tokens taken from the KV reuse pool instead of prefilled",
                    "finished": "finished generations", "swaps": "adapter swaps",
                    "adapter_loads": "adapters loaded", "merges": "adapter merges into weight copies"}
 

@@ -126,7 +126,9 @@ def test_metrics_need_a_key_and_cover_api_workers_and_store(api: dict[str, Any],
                  "personabot_api_time_to_first_token_seconds_count", "personabot_api_inter_token_seconds_bucket",
                  "personabot_api_completion_tokens_total", "personabot_chat_queue_depth 0.0",
                  "personabot_chat_workers_live 1.0", 'personabot_chat_running_rows{worker="apichat@pytest"}',
-                 'personabot_chat_swaps_total{worker="apichat@pytest"}', 'personabot_adapter_active{version="v1"} 1.0',
+                 'personabot_chat_swaps_total{worker="apichat@pytest"}',
+                 'personabot_chat_prefix_hit_tokens_total{worker="apichat@pytest"}',
+                 'personabot_adapter_active{version="v1"} 1.0',
                  'personabot_training_runs{status="succeeded"} 0.0'):
         assert line in text, line
 
