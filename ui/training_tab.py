@@ -15,8 +15,8 @@ from personabot.core.store import StoreError, isoformat
 from personabot.training.params import TrainParams
 from personabot.training.schedule import CronError, current_cron, next_retrain_time, set_retrain_cron
 from personabot.training.service import TrainingRequestError, cancel_training, request_training
-from personabot.ui.context import LIVE_ERRORS, AdminContext, actor, notice
-from personabot.workers.client import submit_training
+from personabot.ui.context import AdminContext, actor, notice
+from personabot.workers.client import TrainingNotQueuedError, queue_training
 
 MIX_COLUMNS = ["dataset", "samples"]
 RUN_COLUMNS = ["id", "status", "trigger", "created", "finished", "adapter", "error"]
@@ -152,14 +152,12 @@ class TrainingTab:
         except (TypeError, ValueError) as error:
             return notice(f"not started: {error}", ok=False)
         try:
-            run = request_training(self.ctx.store, params, actor=actor(request))
+            run = queue_training(self.ctx.store, lambda: request_training(self.ctx.store, params, actor=actor(request)),
+                                 app=self.ctx.celery)
         except (TrainingRequestError, StoreError) as error:
             return notice(f"not started: {error}", ok=False)
-        try:
-            submit_training(run.id, app=self.ctx.celery)
-        except LIVE_ERRORS as error:
-            cancel_training(self.ctx.store, run.id, actor(request))
-            return notice(f"run {run.id} could not be queued and was cancelled: {error}", ok=False)
+        except TrainingNotQueuedError as error:
+            return notice(str(error), ok=False)
         return notice(f"run {run.id} queued")
 
     def cancel(self, request: gr.Request | None = None) -> str:

@@ -23,7 +23,7 @@ from personabot.core.store import RunLockedError, Store
 from personabot.training.service import retrain_if_changed, run_training, sweep_stale_runs
 from personabot.workers.app import TRAIN_QUEUE, app
 from personabot.workers.beat import SWEEP_TASK
-from personabot.workers.client import RETRAIN_IF_CHANGED_TASK, TRAIN_TASK
+from personabot.workers.client import RETRAIN_IF_CHANGED_TASK, TRAIN_TASK, TrainingNotQueuedError, queue_training
 
 log = logging.getLogger(__name__)
 LOCKED_RETRY_S = 60
@@ -139,20 +139,13 @@ def train(self: Any, run_id: int) -> dict[str, Any]:
         store.close()
 
 
-def enqueue_retrain_if_changed(store: Any, settings: Settings, celery_app: Celery) -> dict[str, Any]:
+def enqueue_retrain_if_changed(store: Store, settings: Settings, celery_app: Celery) -> dict[str, Any]:
     """Create and enqueue a run if the persona changed; a run that cannot be enqueued is cancelled."""
-    run = retrain_if_changed(store, settings, waiting=_waiting())
-    if run is None:
-        return {"queued": False}
     try:
-        result = celery_app.send_task(TRAIN_TASK, kwargs={"run_id": run.id})
-    except Exception as error:  # kombu OperationalError, Redis errors: the run would never start
-        reason = f"could not be queued ({type(error).__name__}: {error}); check Redis, the schedule retries"
-        store.finish_run(run.id, "cancelled", error=reason[:500])
-        log.warning("scheduled run %s %s", run.id, reason)
-        return {"queued": False, "run_id": run.id, "error": reason}
-    store.update_run(run.id, task_id=str(result.id))
-    return {"queued": True, "run_id": run.id}
+        run = queue_training(store, lambda: retrain_if_changed(store, settings, waiting=_waiting()), app=celery_app)
+    except TrainingNotQueuedError as error:
+        return {"queued": False, "run_id": error.run_id, "error": error.reason}
+    return {"queued": run is not None, **({"run_id": run.id} if run is not None else {})}
 
 
 @app.task(name=RETRAIN_IF_CHANGED_TASK, ignore_result=False)
