@@ -135,10 +135,9 @@ def cmd_bot(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from personabot.core.store import Store
-    from personabot.training.params import TrainParams
     from personabot.training.service import request_training, run_training
 
-    params = TrainParams.from_settings(settings, **{key: getattr(args, key) for key in (
+    params = settings.training.updated(**{key: getattr(args, key) for key in (
         "epochs", "learning_rate", "lora_rank", "speed_mode", "general_data")})
     store = Store(settings.db_url)
     run = request_training(store, params, actor="cli", trigger="cli")

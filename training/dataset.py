@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from personabot.core.prompting import pair_messages, question_text, render
-from personabot.training.params import TrainParams
+from personabot.core.train_params import TrainParams
 
 DEFAULT_IDENTITY_PATH = Path(__file__).parent / "data" / "default_identity.jsonl"
 TRAIN_FILE = "train.jsonl"

@@ -18,6 +18,7 @@ from personabot.core.gpu_share import gpu_memory_gb, gpu_released, should_releas
 from personabot.core.models import RUN_FINAL, TrainingRun, utcnow
 from personabot.core.settings import Settings, env_for_children, get_settings
 from personabot.core.store import latest_heartbeat_age
+from personabot.core.train_params import TrainParams
 from personabot.training.dataset import (
     DatasetUnavailableError,
     EmptyPersonaError,
@@ -28,7 +29,6 @@ from personabot.training.dataset import (
 )
 from personabot.training.evaluate import EvaluationError, evaluate_in_subprocess
 from personabot.training.model_source import ModelUnavailableError, hub_env, resolve_model_dir
-from personabot.training.params import TrainParams
 from personabot.training.registry import AdapterRegistry
 from personabot.training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
@@ -120,7 +120,7 @@ def retrain_if_changed(store: Any, settings: Settings | None = None, *, actor: s
     if last is not None and last.status == "rejected":
         return None
     try:
-        return request_training(store, TrainParams.from_settings(settings), actor=actor, trigger="schedule")
+        return request_training(store, settings.training, actor=actor, trigger="schedule")
     except TrainingRequestError as error:
         log.info("scheduled retraining skipped: %s", error)
         return None

@@ -23,7 +23,6 @@ from personabot.core.pairs_io import (
 from personabot.core.persona import PersonaFieldError, check_persona, refuse_clash, validate_pair
 from personabot.core.store import StoreError
 from personabot.training.dataset import preview_training_set
-from personabot.training.params import TrainParams
 from personabot.ui.context import AdminContext, actor, notice
 
 PAIR_COLUMNS = ["id", "kind", "enabled", "instruction", "input", "output"]
@@ -238,7 +237,7 @@ class PersonaTab:
         return str(path)
 
     def preview(self) -> tuple[str, pd.DataFrame]:
-        params = TrainParams.from_settings(self.ctx.settings)
+        params = self.ctx.settings.training
         try:
             result = preview_training_set(self.ctx.store, params)
         except (ValueError, StoreError) as error:

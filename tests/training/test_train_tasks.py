@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from personabot.training.params import TrainParams
+from personabot.core.train_params import TrainParams
 from personabot.training.registry import AdapterRegistry
 from personabot.training.service import request_training
 from personabot.workers.app import make_celery
