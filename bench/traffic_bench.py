@@ -217,6 +217,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
     """redis-server + the store + one real chat worker; returns a ChatClient and a stop function."""
     import redis
 
+    from personabot.core.events import WorkerOnline, recent
     from personabot.core.processes import stop_process
     from personabot.core.store import Store
     from personabot.redis_server import RedisServer
@@ -246,7 +247,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
                               start_new_session=True)
     deadline = time.monotonic() + 300
-    while not any(b"worker.online" in f[b"event"] for _, f in client.xrange("personabot:event-log")):
+    while not any(e.type == WorkerOnline.TYPE for e in recent(client, 1000)):
         if worker.poll() is not None or time.monotonic() > deadline:
             worker.kill()
             raise RuntimeError("chat worker did not come online: " + (work / "chat-worker.log").read_text()[-2000:])

@@ -16,7 +16,8 @@ from typing import Any
 
 import redis
 
-from personabot.core.events import publish
+from personabot.core import keys
+from personabot.core.events import GpuReclaim, GpuRelease, publish
 
 log = logging.getLogger(__name__)
 # Below this much GPU memory the served 7B model and a training run do not fit side by side.
@@ -37,11 +38,11 @@ def gpu_host(configured: str | None = None) -> str:
 
 
 def lease_key(host: str) -> str:
-    return f"personabot:gpu-released:{host}"
+    return keys.GPU_LEASE + host
 
 
 def holders_key(host: str) -> str:
-    return f"personabot:gpu-holders:{host}"
+    return keys.GPU_HOLDERS + host
 
 
 def read_lease(client: Any, host: str) -> dict[str, Any] | None:
@@ -130,7 +131,7 @@ def gpu_released(redis_client: Any, *, release: bool, eta_s: float | None, wait_
     ttl_ms = max(1000, math.ceil(lease_ttl_s * 1000))
     value = json.dumps({"run_id": run_id, "eta_s": eta_s, "since": time.time()})
     redis_client.set(key, value, px=ttl_ms)
-    publish(redis_client, "gpu.release", eta_s=eta_s, run_id=run_id, host=host)
+    publish(redis_client, GpuRelease(host=host, eta_s=eta_s, run_id=run_id))
     log.info("asked chat workers on %s to release the GPU for run %s (eta %s s)", host, run_id, eta_s)
     stop = threading.Event()
 
@@ -155,7 +156,7 @@ def gpu_released(redis_client: Any, *, release: bool, eta_s: float | None, wait_
         refresher.join(timeout=5)
         try:
             redis_client.delete(key)
-            publish(redis_client, "gpu.reclaim", run_id=run_id, host=host)
+            publish(redis_client, GpuReclaim(host=host, run_id=run_id))
             log.info("told chat workers on %s to reclaim the GPU after run %s", host, run_id)
         except redis.RedisError as error:
             log.warning("cannot announce the GPU reclaim (%s); chat workers reclaim when the lease lapses", error)

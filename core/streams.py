@@ -9,17 +9,16 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 
+from personabot.core import keys
 from personabot.core.schemas import ChatResult
-
-PREFIX = "personabot:reply:"
 
 
 def stream_key(request_id: str) -> str:
-    return f"{PREFIX}{request_id}"
+    return keys.REPLY + request_id
 
 
 def cancel_key(request_id: str) -> str:
-    return f"personabot:cancel:{request_id}"
+    return keys.CANCEL + request_id
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from personabot.core.events import publish
+from personabot.core.events import AdapterPromoted, publish
 from personabot.core.models import AdapterVersion
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,9 @@ class AdapterRegistry:
         if self.redis is None:
             return
         try:
-            publish(self.redis, "adapter.promoted", version=adapter.name, id=adapter.id,
-                    path=str(self.resolve_path(adapter.path)), base_model=adapter.base_model, action=action)
+            publish(self.redis, AdapterPromoted(version=adapter.name, id=adapter.id,
+                                                path=str(self.resolve_path(adapter.path)),
+                                                base_model=adapter.base_model, action=action))
         except (RedisError, OSError) as error:
             log.warning("adapter %s is active, but the swap event could not be sent (%s); "
                         "the chat workers will pick it up from the store", adapter.name, error)

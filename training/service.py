@@ -13,7 +13,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from personabot.core.errors import one_line
-from personabot.core.events import publish
+from personabot.core.events import AnyEvent, RunFinished, RunProgress, publish
 from personabot.core.gpu_share import gpu_memory_gb, gpu_released, should_release
 from personabot.core.models import RUN_FINAL, TrainingRun, utcnow
 from personabot.core.settings import Settings, env_for_children, get_settings
@@ -131,14 +131,14 @@ def _eta_s(counts: dict[str, int], params: TrainParams) -> float:
     return round(60 + tokens / SPEED_TOK_S[params.speed_mode])
 
 
-def _publish(redis_client: Any, type_: str, **data: Any) -> None:
+def _publish(redis_client: Any, event: AnyEvent) -> None:
     """Publish an event; a Redis failure is logged, never fatal (the store holds the truth)."""
     if redis_client is None:
         return
     try:
-        publish(redis_client, type_, **data)
+        publish(redis_client, event)
     except (RedisError, OSError) as error:
-        log.warning("could not publish %s (%s)", type_, error)
+        log.warning("could not publish %s (%s)", event.TYPE, error)
 
 
 def _cancelled_by(store: Any, run_id: int) -> str:
@@ -182,8 +182,8 @@ class _Job:
         if self.report is not None:
             self.report({"run_id": self.run_id, **progress})
         if points:
-            _publish(self.redis, "run.progress", run_id=self.run_id, **{k: progress.get(k) for k in (
-                "step", "max_steps", "epoch", "loss", "eta_s", "gpu_mem_gb")})
+            _publish(self.redis, RunProgress(run_id=self.run_id, **{k: progress.get(k) for k in (
+                "step", "max_steps", "epoch", "loss", "eta_s", "gpu_mem_gb")}))
 
     def phase(self, name: str, **extra: Any) -> None:
         """Enter a phase, keeping the latest training numbers (step, loss, ...) in the progress."""
@@ -223,7 +223,7 @@ def run_training(
                         current.error)
             return current
         run = store.finish_run(run_id, status, error=error, metrics=metrics, adapter_id=adapter_id)
-        _publish(redis_client, "run.finished", run_id=run_id, status=status, error=error, adapter_id=adapter_id)
+        _publish(redis_client, RunFinished(run_id=run_id, status=status, error=error, adapter_id=adapter_id))
         return run
     finally:
         if own_store:

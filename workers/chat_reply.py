@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from personabot.core import keys
 from personabot.core.errors import one_line
 from personabot.core.prompting import PromptError, conversation_messages, system_prompt_for
 from personabot.core.schemas import ChatRequest, ChatResult
@@ -37,7 +38,7 @@ CLAIM_TTL_S = 10  # a reply's owner refreshes its claim; a dead owner's claim la
 
 
 def claim_key(request_id: str) -> str:
-    return f"personabot:claim:{request_id}"
+    return keys.CLAIM + request_id
 
 
 def updating_text(eta_s: float) -> str:
