@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, cast, get_args
 
 import redis
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -129,7 +129,7 @@ class GpuRelease(_Typed):
 
     TYPE: ClassVar[EventType] = "gpu.release"
     host: str = ""  # empty: every host
-    eta_s: float = 600.0
+    eta_s: float | None = None
     run_id: int | None = None
 
 
@@ -151,7 +151,7 @@ def decode(event: Event) -> AnyEvent:
     """The dataclass of an envelope, its data validated (extra keys ignored); EventDataError if it does not fit."""
     cls = TYPES[event.type]
     try:
-        typed: AnyEvent = TypeAdapter(cls).validate_python(event.data)
+        typed = cast(AnyEvent, TypeAdapter(cls).validate_python(event.data))
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors())
         raise EventDataError(f"{event.type} event: {problems}") from None

@@ -45,7 +45,7 @@ def holders_key(host: str) -> str:
     return keys.GPU_HOLDERS + host
 
 
-def read_lease(client: Any, host: str) -> dict[str, Any] | None:
+def read_lease(client: redis.Redis, host: str) -> dict[str, Any] | None:
     """The live release lease of `host` ({run_id, eta_s, since}) or None."""
     raw = client.get(lease_key(host))
     if raw is None:
@@ -56,16 +56,16 @@ def read_lease(client: Any, host: str) -> dict[str, Any] | None:
         return {}
 
 
-def mark_holder(client: Any, host: str, worker: str, state: str, ttl_s: float = HOLDER_TTL_S) -> None:
+def mark_holder(client: redis.Redis, host: str, worker: str, state: str, ttl_s: float = HOLDER_TTL_S) -> None:
     """A chat worker says whether it holds the GPU ("loaded") or not ("released"), for `ttl_s`."""
     client.hset(holders_key(host), worker, json.dumps({"state": state, "until": time.time() + ttl_s}))
 
 
-def drop_holder(client: Any, host: str, worker: str) -> None:
+def drop_holder(client: redis.Redis, host: str, worker: str) -> None:
     client.hdel(holders_key(host), worker)
 
 
-def loaded_holders(client: Any, host: str) -> list[str]:
+def loaded_holders(client: redis.Redis, host: str) -> list[str]:
     """Chat workers on `host` that still hold the model (entries that lapsed are removed)."""
     now, loaded, lapsed = time.time(), [], []
     for worker, raw in client.hgetall(holders_key(host)).items():
@@ -105,7 +105,7 @@ def should_release(mode: str, memory_gb: float | None = None) -> bool:
     return memory_gb is not None and memory_gb < SHARE_LIMIT_GB
 
 
-def _wait_for_acks(client: Any, host: str, wait_s: float) -> list[str]:
+def _wait_for_acks(client: redis.Redis, host: str, wait_s: float) -> list[str]:
     """Wait up to `wait_s` until no chat worker on `host` holds the model; returns those that still do."""
     deadline = time.monotonic() + wait_s
     while True:
@@ -116,7 +116,7 @@ def _wait_for_acks(client: Any, host: str, wait_s: float) -> list[str]:
 
 
 @contextmanager
-def gpu_released(redis_client: Any, *, release: bool, eta_s: float | None, wait_s: float,
+def gpu_released(redis_client: redis.Redis | None, *, release: bool, eta_s: float | None, wait_s: float,
                  run_id: int | None = None, host: str | None = None,
                  lease_ttl_s: float = LEASE_TTL_S) -> Iterator[None]:
     """Hold the release lease of `host` (refreshed while the block runs), publish `gpu.release`, wait up

@@ -307,7 +307,7 @@ def load_settings(**overrides: object) -> Settings:
     """Build Settings from env/.env plus overrides; raise SettingsError naming the bad variable."""
     env_file = None if os.environ.get(NO_ENV_FILE) == "1" else ".env"
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type,call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise SettingsError(_describe(error)) from None
 

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from personabot.core.processes import stop_process
-from personabot.core.prompting import question_text, render, system_prompt_for
+from personabot.core.prompting import PersonaText, question_text, render, system_prompt_for
 from personabot.training.eval_checks import (
     claims_base_identity,
     faq_check,
@@ -37,6 +37,28 @@ from personabot.training.runner import TrainingCancelled, die_with_parent, failu
 __all__ = ["ADVERSARIAL_IDENTITY", "HELD_OUT_IDENTITY", "claims_base_identity", "faq_passes", "identity_passes"]
 SELF_QUESTIONS = ["Who are you?", "Who created you?", "你是谁?"]
 
+
+
+class GateSettings(Protocol):
+    """The settings the gate reads (`core.settings.Settings`, or their copy in the evaluation subprocess)."""
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def base_identity_terms(self) -> list[str]: ...
+
+    @property
+    def eval_identity_min(self) -> float: ...
+
+    @property
+    def eval_faq_min(self) -> float: ...
+
+    @property
+    def eval_retention_min(self) -> float: ...
 
 class EvaluationError(RuntimeError):
     """The evaluation could not run; the message says why."""
@@ -128,9 +150,9 @@ class _Model:
 def evaluate_adapter(
     base_model_path: str,
     adapter_path: str | None,
-    persona: Any,
+    persona: PersonaText,
     faq_pairs: list[dict[str, str]],
-    settings: Any,
+    settings: GateSettings,
     *,
     identity_questions: list[str] | None = None,
     exclude_questions: list[str] | None = None,
@@ -200,7 +222,7 @@ def evaluate_adapter(
     return report
 
 
-def _gate(rows: list[dict[str, Any]], retention: float, settings: Any) -> EvalReport:
+def _gate(rows: list[dict[str, Any]], retention: float, settings: GateSettings) -> EvalReport:
     def score(kind: str) -> float | None:
         kind_rows = [r for r in rows if r["kind"] == kind]
         return sum(r["pass"] for r in kind_rows) / len(kind_rows) if kind_rows else None
@@ -245,9 +267,9 @@ _SETTINGS_FIELDS = ("device", "dtype", "base_identity_terms", "eval_identity_min
 def evaluate_in_subprocess(
     base_model_path: str,
     adapter_path: str | None,
-    persona: Any,
+    persona: PersonaText,
     faq_pairs: list[dict[str, str]],
-    settings: Any,
+    settings: GateSettings,
     work_dir: Path,
     *,
     exclude_questions: list[str] | None = None,

@@ -137,7 +137,7 @@ class PersonaTab:
             except (TypeError, ValueError):
                 problems.append("a row without an id was skipped; add new pairs with the form below")
                 continue
-            row = {key: _cell(record.get(key)) for key in ("kind", "instruction", "input", "output")}
+            row: dict[str, Any] = {key: _cell(record.get(key)) for key in ("kind", "instruction", "input", "output")}
             row["enabled"] = record.get("enabled") in (True, "true", "True", 1, "1")
             try:
                 stored = self.ctx.store.get_pair(pair_id)

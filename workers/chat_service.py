@@ -96,9 +96,10 @@ class ChatRuntime:
                                   f"adapter: {self._last_error or f'no answer within {timeout_s:.0f}s'}; "
                                   "check PERSONABOT_REDIS_URL, PERSONABOT_DATABASE_URL and the worker log")
         self._syncer.start()
+        memory = gpu_memory()
         events.publish(self.client, events.WorkerOnline(
             worker=self.worker_name, kind="chat", model=self.settings.model, adapter=self.engine.active, host=self.host,
-            **gpu_memory()))
+            gpu_memory_used_mb=memory.get("gpu_memory_used_mb"), gpu_memory_total_mb=memory.get("gpu_memory_total_mb")))
         return self
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import socket
 import threading
 from typing import Any
 
+import redis
 from celery import Celery, signals
 
 from personabot.core.settings import Settings, get_settings
@@ -29,14 +30,12 @@ log = logging.getLogger(__name__)
 LOCKED_RETRY_S = 60
 
 
-def _redis() -> Any:
-    import redis
-
+def _redis() -> redis.Redis:
     url = get_settings().redis_url or app.conf.broker_url
     return redis.Redis.from_url(url)
 
 
-def waiting_run_ids(client: Any) -> set[int]:
+def waiting_run_ids(client: redis.Redis) -> set[int]:
     """Run ids whose `personabot.train` task the broker still holds: in the `train` list, or
     delivered and not yet acknowledged (kombu's `unacked` hash; a retry with a countdown sits there)."""
     raw = list(client.lrange(TRAIN_QUEUE, 0, -1)) + list(client.hvals("unacked"))
