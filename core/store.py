@@ -25,7 +25,7 @@ from personabot.core.models import (
     SchemaVersion,
     utcnow,
 )
-from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError
+from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError, get_row
 from personabot.core.store_keys import ApiKeyRecords, migration_api_keys
 from personabot.core.store_training import TrainingRecords, isoformat, latest_heartbeat_age
 
@@ -189,9 +189,7 @@ class Store(TrainingRecords, ApiKeyRecords):
 
     def get_pair(self, pair_id: int) -> Pair:
         with self.session() as s:
-            pair = s.get(Pair, pair_id)
-            if pair is None:
-                raise NotFoundError(f"pair {pair_id} does not exist")
+            pair = get_row(s, Pair, pair_id, "pair")
             return pair
 
     def add_pairs(
@@ -228,9 +226,7 @@ class Store(TrainingRecords, ApiKeyRecords):
             raise StoreError(f"cannot set {sorted(unknown)} on a pair; allowed: {sorted(allowed)}")
         try:
             with self.session() as s:
-                pair = s.get(Pair, pair_id)
-                if pair is None:
-                    raise NotFoundError(f"pair {pair_id} does not exist")
+                pair = get_row(s, Pair, pair_id, "pair")
                 before = pair.as_dict()
                 for key, value in fields.items():
                     setattr(pair, key, value)

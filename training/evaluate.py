@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from personabot.core.processes import stop_process
 from personabot.core.prompting import PersonaText, question_text, render, system_prompt_for
+from personabot.core.settings import Settings
 from personabot.training.eval_checks import (
     claims_base_identity,
     faq_check,
@@ -37,28 +38,6 @@ from personabot.training.runner import TrainingCancelled, die_with_parent, failu
 __all__ = ["ADVERSARIAL_IDENTITY", "HELD_OUT_IDENTITY", "claims_base_identity", "faq_passes", "identity_passes"]
 SELF_QUESTIONS = ["Who are you?", "Who created you?", "你是谁?"]
 
-
-
-class GateSettings(Protocol):
-    """The settings the gate reads (`core.settings.Settings`, or their copy in the evaluation subprocess)."""
-
-    @property
-    def device(self) -> str: ...
-
-    @property
-    def dtype(self) -> str: ...
-
-    @property
-    def base_identity_terms(self) -> list[str]: ...
-
-    @property
-    def eval_identity_min(self) -> float: ...
-
-    @property
-    def eval_faq_min(self) -> float: ...
-
-    @property
-    def eval_retention_min(self) -> float: ...
 
 class EvaluationError(RuntimeError):
     """The evaluation could not run; the message says why."""
@@ -152,7 +131,7 @@ def evaluate_adapter(
     adapter_path: str | None,
     persona: PersonaText,
     faq_pairs: list[dict[str, str]],
-    settings: GateSettings,
+    settings: Settings,
     *,
     identity_questions: list[str] | None = None,
     exclude_questions: list[str] | None = None,
@@ -222,7 +201,7 @@ def evaluate_adapter(
     return report
 
 
-def _gate(rows: list[dict[str, Any]], retention: float, settings: GateSettings) -> EvalReport:
+def _gate(rows: list[dict[str, Any]], retention: float, settings: Settings) -> EvalReport:
     def score(kind: str) -> float | None:
         kind_rows = [r for r in rows if r["kind"] == kind]
         return sum(r["pass"] for r in kind_rows) / len(kind_rows) if kind_rows else None
@@ -269,7 +248,7 @@ def evaluate_in_subprocess(
     adapter_path: str | None,
     persona: PersonaText,
     faq_pairs: list[dict[str, str]],
-    settings: GateSettings,
+    settings: Settings,
     work_dir: Path,
     *,
     exclude_questions: list[str] | None = None,
@@ -329,7 +308,7 @@ def main() -> None:
     request = json.loads(args.request.read_text(encoding="utf-8"))
     report = evaluate_adapter(request["base_model_path"], request["adapter_path"],
                               SimpleNamespace(**request["persona"]), request["faq_pairs"],
-                              SimpleNamespace(**request["settings"]),
+                              Settings.model_construct(**request["settings"]),
                               exclude_questions=request["exclude_questions"],
                               identity_questions=request.get("identity_questions") or None)
     args.out.write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
