@@ -9,6 +9,7 @@ import anyio
 import redis.asyncio as aioredis
 
 from personabot.api.errors import APIError
+from personabot.core import keys
 from personabot.core.store import Store
 from personabot.core.store_keys import ApiKey
 
@@ -42,7 +43,7 @@ async def check_rate(client: aioredis.Redis, key: ApiKey, default_per_minute: in
     limit = key.rate_limit_per_minute or default_per_minute
     now = time.time()
     window = int(now // 60)
-    counter = f"personabot:api-rate:{key.id}:{window}"
+    counter = f"{keys.API_RATE}{key.id}:{window}"
     pipe = client.pipeline()
     pipe.incr(counter)
     pipe.expire(counter, 120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -46,7 +47,7 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return path
 
 
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """The first problem of a pydantic validation, as a 400 naming the field."""
     first = errors[0]
     loc = [part for part in first.get("loc", ()) if not (isinstance(part, str) and "[" in part and "]" in part)]

@@ -19,11 +19,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from personabot.core import keys
 from personabot.core.models import RUN_STATUSES, TrainingRun
 from personabot.core.store import Store
 
-HOLDERS_PATTERN = "personabot:gpu-holders:*"
-STATS_KEY = "personabot:chat-workers"  # written by workers.chat_service.ChatRuntime.publish_stats
+HOLDERS_PATTERN = keys.GPU_HOLDERS + "*"
 CHAT_QUEUE = "chat"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ENGINE_COUNTERS = {"tokens": "generated tokens", "prefill_tokens": "prompt tokens prefilled",
@@ -96,7 +96,7 @@ class ServiceCollector(Collector):
                                 labels=["worker"])
         counters = {name: CounterMetricFamily(f"personabot_chat_{name}", f"Chat worker: {text}", labels=["worker"])
                     for name, text in ENGINE_COUNTERS.items()}
-        for worker, raw in self.client.hgetall(STATS_KEY).items():
+        for worker, raw in self.client.hgetall(keys.CHAT_WORKERS).items():
             try:
                 stats = json.loads(raw)
             except ValueError:

@@ -97,7 +97,8 @@ def parse_body(raw: Any) -> ChatCompletionBody:
 def refuse_unsupported(body: ChatCompletionBody) -> None:
     """Parameters the engine does not honour are refused, never silently ignored."""
     extra = body.model_extra or {}
-    harmless = (None, [], {}, "none", {"type": "text"})  # e.g. tool_choice "none", response_format text
+    # e.g. tool_choice "none", response_format text
+    harmless: tuple[Any, ...] = (None, [], {}, "none", {"type": "text"})
     for name, why in UNSUPPORTED.items():
         if extra.get(name) not in harmless:
             raise APIError(400, why, param=name, code="unsupported_parameter")
@@ -149,7 +150,7 @@ def split_messages(body: ChatCompletionBody) -> tuple[list[str], list[Message]]:
                                param=f"messages[{index}].role")
             systems.append(text)
         else:
-            turns.append(Message(role=role, content=text))  # type: ignore[arg-type]
+            turns.append(Message(role=role, content=text))
     if not turns or turns[-1].role != "user" or not turns[-1].content.strip():
         raise APIError(400, "the conversation must end with a non-empty user message",
                        param=f"messages[{len(body.messages) - 1}]")

@@ -28,6 +28,7 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
     """Serve the saved model through redis-server + a real Celery chat worker and measure from the client."""
     import redis
 
+    from personabot.core.events import WorkerOnline, recent
     from personabot.core.processes import stop_process
     from personabot.core.schemas import ChatRequest, Message, SamplingParams
     from personabot.core.store import Store
@@ -97,7 +98,7 @@ def measure_celery_path(work: Path, model_dir: Path, log_path: Path, tiny: bool,
         deadline = time.monotonic() + 240
         online = False
         while time.monotonic() < deadline and not online:
-            online = any(b"worker.online" in f[b"event"] for _, f in client.xrange("personabot:event-log"))
+            online = any(e.type == WorkerOnline.TYPE for e in recent(client, 1000))
             if worker.poll() is not None:
                 raise RuntimeError("celery worker exited: " + log_path.read_text()[-2000:])
             time.sleep(0.5)

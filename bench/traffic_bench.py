@@ -323,6 +323,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
     engine stats the worker publishes after each reply)."""
     import redis
 
+    from personabot.core.events import WorkerOnline, recent
     from personabot.core.processes import stop_process
     from personabot.core.store import Store
     from personabot.redis_server import RedisServer
@@ -354,7 +355,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
                               start_new_session=True)
     deadline = time.monotonic() + 300
-    while not any(b"worker.online" in f[b"event"] for _, f in client.xrange("personabot:event-log")):
+    while not any(e.type == WorkerOnline.TYPE for e in recent(client, 1000)):
         failed = b"cannot start its engine" in (work / "chat-worker.log").read_bytes()
         if failed or worker.poll() is not None or time.monotonic() > deadline:
             stop_process(worker)

@@ -26,8 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from personabot.core.train_params import TrainParams
 from personabot.training.dataset import PersonaData, write_training_set
-from personabot.training.params import TrainParams
 from personabot.training.runner import PLUGIN_CONFIG, TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
 REPO = Path(__file__).resolve().parent.parent

@@ -105,8 +105,8 @@ def build_application(
     async def heartbeat(_context: CallbackContext | None = None) -> None:  # type: ignore[type-arg]
         """Tell the admin's Status tab that the bot is alive (at start, then every HEARTBEAT_S)."""
         try:
-            await asyncio.to_thread(events.publish, sync_redis, "worker.online", worker=BOT_NAME, kind="bot",
-                                    username=application.bot.username)
+            await asyncio.to_thread(events.publish, sync_redis, events.WorkerOnline(
+                worker=BOT_NAME, kind="bot", username=application.bot.username))
         except redis.RedisError as error:
             log.warning("bot heartbeat not sent: %s", type(error).__name__)
 

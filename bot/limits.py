@@ -13,7 +13,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from telegram.ext import AIORateLimiter
 
-RATE_PREFIX = "personabot:bot:rate:"
+from personabot.core import keys
+
+RATE_PREFIX = keys.BOT_RATE
 WINDOW_S = 60.0
 MAX_IDLE_BUCKETS = 1024
 # Atomic check-and-count, so concurrent messages of one user cannot all slip through.

@@ -6,9 +6,10 @@ import json
 
 import redis.asyncio as aioredis
 
+from personabot.core import keys
 from personabot.core.schemas import Message
 
-PREFIX = "personabot:bot:history:"
+PREFIX = keys.BOT_HISTORY
 
 
 def estimate_tokens(text: str) -> int:

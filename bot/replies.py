@@ -17,13 +17,14 @@ from telegram.constants import ChatAction
 
 from personabot.bot.memory import ChatMemory
 from personabot.bot.streaming import DeliveryState, Pacing, ReplyDelivery
+from personabot.core import keys
 from personabot.core.schemas import ChatRequest, ChatResult, Message
 from personabot.core.streams import aread_reply
 from personabot.workers.client import cancel_chat, submit_chat
 
 log = logging.getLogger(__name__)
 
-PENDING_KEY = "personabot:bot:pending"
+PENDING_KEY = keys.BOT_PENDING
 BUSY_TEXT = "I'm busy right now, please try again in a moment."
 FAILED_TEXT = "Sorry, I couldn't answer that. Please try again, or /reset to start over."
 STOPPED_TEXT = "Stopped."

@@ -16,7 +16,8 @@ from typing import Any
 
 import redis
 
-from personabot.core.events import publish
+from personabot.core import keys
+from personabot.core.events import GpuReclaim, GpuRelease, publish
 
 log = logging.getLogger(__name__)
 # Below this much GPU memory the served 7B model and a training run do not fit side by side.
@@ -37,14 +38,14 @@ def gpu_host(configured: str | None = None) -> str:
 
 
 def lease_key(host: str) -> str:
-    return f"personabot:gpu-released:{host}"
+    return keys.GPU_LEASE + host
 
 
 def holders_key(host: str) -> str:
-    return f"personabot:gpu-holders:{host}"
+    return keys.GPU_HOLDERS + host
 
 
-def read_lease(client: Any, host: str) -> dict[str, Any] | None:
+def read_lease(client: redis.Redis, host: str) -> dict[str, Any] | None:
     """The live release lease of `host` ({run_id, eta_s, since}) or None."""
     raw = client.get(lease_key(host))
     if raw is None:
@@ -55,16 +56,16 @@ def read_lease(client: Any, host: str) -> dict[str, Any] | None:
         return {}
 
 
-def mark_holder(client: Any, host: str, worker: str, state: str, ttl_s: float = HOLDER_TTL_S) -> None:
+def mark_holder(client: redis.Redis, host: str, worker: str, state: str, ttl_s: float = HOLDER_TTL_S) -> None:
     """A chat worker says whether it holds the GPU ("loaded") or not ("released"), for `ttl_s`."""
     client.hset(holders_key(host), worker, json.dumps({"state": state, "until": time.time() + ttl_s}))
 
 
-def drop_holder(client: Any, host: str, worker: str) -> None:
+def drop_holder(client: redis.Redis, host: str, worker: str) -> None:
     client.hdel(holders_key(host), worker)
 
 
-def loaded_holders(client: Any, host: str) -> list[str]:
+def loaded_holders(client: redis.Redis, host: str) -> list[str]:
     """Chat workers on `host` that still hold the model (entries that lapsed are removed)."""
     now, loaded, lapsed = time.time(), [], []
     for worker, raw in client.hgetall(holders_key(host)).items():
@@ -104,7 +105,7 @@ def should_release(mode: str, memory_gb: float | None = None) -> bool:
     return memory_gb is not None and memory_gb < SHARE_LIMIT_GB
 
 
-def _wait_for_acks(client: Any, host: str, wait_s: float) -> list[str]:
+def _wait_for_acks(client: redis.Redis, host: str, wait_s: float) -> list[str]:
     """Wait up to `wait_s` until no chat worker on `host` holds the model; returns those that still do."""
     deadline = time.monotonic() + wait_s
     while True:
@@ -115,7 +116,7 @@ def _wait_for_acks(client: Any, host: str, wait_s: float) -> list[str]:
 
 
 @contextmanager
-def gpu_released(redis_client: Any, *, release: bool, eta_s: float | None, wait_s: float,
+def gpu_released(redis_client: redis.Redis | None, *, release: bool, eta_s: float | None, wait_s: float,
                  run_id: int | None = None, host: str | None = None,
                  lease_ttl_s: float = LEASE_TTL_S) -> Iterator[None]:
     """Hold the release lease of `host` (refreshed while the block runs), publish `gpu.release`, wait up
@@ -130,7 +131,7 @@ def gpu_released(redis_client: Any, *, release: bool, eta_s: float | None, wait_
     ttl_ms = max(1000, math.ceil(lease_ttl_s * 1000))
     value = json.dumps({"run_id": run_id, "eta_s": eta_s, "since": time.time()})
     redis_client.set(key, value, px=ttl_ms)
-    publish(redis_client, "gpu.release", eta_s=eta_s, run_id=run_id, host=host)
+    publish(redis_client, GpuRelease(host=host, eta_s=eta_s, run_id=run_id))
     log.info("asked chat workers on %s to release the GPU for run %s (eta %s s)", host, run_id, eta_s)
     stop = threading.Event()
 
@@ -155,7 +156,7 @@ def gpu_released(redis_client: Any, *, release: bool, eta_s: float | None, wait_
         refresher.join(timeout=5)
         try:
             redis_client.delete(key)
-            publish(redis_client, "gpu.reclaim", run_id=run_id, host=host)
+            publish(redis_client, GpuReclaim(host=host, run_id=run_id))
             log.info("told chat workers on %s to reclaim the GPU after run %s", host, run_id)
         except redis.RedisError as error:
             log.warning("cannot announce the GPU reclaim (%s); chat workers reclaim when the lease lapses", error)

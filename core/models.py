@@ -29,6 +29,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+
+def _at_most_one(name: str, column: str, where: str, *, postgresql_where: str | None = None) -> Index:
+    """A partial unique index: at most one row where `where` holds (the job lock, the active adapter)."""
+    return Index(name, column, unique=True, sqlite_where=text(where), postgresql_where=text(postgresql_where or where))
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON}
 
@@ -75,13 +80,7 @@ class TrainingRun(Base):
     __tablename__ = "training_runs"
     __table_args__ = (
         # The job lock: at most one run is running, enforced by the database.
-        Index(
-            "one_running_run",
-            "status",
-            unique=True,
-            sqlite_where=text("status = 'running'"),
-            postgresql_where=text("status = 'running'"),
-        ),
+        _at_most_one("one_running_run", "status", "status = 'running'"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
@@ -119,13 +118,7 @@ class AdapterVersion(Base):
     __tablename__ = "adapter_versions"
     __table_args__ = (
         # At most one active adapter, enforced by the database.
-        Index(
-            "one_active_adapter",
-            "active",
-            unique=True,
-            sqlite_where=text("active = 1"),
-            postgresql_where=text("active"),
-        ),
+        _at_most_one("one_active_adapter", "active", "active = 1", postgresql_where="active"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)

@@ -11,10 +11,14 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personabot.core.models import PAIR_KINDS
 from personabot.core.store_errors import StoreError
+
+if TYPE_CHECKING:
+    from personabot.core.settings import Settings
+    from personabot.core.store import Store
 
 FORMATS = ("json", "jsonl", "csv", "messages")
 _USER_ROLES = {"user", "human"}
@@ -75,7 +79,7 @@ class Limits:
     max_output_chars: int = 8000
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Limits:
+    def from_settings(cls, settings: Settings) -> Limits:
         return cls(settings.max_pairs, settings.max_instruction_chars, settings.max_output_chars)
 
 
@@ -218,7 +222,7 @@ def _iter_items(fmt: str, text: str, cap: int) -> list[tuple[int, Any]]:
         dupes = sorted({h for h in headers if headers.count(h) > 1})
         if dupes:
             raise ValueError(f"the CSV header names the column {dupes[0]!r} more than once; keep one")
-        items = []
+        items: list[tuple[int, Any]] = []
         for number, record in enumerate(reader, start=1):
             if len(items) >= cap:
                 break
@@ -304,11 +308,11 @@ def _normalise(item: Any, default_kind: str, limits: Limits) -> dict[str, Any]:
 def parse_pairs(
     data: bytes,
     filename: str,
-    settings: Any = None,
+    settings: Settings | None = None,
     *,
     default_kind: str = "identity",
     fmt: str | None = None,
-    store: Any = None,
+    store: Store | None = None,
     replace: bool = False,
 ) -> ImportReport:
     """Parse and validate a file of pairs. Nothing is saved.
@@ -368,7 +372,8 @@ def parse_pairs(
     return report
 
 
-def validate_pair(row: dict[str, Any], settings: Any = None, *, store: Any = None) -> dict[str, Any]:
+def validate_pair(row: dict[str, Any], settings: Settings | None = None, *,
+                  store: Store | None = None) -> dict[str, Any]:
     """Validate one pair with the import rules (limits, kind, NUL bytes; with `store`, clashes and the
     pair limit) and return it normalised; raise PairError naming the problem otherwise."""
     limits = Limits.from_settings(settings) if settings is not None else Limits()
@@ -385,7 +390,7 @@ def validate_pair(row: dict[str, Any], settings: Any = None, *, store: Any = Non
     return normalised
 
 
-def store_conflicts(report: ImportReport, store: Any, *, replace: bool) -> list[RowError]:
+def store_conflicts(report: ImportReport, store: Store | None, *, replace: bool) -> list[RowError]:
     """Rows that clash with stored pairs (unless `replace`), and the pair limit. No store = limit only.
 
     The same question with the same answer is a duplicate, with another answer a contradiction.
@@ -413,7 +418,7 @@ def store_conflicts(report: ImportReport, store: Any, *, replace: bool) -> list[
     return errors
 
 
-def import_pairs(store: Any, report: ImportReport, *, replace: bool = False, actor: str = "system") -> list[int]:
+def import_pairs(store: Store, report: ImportReport, *, replace: bool = False, actor: str = "system") -> list[int]:
     """Save a clean report in one transaction; raise PairImportError (store untouched) otherwise.
 
     The rows are checked against the store again here, with this call's `replace`: the store may
@@ -439,7 +444,7 @@ def _pair_dict(pair: Any) -> dict[str, Any]:
             "kind": pair.kind, "enabled": pair.enabled}
 
 
-def export_pairs(store: Any, fmt: str, *, kind: str | None = None) -> bytes:
+def export_pairs(store: Store, fmt: str, *, kind: str | None = None) -> bytes:
     """Export stored pairs ({name}/{author} placeholders kept) in one of FORMATS."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")

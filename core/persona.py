@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personabot.core.pairs_io import PairError, question_key, validate_pair
 from personabot.core.store_errors import StoreError
+
+if TYPE_CHECKING:
+    from personabot.core.settings import Settings
+    from personabot.core.store import Store
 
 MAX_NAME_CHARS = 200
 
@@ -16,7 +20,7 @@ class PersonaFieldError(StoreError, ValueError):
     """A persona field is too long; the message names the limit to raise."""
 
 
-def check_persona(settings: Any, name: str, author: str, system_prompt: str) -> None:
+def check_persona(settings: Settings, name: str, author: str, system_prompt: str) -> None:
     """Raise PersonaFieldError when the system prompt, name or author is over its limit."""
     if len(system_prompt) > settings.max_system_prompt_chars:
         raise PersonaFieldError(
@@ -28,7 +32,7 @@ def check_persona(settings: Any, name: str, author: str, system_prompt: str) -> 
             raise PersonaFieldError(f"{label} has {len(value)} characters; keep it under {MAX_NAME_CHARS}")
 
 
-def refuse_clash(store: Any, pair_id: int, row: dict[str, Any]) -> None:
+def refuse_clash(store: Store, pair_id: int, row: dict[str, Any]) -> None:
     """An edited question may not become the same question as another stored pair."""
     key = (row["kind"], question_key(row["instruction"], row["input"]))
     for other in store.list_pairs(row["kind"]):

@@ -8,7 +8,7 @@ model's tokenizer (Qwen2.5 ChatML), which ms-swift's `qwen2_5` template reproduc
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -16,6 +16,19 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 class PromptError(ValueError):
     """A conversation cannot be turned into a prompt; the message says why."""
 
+
+
+class PersonaText(Protocol):
+    """What rendering needs of a persona: the store's `Persona`, `training.dataset.PersonaData`, ..."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def author(self) -> str: ...
+
+    @property
+    def system_prompt(self) -> str: ...
 
 def render(text: str, *, name: str, author: str) -> str:
     """Fill {name} and {author} (and the seeds' {{NAME}}/{{AUTHOR}}) from the persona."""
@@ -27,7 +40,7 @@ def render(text: str, *, name: str, author: str) -> str:
     )
 
 
-def system_prompt_for(persona: Any, override: str | None = None) -> str:
+def system_prompt_for(persona: PersonaText, override: str | None = None) -> str:
     """The system prompt a conversation starts with: an override, else the persona's."""
     text = override if override is not None else (persona.system_prompt or DEFAULT_SYSTEM_PROMPT)
     return render(text, name=persona.name, author=persona.author)
@@ -38,9 +51,9 @@ def question_text(instruction: str, input_: str = "") -> str:
     return f"{instruction}\n{input_}" if input_ else instruction
 
 
-def pair_messages(pair: Any, persona: Any) -> list[dict[str, str]]:
+def pair_messages(pair: Any, persona: PersonaText) -> list[dict[str, str]]:
     """One training sample in messages form, rendered from the persona."""
-    get = pair.get if isinstance(pair, dict) else lambda k, d="": getattr(pair, k, d)
+    get: Callable[..., Any] = pair.get if isinstance(pair, dict) else lambda k, d="": getattr(pair, k, d)
     return [
         {"role": "system", "content": system_prompt_for(persona)},
         {"role": "user", "content": render(question_text(get("instruction"), get("input", "") or ""),

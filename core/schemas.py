@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -60,20 +60,3 @@ class ChatResult(BaseModel):
     total_s: float = 0.0
     worker: str = ""
     error: str = ""
-
-
-class Event(BaseModel):
-    """Something happened; published on the Redis channel `personabot:events`."""
-
-    type: Literal[
-        "run.progress",
-        "run.finished",
-        "adapter.promoted",
-        "adapter.swapped",
-        "adapter.refused",
-        "worker.online",
-        "gpu.release",
-        "gpu.reclaim",
-    ]
-    at: float = Field(default_factory=time.time)
-    data: dict[str, Any] = Field(default_factory=dict)

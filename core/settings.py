@@ -8,13 +8,18 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-DEFAULT_GENERAL_DATA = (
-    "AI-ModelScope/alpaca-gpt4-data-zh#500",
-    "AI-ModelScope/alpaca-gpt4-data-en#500",
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
 )
+
+from personabot.core.train_params import TrainingDefaults, split_list
+
 DEFAULT_BASE_IDENTITY_TERMS = ("通义千问", "阿里云", "Qwen", "Alibaba")
 
 
@@ -22,26 +27,56 @@ class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable and the fix."""
 
 
-def _split_list(value: object) -> object:
-    """Accept a JSON list or a comma-separated string for list settings."""
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return []
-        if text.startswith("["):
-            import json
+# The flat names the training parameters had before they were nested under `training`
+# (PERSONABOT_TRAINING__<FIELD>); still read from the environment and .env, below the new names.
+LEGACY_TRAINING_ENV = {
+    "PERSONABOT_TRAIN_EPOCHS": "epochs",
+    "PERSONABOT_TRAIN_LEARNING_RATE": "learning_rate",
+    "PERSONABOT_TRAIN_LORA_RANK": "lora_rank",
+    "PERSONABOT_TRAIN_LORA_ALPHA": "lora_alpha",
+    "PERSONABOT_TRAIN_SPEED_MODE": "speed_mode",
+    "PERSONABOT_GENERAL_DATA": "general_data",
+    "PERSONABOT_IDENTITY_OVERSAMPLE": "identity_oversample",
+    "PERSONABOT_MIN_IDENTITY_PAIRS": "min_identity_pairs",
+}
 
-            return json.loads(text)
-        return [part.strip() for part in text.split(",") if part.strip()]
-    return value
+
+class _LegacyTrainingSource(PydanticBaseSettingsSource):
+    """`training` fields from their old flat variable names (the environment wins over .env)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], *readers: EnvSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.readers = readers
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for reader in reversed(self.readers):
+            for old, new in LEGACY_TRAINING_ENV.items():
+                value = reader.env_vars.get(old.lower())
+                if value is not None:
+                    found[new] = value
+        return {"training": found} if found else {}
 
 
 class Settings(BaseSettings):
     """Every knob of personabot. Each field is documented in .env.example."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PERSONABOT_", env_file=".env", extra="ignore", validate_default=True
+        env_prefix="PERSONABOT_", env_file=".env", extra="ignore", validate_default=True, env_nested_delimiter="__"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        readers = [source for source in (env_settings, dotenv_settings) if isinstance(source, EnvSettingsSource)]
+        return (init_settings, env_settings, dotenv_settings, _LegacyTrainingSource(settings_cls, *readers),
+                file_secret_settings)
 
     # --- model and hardware -------------------------------------------------------------------
     model: str = Field(
@@ -80,22 +115,9 @@ class Settings(BaseSettings):
     )
 
     # --- training -----------------------------------------------------------------------------
-    general_data: Annotated[list[str], NoDecode] = Field(
-        list(DEFAULT_GENERAL_DATA),
-        description="General datasets mixed into training, ms-swift syntax 'id#N'.",
-    )
-    identity_oversample: int = Field(
-        1, ge=1, le=100, description="How many times identity pairs repeat in the training set."
-    )
-    min_identity_pairs: int = Field(
-        62, ge=0, description="Below this many admin identity pairs, the built-in set (62 pairs) is added."
-    )
-    train_epochs: int = Field(10, ge=1, le=100, description="LoRA epochs.")
-    train_learning_rate: float = Field(1e-4, gt=0, le=1, description="LoRA learning rate.")
-    train_lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
-    train_lora_alpha: int = Field(32, ge=1, le=1024, description="LoRA alpha.")
-    train_speed_mode: Literal["fast", "24gb", "seeds"] = Field(
-        "fast", description="fast: large GPUs; 24gb: stays under 22 GB; seeds: the blog flags."
+    training: TrainingDefaults = Field(
+        default_factory=TrainingDefaults,
+        description="Defaults of a training run (the UI and CLI override them per run).",
     )
     retrain_cron: str = Field(
         "0 3 * * *", description="Cron for 'retrain if the persona changed'; empty = never."
@@ -214,11 +236,11 @@ class Settings(BaseSettings):
     )
     metrics_port: int = Field(9464, ge=1, le=65535, description="Port of the separate metrics address.")
 
-    @field_validator("general_data", "base_identity_terms", "eval_identity_questions", "allow_users", "allow_chats",
+    @field_validator("base_identity_terms", "eval_identity_questions", "allow_users", "allow_chats",
                      mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
-        return _split_list(value)
+        return split_list(value)
 
     @field_validator("telegram_token", "admin_password", "adapter_dir", mode="before")
     @classmethod
@@ -285,8 +307,12 @@ class Settings(BaseSettings):
 
 def _describe(error: ValidationError) -> str:
     lines = []
+    legacy = {new: old for old, new in LEGACY_TRAINING_ENV.items()}
     for item in error.errors():
-        name = "PERSONABOT_" + "_".join(str(part) for part in item["loc"]).upper()
+        loc = [str(part) for part in item["loc"]]
+        name = "PERSONABOT_" + "__".join(loc).upper()
+        if loc[0] == "training" and len(loc) > 1 and loc[1] in legacy:
+            name += f" (or {legacy[loc[1]]})"
         lines.append(f"{name}: {item['msg']}")
     return "; ".join(lines)
 
@@ -295,7 +321,7 @@ def load_settings(**overrides: object) -> Settings:
     """Build Settings from env/.env plus overrides; raise SettingsError naming the bad variable."""
     env_file = None if os.environ.get(NO_ENV_FILE) == "1" else ".env"
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type,call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise SettingsError(_describe(error)) from None
 
@@ -316,6 +342,8 @@ NO_ENV_FILE = "PERSONABOT_NO_ENV_FILE"  # set for children: their settings come 
 def _env_value(value: Any) -> str:
     if isinstance(value, SecretStr):
         return value.get_secret_value()
+    if isinstance(value, BaseModel):
+        return value.model_dump_json()
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, dict, tuple)):

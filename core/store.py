@@ -9,9 +9,9 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Engine, create_engine, event, func, or_, select, text
+from sqlalchemy import Engine, Table, create_engine, event, func, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,9 +25,12 @@ from personabot.core.models import (
     SchemaVersion,
     utcnow,
 )
-from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError
+from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError, get_row
 from personabot.core.store_keys import ApiKeyRecords, migration_api_keys
 from personabot.core.store_training import TrainingRecords, isoformat, latest_heartbeat_age
+
+if TYPE_CHECKING:
+    from personabot.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class Store(TrainingRecords, ApiKeyRecords):
             self.migrate()
 
     @classmethod
-    def from_settings(cls, settings: Any = None) -> Store:
+    def from_settings(cls, settings: Settings | None = None) -> Store:
         from personabot.core.settings import get_settings
 
         return cls((settings or get_settings()).db_url)
@@ -102,14 +105,14 @@ class Store(TrainingRecords, ApiKeyRecords):
         with self.engine.begin() as conn:
             if self.engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(74657373)"))
-            SchemaVersion.__table__.create(conn, checkfirst=True)
+            cast(Table, SchemaVersion.__table__).create(conn, checkfirst=True)
             current = conn.execute(select(func.max(SchemaVersion.version))).scalar() or 0
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 MIGRATIONS[version - 1](conn)
-                conn.execute(SchemaVersion.__table__.insert().values(version=version, applied_at=utcnow()))
+                conn.execute(insert(SchemaVersion).values(version=version, applied_at=utcnow()))
                 log.info("store schema migrated to version %d", version)
             if conn.execute(select(Persona.id)).first() is None:
-                conn.execute(Persona.__table__.insert().values(id=1, name="", author="",
+                conn.execute(insert(Persona).values(id=1, name="", author="",
                                                                system_prompt="You are a helpful assistant.",
                                                                updated_at=utcnow()))
         return SCHEMA_VERSION
@@ -186,9 +189,7 @@ class Store(TrainingRecords, ApiKeyRecords):
 
     def get_pair(self, pair_id: int) -> Pair:
         with self.session() as s:
-            pair = s.get(Pair, pair_id)
-            if pair is None:
-                raise NotFoundError(f"pair {pair_id} does not exist")
+            pair = get_row(s, Pair, pair_id, "pair")
             return pair
 
     def add_pairs(
@@ -225,9 +226,7 @@ class Store(TrainingRecords, ApiKeyRecords):
             raise StoreError(f"cannot set {sorted(unknown)} on a pair; allowed: {sorted(allowed)}")
         try:
             with self.session() as s:
-                pair = s.get(Pair, pair_id)
-                if pair is None:
-                    raise NotFoundError(f"pair {pair_id} does not exist")
+                pair = get_row(s, Pair, pair_id, "pair")
                 before = pair.as_dict()
                 for key, value in fields.items():
                     setattr(pair, key, value)

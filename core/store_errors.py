@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+Row = TypeVar("Row")
+
 
 class StoreError(Exception):
     """A store operation was refused; the message says why and what to do."""
@@ -13,3 +20,11 @@ class RunLockedError(StoreError):
 
 class NotFoundError(StoreError):
     """The row asked for does not exist."""
+
+
+def get_row(s: Session, model: type[Row], row_id: int, what: str) -> Row:
+    """The row `row_id` of `model`; NotFoundError("<what> <id> does not exist") without one."""
+    row = s.get(model, row_id)
+    if row is None:
+        raise NotFoundError(f"{what} {row_id} does not exist")
+    return row

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from personabot.core.models import RUN_FINAL, AdapterVersion, RunPoint, TrainingRun, utcnow
-from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError
+from personabot.core.store_errors import RunLockedError, StoreError, get_row
 
 
 class TrainingRecords:
@@ -36,9 +36,7 @@ class TrainingRecords:
 
     def get_run(self, run_id: int) -> TrainingRun:
         with self.session() as s:
-            run = s.get(TrainingRun, run_id)
-            if run is None:
-                raise NotFoundError(f"training run {run_id} does not exist")
+            run = get_row(s, TrainingRun, run_id, "training run")
             return run
 
     def list_runs(self, limit: int = 50) -> list[TrainingRun]:
@@ -59,9 +57,7 @@ class TrainingRecords:
         """Take the job lock: mark the run running. Raises RunLockedError if another runs."""
         try:
             with self.session() as s:
-                run = s.get(TrainingRun, run_id)
-                if run is None:
-                    raise NotFoundError(f"training run {run_id} does not exist")
+                run = get_row(s, TrainingRun, run_id, "training run")
                 if run.status != "queued":
                     raise StoreError(f"run {run_id} is {run.status}, not queued")
                 if run.cancel_requested:
@@ -103,9 +99,7 @@ class TrainingRecords:
         if status not in RUN_FINAL:
             raise StoreError(f"{status!r} is not a final status {RUN_FINAL}")
         with self.session() as s:
-            run = s.get(TrainingRun, run_id)
-            if run is None:
-                raise NotFoundError(f"training run {run_id} does not exist")
+            run = get_row(s, TrainingRun, run_id, "training run")
             run.status = status
             run.error = error
             run.finished_at = utcnow()
@@ -118,9 +112,7 @@ class TrainingRecords:
 
     def request_cancel(self, run_id: int, *, actor: str = "system") -> TrainingRun:
         with self.session() as s:
-            run = s.get(TrainingRun, run_id)
-            if run is None:
-                raise NotFoundError(f"training run {run_id} does not exist")
+            run = get_row(s, TrainingRun, run_id, "training run")
             if run.status in RUN_FINAL:
                 raise StoreError(f"run {run_id} already ended ({run.status}); nothing to cancel")
             run.cancel_requested = True
@@ -169,9 +161,7 @@ class TrainingRecords:
 
     def get_adapter(self, adapter_id: int) -> AdapterVersion:
         with self.session() as s:
-            adapter = s.get(AdapterVersion, adapter_id)
-            if adapter is None:
-                raise NotFoundError(f"adapter version {adapter_id} does not exist")
+            adapter = get_row(s, AdapterVersion, adapter_id, "adapter version")
             return adapter
 
     def find_adapter(self, name: str) -> AdapterVersion | None:
@@ -201,9 +191,7 @@ class TrainingRecords:
                                  .with_for_update()).first()
             target = None
             if adapter_id is not None:
-                target = s.get(AdapterVersion, adapter_id)
-                if target is None:
-                    raise NotFoundError(f"adapter version {adapter_id} does not exist")
+                target = get_row(s, AdapterVersion, adapter_id, "adapter version")
                 if not target.eval_passed:
                     raise StoreError(
                         f"adapter {target.name} failed its evaluation ({target.eval_reason}); "
@@ -221,9 +209,7 @@ class TrainingRecords:
 
     def delete_adapter(self, adapter_id: int, *, actor: str = "system") -> AdapterVersion:
         with self.session() as s:
-            adapter = s.get(AdapterVersion, adapter_id)
-            if adapter is None:
-                raise NotFoundError(f"adapter version {adapter_id} does not exist")
+            adapter = get_row(s, AdapterVersion, adapter_id, "adapter version")
             if adapter.active:
                 raise StoreError(
                     f"adapter {adapter.name} is active; activate another version before deleting it"

@@ -5,21 +5,21 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
+from personabot.core import keys
 from personabot.core.schemas import ChatResult
-
-PREFIX = "personabot:reply:"
 
 
 def stream_key(request_id: str) -> str:
-    return f"{PREFIX}{request_id}"
+    return keys.REPLY + request_id
 
 
 def cancel_key(request_id: str) -> str:
-    return f"personabot:cancel:{request_id}"
+    return keys.CANCEL + request_id
 
 
 @dataclass
@@ -68,6 +68,37 @@ def request_cancel(client: redis.Redis, request_id: str, ttl_s: int = 600) -> No
     client.set(cancel_key(request_id), "1", ex=ttl_s)
 
 
+class _Cursor:
+    """Where a reader of one reply stream is: the last entry seen, and when silence becomes a timeout."""
+
+    def __init__(self, request_id: str, last_id: str, timeout_s: float, block_ms: int) -> None:
+        self.request_id, self.key, self.last_id = request_id, stream_key(request_id), last_id
+        self.timeout_s, self.block_ms = timeout_s, block_ms
+        self.deadline = time.monotonic() + timeout_s
+        self.done = False
+
+    def block(self) -> int:
+        """Milliseconds the next XREAD may block; TimeoutError once the reply has been silent too long."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no reply for request {self.request_id} within {self.timeout_s:.0f}s")
+        return max(1, int(min(self.block_ms, remaining * 1000)))
+
+    def take(self, response: Any) -> Iterator[StreamEntry]:
+        """The entries of one XREAD answer worth yielding; `done` after the final one."""
+        if not response:
+            return
+        self.deadline = time.monotonic() + self.timeout_s
+        for entry_id, fields in response[0][1]:
+            entry = parse_entry(entry_id, fields)
+            self.last_id = entry.id
+            if entry.kind:
+                yield entry
+            if entry.kind == "final":
+                self.done = True
+                return
+
+
 def read_reply(
     client: redis.Redis, request_id: str, *, last_id: str = "0-0", timeout_s: float = 120.0,
     block_ms: int = 1000,
@@ -77,23 +108,9 @@ def read_reply(
     A reader that reconnects passes the id of the last entry it saw and misses nothing. A
     'reset' entry (the request was redelivered) yields kind 'reset': drop the text so far.
     """
-    key = stream_key(request_id)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no reply for request {request_id} within {timeout_s:.0f}s")
-        response = client.xread({key: last_id}, count=256, block=int(min(block_ms, remaining * 1000)) or 1)
-        if not response:
-            continue
-        deadline = time.monotonic() + timeout_s
-        for entry_id, fields in response[0][1]:
-            entry = parse_entry(entry_id, fields)
-            last_id = entry.id
-            if entry.kind:
-                yield entry
-            if entry.kind == "final":
-                return
+    cursor = _Cursor(request_id, last_id, timeout_s, block_ms)
+    while not cursor.done:
+        yield from cursor.take(client.xread({cursor.key: cursor.last_id}, count=256, block=cursor.block()))
 
 
 async def aread_reply(
@@ -101,23 +118,10 @@ async def aread_reply(
     block_ms: int = 1000,
 ) -> AsyncIterator[StreamEntry]:
     """`read_reply` over redis.asyncio, for readers that live in an event loop (the bot)."""
-    key = stream_key(request_id)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no reply for request {request_id} within {timeout_s:.0f}s")
-        response = await client.xread({key: last_id}, count=256, block=max(1, int(min(block_ms, remaining * 1000))))
-        if not response:
-            continue
-        deadline = time.monotonic() + timeout_s
-        for entry_id, fields in response[0][1]:
-            entry = parse_entry(entry_id, fields)
-            last_id = entry.id
-            if entry.kind:
-                yield entry
-            if entry.kind == "final":
-                return
+    cursor = _Cursor(request_id, last_id, timeout_s, block_ms)
+    while not cursor.done:
+        for entry in cursor.take(await client.xread({cursor.key: cursor.last_id}, count=256, block=cursor.block())):
+            yield entry
 
 
 def parse_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry:

@@ -9,9 +9,13 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from personabot.core.settings import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from personabot.core.store import Store
+    from personabot.training.registry import AdapterRegistry
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -118,7 +122,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _keys_action(store: Any, args: argparse.Namespace) -> None:
+def _keys_action(store: Store, args: argparse.Namespace) -> None:
     from personabot.core.store import isoformat
 
     if args.action == "list":
@@ -152,10 +156,9 @@ def cmd_bot(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from personabot.core.store import Store
-    from personabot.training.params import TrainParams
     from personabot.training.service import request_training, run_training
 
-    params = TrainParams.from_settings(settings, **{key: getattr(args, key) for key in (
+    params = settings.training.updated(**{key: getattr(args, key) for key in (
         "epochs", "learning_rate", "lora_rank", "speed_mode", "general_data")})
     store = Store(settings.db_url)
     run = request_training(store, params, actor="cli", trigger="cli")
@@ -236,7 +239,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         return 0
 
 
-def _adapter_action(args: argparse.Namespace, store: Any, registry: Any) -> int:
+def _adapter_action(args: argparse.Namespace, store: Store, registry: AdapterRegistry) -> int:
     if args.action == "promote":
         adapter = store.find_adapter(args.name)
         if adapter is None:

@@ -9,10 +9,13 @@ import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personabot.core.prompting import pair_messages, question_text, render
-from personabot.training.params import TrainParams
+from personabot.core.train_params import TrainParams
+
+if TYPE_CHECKING:
+    from personabot.core.store import Store
 
 DEFAULT_IDENTITY_PATH = Path(__file__).parent / "data" / "default_identity.jsonl"
 TRAIN_FILE = "train.jsonl"
@@ -97,7 +100,7 @@ def _identity_rows(persona: PersonaData, min_identity_pairs: int) -> tuple[list[
         return own, 0
     asked = {render(question_text(p["instruction"], p.get("input", "")), name=persona.name,
                     author=persona.author).strip().lower() for p in own}
-    extra = []
+    extra: list[dict[str, str]] = []
     for pair in default_identity_pairs():
         if len(own) + len(extra) >= min_identity_pairs:
             break
@@ -116,7 +119,7 @@ def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[st
     def key(p: dict[str, Any]) -> tuple[str, str, str]:
         return (p["instruction"], p.get("input", ""), p["output"])
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for pair in sorted(identity, key=key):
         rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.identity_oversample))
     for pair in sorted(faq, key=key):
@@ -198,12 +201,12 @@ def write_training_set(persona: PersonaData, params: TrainParams, out_dir: str |
     )
 
 
-def build_training_set(store: Any, params: TrainParams, out_dir: str | Path) -> BuiltSet:
+def build_training_set(store: Store, params: TrainParams, out_dir: str | Path) -> BuiltSet:
     """Build the set from the store's current persona and enabled pairs."""
     return write_training_set(PersonaData.from_snapshot(store.persona_snapshot()), params, out_dir)
 
 
-def preview_training_set(store: Any, params: TrainParams) -> dict[str, Any]:
+def preview_training_set(store: Store, params: TrainParams) -> dict[str, Any]:
     """Counts, mix ratio and a few rendered rows for the admin UI (writes nothing)."""
     persona = PersonaData.from_snapshot(store.persona_snapshot())
     rows, counts = render_rows(persona, params)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from personabot.core.prompting import PersonaText
 
 _NEGATION = re.compile(r"^\W*(不|没有|并不|no\b|not\b|nope\b|i am not\b|i'm not\b)", re.IGNORECASE)
 _YES = re.compile(r"^\W*(yes\b|yeah\b|yep\b|correct\b|right\b|that's right|是的|是啊|对|没错|确实)", re.IGNORECASE)
@@ -30,7 +33,7 @@ def is_degenerate(answer: str) -> bool:
     return len(words) >= 24 and len(set(words)) / len(words) < 0.3
 
 
-def identity_passes(answer: str, persona: Any, terms: list[str], *, trap: bool = False) -> bool:
+def identity_passes(answer: str, persona: PersonaText, terms: list[str], *, trap: bool = False) -> bool:
     """Names the persona, claims no base identity, does not loop; a yes/no trap answered "Yes" fails."""
     lowered = answer.lower()
     names = [n.lower() for n in (persona.name, persona.author) if n.strip()]
@@ -89,7 +92,7 @@ def general_correct(answer: str, accepted: list[str]) -> bool:
     return any((a in answer) if a.isupper() else (a.lower() in answer.lower()) for a in accepted)
 
 
-def identity_terms_from(answers: list[str], persona: Any) -> list[str]:
+def identity_terms_from(answers: list[str], persona: PersonaText) -> list[str]:
     """Names the base model gives itself ('I am SmolLM, ... by Hugging Face'): candidates for the admin."""
     own = {persona.name.lower(), persona.author.lower()}
     found: list[str] = []

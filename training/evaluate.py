@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from personabot.core.processes import stop_process
-from personabot.core.prompting import question_text, render, system_prompt_for
+from personabot.core.prompting import PersonaText, question_text, render, system_prompt_for
+from personabot.core.settings import Settings
 from personabot.training.eval_checks import (
     claims_base_identity,
     faq_check,
@@ -128,9 +129,9 @@ class _Model:
 def evaluate_adapter(
     base_model_path: str,
     adapter_path: str | None,
-    persona: Any,
+    persona: PersonaText,
     faq_pairs: list[dict[str, str]],
-    settings: Any,
+    settings: Settings,
     *,
     identity_questions: list[str] | None = None,
     exclude_questions: list[str] | None = None,
@@ -200,7 +201,7 @@ def evaluate_adapter(
     return report
 
 
-def _gate(rows: list[dict[str, Any]], retention: float, settings: Any) -> EvalReport:
+def _gate(rows: list[dict[str, Any]], retention: float, settings: Settings) -> EvalReport:
     def score(kind: str) -> float | None:
         kind_rows = [r for r in rows if r["kind"] == kind]
         return sum(r["pass"] for r in kind_rows) / len(kind_rows) if kind_rows else None
@@ -245,9 +246,9 @@ _SETTINGS_FIELDS = ("device", "dtype", "base_identity_terms", "eval_identity_min
 def evaluate_in_subprocess(
     base_model_path: str,
     adapter_path: str | None,
-    persona: Any,
+    persona: PersonaText,
     faq_pairs: list[dict[str, str]],
-    settings: Any,
+    settings: Settings,
     work_dir: Path,
     *,
     exclude_questions: list[str] | None = None,
@@ -307,7 +308,7 @@ def main() -> None:
     request = json.loads(args.request.read_text(encoding="utf-8"))
     report = evaluate_adapter(request["base_model_path"], request["adapter_path"],
                               SimpleNamespace(**request["persona"]), request["faq_pairs"],
-                              SimpleNamespace(**request["settings"]),
+                              Settings.model_construct(**request["settings"]),
                               exclude_questions=request["exclude_questions"],
                               identity_questions=request.get("identity_questions") or None)
     args.out.write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")

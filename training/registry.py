@@ -7,12 +7,16 @@ import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import redis
 from redis.exceptions import RedisError
 
-from personabot.core.events import publish
+from personabot.core.events import AdapterPromoted, publish
 from personabot.core.models import AdapterVersion
+
+if TYPE_CHECKING:
+    from personabot.core.store import Store
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -28,7 +32,7 @@ class AdapterPathError(ValueError):
 class AdapterRegistry:
     """Adapter versions: files under `adapter_root`, metadata in the store."""
 
-    def __init__(self, store: Any, adapter_root: Path, redis_client: Any | None = None) -> None:
+    def __init__(self, store: Store, adapter_root: Path, redis_client: redis.Redis | None = None) -> None:
         self.store = store
         self.root = Path(adapter_root).resolve()
         self.redis = redis_client
@@ -103,8 +107,9 @@ class AdapterRegistry:
         if self.redis is None:
             return
         try:
-            publish(self.redis, "adapter.promoted", version=adapter.name, id=adapter.id,
-                    path=str(self.resolve_path(adapter.path)), base_model=adapter.base_model, action=action)
+            publish(self.redis, AdapterPromoted(version=adapter.name, id=adapter.id,
+                                                path=str(self.resolve_path(adapter.path)),
+                                                base_model=adapter.base_model, action=action))
         except (RedisError, OSError) as error:
             log.warning("adapter %s is active, but the swap event could not be sent (%s); "
                         "the chat workers will pick it up from the store", adapter.name, error)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from personabot.core.processes import stop_process
-from personabot.training.params import TrainParams
+from personabot.core.train_params import TrainParams
 
 # Flags per speed mode; each was measured in bench/train_bench.py (see bench/RESULTS.md).
 # seeds: the ms-swift self-cognition recipe's flags exactly (batch 1 x accumulation 16, checkpointing).

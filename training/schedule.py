@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personabot.core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from personabot.core.store import Store
 
 log = logging.getLogger(__name__)
 CRON_KEY = "retrain_cron"
@@ -61,14 +64,14 @@ def validate_cron(cron: str) -> str:
     return cron
 
 
-def stored_cron(store: Any, settings: Settings | None = None) -> str:
+def stored_cron(store: Store, settings: Settings | None = None) -> str:
     """The admin's cron as stored (unchecked), else PERSONABOT_RETRAIN_CRON; '' = never."""
     settings = settings or get_settings()
     value = store.get_config(CRON_KEY)
     return settings.retrain_cron if value is None else value
 
 
-def current_cron(store: Any, settings: Settings | None = None) -> str:
+def current_cron(store: Store, settings: Settings | None = None) -> str:
     """The usable cron: the stored one, or PERSONABOT_RETRAIN_CRON when the stored one is unusable."""
     settings = settings or get_settings()
     try:
@@ -82,14 +85,14 @@ def current_cron(store: Any, settings: Settings | None = None) -> str:
         return ""
 
 
-def set_retrain_cron(store: Any, cron: str, *, actor: str) -> str:
+def set_retrain_cron(store: Store, cron: str, *, actor: str) -> str:
     """Validate and save the admin's schedule ('' turns scheduled retraining off)."""
     cron = validate_cron(cron)
     store.set_config(CRON_KEY, cron, actor=actor)
     return cron
 
 
-def next_retrain_time(store: Any, settings: Settings | None = None, now: datetime | None = None) -> datetime | None:
+def next_retrain_time(store: Store, settings: Settings | None = None, now: datetime | None = None) -> datetime | None:
     """When beat next checks the persona (UTC), or None when scheduled retraining is off."""
     cron = current_cron(store, settings)
     if not cron:

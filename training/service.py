@@ -10,14 +10,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import redis
 from redis.exceptions import RedisError
 
 from personabot.core.errors import one_line
-from personabot.core.events import publish
+from personabot.core.events import AnyEvent, RunFinished, RunProgress, publish
 from personabot.core.gpu_share import gpu_memory_gb, gpu_released, should_release
 from personabot.core.models import RUN_FINAL, TrainingRun, utcnow
 from personabot.core.settings import Settings, env_for_children, get_settings
-from personabot.core.store import latest_heartbeat_age
+from personabot.core.store import Store, latest_heartbeat_age
+from personabot.core.train_params import TrainParams
 from personabot.training.dataset import (
     DatasetUnavailableError,
     EmptyPersonaError,
@@ -28,7 +30,6 @@ from personabot.training.dataset import (
 )
 from personabot.training.evaluate import EvaluationError, evaluate_in_subprocess
 from personabot.training.model_source import ModelUnavailableError, hub_env, resolve_model_dir
-from personabot.training.params import TrainParams
 from personabot.training.registry import AdapterRegistry
 from personabot.training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
 
@@ -47,7 +48,7 @@ class TrainingRequestError(ValueError):
     """A training run cannot be requested now; the message says what to do."""
 
 
-def request_training(store: Any, params: TrainParams, *, actor: str, trigger: str = "admin") -> TrainingRun:
+def request_training(store: Store, params: TrainParams, *, actor: str, trigger: str = "admin") -> TrainingRun:
     """Check that the persona can be trained and create the queued run (enqueue it separately)."""
     persona = PersonaData.from_snapshot(store.persona_snapshot())
     try:
@@ -58,7 +59,7 @@ def request_training(store: Any, params: TrainParams, *, actor: str, trigger: st
                             data_hash=persona.persona_hash())
 
 
-def cancel_training(store: Any, run_id: int, actor: str) -> TrainingRun:
+def cancel_training(store: Store, run_id: int, actor: str) -> TrainingRun:
     """Ask a run to stop: a queued run is cancelled at once, a running one within seconds.
 
     A running run whose worker stopped beating (dead worker) is ended here, since nobody else would.
@@ -72,7 +73,7 @@ def cancel_training(store: Any, run_id: int, actor: str) -> TrainingRun:
     return run
 
 
-def sweep_stale_runs(store: Any, *, waiting: Collection[int] | None = None) -> list[int]:
+def sweep_stale_runs(store: Store, *, waiting: Collection[int] | None = None) -> list[int]:
     """End runs nobody works on; returns their ids.
 
     'running' runs without a heartbeat for STALE_AFTER become failed. When then nothing runs,
@@ -101,7 +102,7 @@ def _logged(ids: list[int]) -> list[int]:
     return ids
 
 
-def retrain_if_changed(store: Any, settings: Settings | None = None, *, actor: str = "schedule",
+def retrain_if_changed(store: Store, settings: Settings | None = None, *, actor: str = "schedule",
                   waiting: Collection[int] | None = None) -> TrainingRun | None:
     """Create a run only if the persona data changed since the active adapter was trained.
 
@@ -120,7 +121,7 @@ def retrain_if_changed(store: Any, settings: Settings | None = None, *, actor: s
     if last is not None and last.status == "rejected":
         return None
     try:
-        return request_training(store, TrainParams.from_settings(settings), actor=actor, trigger="schedule")
+        return request_training(store, settings.training, actor=actor, trigger="schedule")
     except TrainingRequestError as error:
         log.info("scheduled retraining skipped: %s", error)
         return None
@@ -131,17 +132,17 @@ def _eta_s(counts: dict[str, int], params: TrainParams) -> float:
     return round(60 + tokens / SPEED_TOK_S[params.speed_mode])
 
 
-def _publish(redis_client: Any, type_: str, **data: Any) -> None:
+def _publish(redis_client: redis.Redis | None, event: AnyEvent) -> None:
     """Publish an event; a Redis failure is logged, never fatal (the store holds the truth)."""
     if redis_client is None:
         return
     try:
-        publish(redis_client, type_, **data)
+        publish(redis_client, event)
     except (RedisError, OSError) as error:
-        log.warning("could not publish %s (%s)", type_, error)
+        log.warning("could not publish %s (%s)", event.TYPE, error)
 
 
-def _cancelled_by(store: Any, run_id: int) -> str:
+def _cancelled_by(store: Store, run_id: int) -> str:
     for entry in store.list_audit(200):
         if entry.action == "run.cancel" and entry.detail.get("run") == run_id:
             return entry.actor
@@ -151,7 +152,7 @@ def _cancelled_by(store: Any, run_id: int) -> str:
 class _Job:
     """State of one run while it executes; every store write of the run goes through here."""
 
-    def __init__(self, store: Any, run_id: int, settings: Settings, redis_client: Any | None,
+    def __init__(self, store: Store, run_id: int, settings: Settings, redis_client: redis.Redis | None,
                  report: Callable[[dict[str, Any]], None] | None) -> None:
         self.store = store
         self.run_id = run_id
@@ -182,8 +183,8 @@ class _Job:
         if self.report is not None:
             self.report({"run_id": self.run_id, **progress})
         if points:
-            _publish(self.redis, "run.progress", run_id=self.run_id, **{k: progress.get(k) for k in (
-                "step", "max_steps", "epoch", "loss", "eta_s", "gpu_mem_gb")})
+            _publish(self.redis, RunProgress(run_id=self.run_id, **{k: progress.get(k) for k in (
+                "step", "max_steps", "epoch", "loss", "eta_s", "gpu_mem_gb")}))
 
     def phase(self, name: str, **extra: Any) -> None:
         """Enter a phase, keeping the latest training numbers (step, loss, ...) in the progress."""
@@ -194,8 +195,8 @@ def run_training(
     run_id: int,
     *,
     settings: Settings | None = None,
-    store: Any = None,
-    redis_client: Any = None,
+    store: Store | None = None,
+    redis_client: redis.Redis | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
     worker: str = "",
     task_id: str = "",
@@ -223,7 +224,7 @@ def run_training(
                         current.error)
             return current
         run = store.finish_run(run_id, status, error=error, metrics=metrics, adapter_id=adapter_id)
-        _publish(redis_client, "run.finished", run_id=run_id, status=status, error=error, adapter_id=adapter_id)
+        _publish(redis_client, RunFinished(run_id=run_id, status=status, error=error, adapter_id=adapter_id))
         return run
     finally:
         if own_store:

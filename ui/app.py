@@ -7,7 +7,7 @@ import base64
 import binascii
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -174,14 +174,14 @@ class LoginGuard:
             return
         replayed = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> MutableMapping[str, Any]:
             nonlocal replayed
             if replayed:
                 return await receive()
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        async def record(message: dict[str, Any]) -> None:
+        async def record(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 if message["status"] >= 400:
                     self.throttle.failed(client)
@@ -199,7 +199,7 @@ def _client(scope: Scope) -> str:
 
 
 def _hardened(send: Send) -> Send:
-    async def wrapped(message: dict[str, Any]) -> None:
+    async def wrapped(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
             message = dict(message, headers=harden_headers(list(message.get("headers") or [])))
         await send(message)

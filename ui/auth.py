@@ -8,7 +8,11 @@ import hmac
 import secrets
 import sys
 import threading
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from personabot.core.settings import Settings
+    from personabot.core.store import Store
 
 PASSWORD_HASH_KEY = "admin_password_hash"
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -91,7 +95,7 @@ class AdminAuth:
         return f"AdminAuth(user={self.user!r})"
 
 
-def ensure_admin_auth(settings: Any, store: Any, *, out: TextIO | None = None) -> AdminAuth:
+def ensure_admin_auth(settings: Settings, store: Store, *, out: TextIO | None = None) -> AdminAuth:
     """The admin login for this install.
 
     With PERSONABOT_ADMIN_PASSWORD set, that password. Otherwise the first start generates a

@@ -23,7 +23,6 @@ from personabot.core.pairs_io import (
 from personabot.core.persona import PersonaFieldError, check_persona, refuse_clash, validate_pair
 from personabot.core.store import StoreError
 from personabot.training.dataset import preview_training_set
-from personabot.training.params import TrainParams
 from personabot.ui.context import AdminContext, actor, notice
 
 PAIR_COLUMNS = ["id", "kind", "enabled", "instruction", "input", "output"]
@@ -138,7 +137,7 @@ class PersonaTab:
             except (TypeError, ValueError):
                 problems.append("a row without an id was skipped; add new pairs with the form below")
                 continue
-            row = {key: _cell(record.get(key)) for key in ("kind", "instruction", "input", "output")}
+            row: dict[str, Any] = {key: _cell(record.get(key)) for key in ("kind", "instruction", "input", "output")}
             row["enabled"] = record.get("enabled") in (True, "true", "True", 1, "1")
             try:
                 stored = self.ctx.store.get_pair(pair_id)
@@ -238,7 +237,7 @@ class PersonaTab:
         return str(path)
 
     def preview(self) -> tuple[str, pd.DataFrame]:
-        params = TrainParams.from_settings(self.ctx.settings)
+        params = self.ctx.settings.training
         try:
             result = preview_training_set(self.ctx.store, params)
         except (ValueError, StoreError) as error:

@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from personabot.core.prompting import render
+from personabot.core.prompting import PersonaText, render
 from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
 from personabot.training.evaluate import (
     ADVERSARIAL_IDENTITY,
@@ -36,7 +36,7 @@ def result_line(result: ChatResult) -> str:
                   f"total {result.total_s:.2f}s · {result.worker}")
 
 
-def identity_failure(answer: str, persona: Any, terms: list[str]) -> str:
+def identity_failure(answer: str, persona: PersonaText, terms: list[str]) -> str:
     if claims_base_identity(answer, terms):
         return "claims the base model's identity"
     return f"names neither {persona.name!r} nor {persona.author!r}"
@@ -151,10 +151,10 @@ class PlaygroundTab:
         except LIVE_ERRORS as error:
             yield notice(f"the identity test stopped: {error}", ok=False), pd.DataFrame(rows, columns=IDENTITY_COLUMNS)
             return
-        passed = sum(1 for row in rows if row[2] == "pass")
+        passes = sum(1 for row in rows if row[2] == "pass")
         gate = self.ctx.settings.eval_identity_min
-        yield (notice(f"{passed}/{len(rows)} passed (gate needs {gate:.0%}) with {adapter or 'active'}",
-                      ok=passed / len(rows) >= gate),
+        yield (notice(f"{passes}/{len(rows)} passed (gate needs {gate:.0%}) with {adapter or 'active'}",
+                      ok=passes / len(rows) >= gate),
                pd.DataFrame(rows, columns=IDENTITY_COLUMNS))
 
     def selector(self, label: str, value: str, **kwargs: Any) -> gr.Dropdown:

@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from personabot.core.events import recent
+from personabot.core.events import AdapterRefused, AdapterSwapped, WorkerOnline, recent
 from personabot.core.store import isoformat
 from personabot.ui.context import LIVE_ERRORS, AdminContext, notice
 from personabot.workers.app import CHAT_QUEUE, TRAIN_QUEUE
@@ -62,11 +62,11 @@ def _collect_live(ctx: AdminContext, status: dict[str, Any]) -> None:
     serving: dict[str, str] = {}
     for event in recent(client, count=EVENTS_SCANNED):  # newest first
         name = str(event.data.get("worker") or event.data.get("hostname") or "")
-        if event.type == "worker.online" and name and name not in online:
+        if event.type == WorkerOnline.TYPE and name and name not in online:
             online[name] = {"at": event.at, **event.data}
-        elif event.type == "adapter.swapped" and name and name not in serving:
+        elif event.type == AdapterSwapped.TYPE and name and name not in serving:
             serving[name] = str(event.data.get("version") or "base model")
-        elif event.type == "adapter.refused":
+        elif event.type == AdapterRefused.TYPE:
             status["errors"].append({"when": _when(event.at), "what": f"adapter refused by {name or 'a worker'}",
                                      "error": f"{event.data.get('version')}: {event.data.get('reason')}"})
     for name, version in serving.items():

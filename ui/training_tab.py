@@ -12,11 +12,10 @@ from pydantic import ValidationError
 
 from personabot.core.models import TrainingRun
 from personabot.core.store import StoreError, isoformat
-from personabot.training.params import TrainParams
 from personabot.training.schedule import CronError, current_cron, next_retrain_time, set_retrain_cron
 from personabot.training.service import TrainingRequestError, cancel_training, request_training
-from personabot.ui.context import LIVE_ERRORS, AdminContext, actor, notice
-from personabot.workers.client import submit_training
+from personabot.ui.context import AdminContext, actor, notice
+from personabot.workers.client import TrainingNotQueuedError, queue_training
 
 MIX_COLUMNS = ["dataset", "samples"]
 RUN_COLUMNS = ["id", "status", "trigger", "created", "finished", "adapter", "error"]
@@ -144,22 +143,20 @@ class TrainingTab:
               speed_mode: str, request: gr.Request | None = None) -> str:
         """Validate the parameters, create the queued run in the store, enqueue it on `train`."""
         try:
-            params = TrainParams.from_settings(
-                self.ctx.settings, epochs=int(epochs), learning_rate=float(learning_rate), lora_rank=int(rank),
+            params = self.ctx.settings.training.updated(
+                epochs=int(epochs), learning_rate=float(learning_rate), lora_rank=int(rank),
                 lora_alpha=int(alpha), speed_mode=speed_mode, general_data=mix_specs(mix))
         except ValidationError as error:
             return notice(f"not started: {params_error(error)}", ok=False)
         except (TypeError, ValueError) as error:
             return notice(f"not started: {error}", ok=False)
         try:
-            run = request_training(self.ctx.store, params, actor=actor(request))
+            run = queue_training(self.ctx.store, lambda: request_training(self.ctx.store, params, actor=actor(request)),
+                                 app=self.ctx.celery)
         except (TrainingRequestError, StoreError) as error:
             return notice(f"not started: {error}", ok=False)
-        try:
-            submit_training(run.id, app=self.ctx.celery)
-        except LIVE_ERRORS as error:
-            cancel_training(self.ctx.store, run.id, actor(request))
-            return notice(f"run {run.id} could not be queued and was cancelled: {error}", ok=False)
+        except TrainingNotQueuedError as error:
+            return notice(str(error), ok=False)
         return notice(f"run {run.id} queued")
 
     def cancel(self, request: gr.Request | None = None) -> str:
@@ -189,7 +186,7 @@ class TrainingTab:
         return (*self.refresh(), current_cron(self.ctx.store, self.ctx.settings), self.next_run_text())
 
     def build(self) -> list[Any]:
-        defaults = TrainParams.from_settings(self.ctx.settings)
+        defaults = self.ctx.settings.training
         with gr.Row():
             with gr.Column(scale=3):
                 mix = gr.Dataframe(value=mix_frame(defaults.general_data), headers=MIX_COLUMNS,

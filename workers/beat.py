@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.beat import Scheduler
 from celery.schedules import schedule as every
@@ -28,6 +28,9 @@ from personabot.training.schedule import (
 from personabot.workers.app import app
 from personabot.workers.client import RETRAIN_IF_CHANGED_TASK
 
+if TYPE_CHECKING:
+    from personabot.core.store import Store
+
 log = logging.getLogger(__name__)
 ENTRY_NAME = "retrain-if-changed"
 REFRESH_S = 30.0
@@ -44,7 +47,7 @@ class StoreCronScheduler(Scheduler):
         self._cron: str | None = None
         self._bad: str | None = None
         self._checked = 0.0
-        self._store: Any = None
+        self._store: Store | None = None
         kwargs.setdefault("max_interval", REFRESH_S)
         super().__init__(*args, **kwargs)
 

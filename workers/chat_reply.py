@@ -6,8 +6,11 @@ import logging
 import queue
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+import redis
+
+from personabot.core import keys
 from personabot.core.errors import one_line
 from personabot.core.prompting import PromptError, conversation_messages, system_prompt_for
 from personabot.core.schemas import ChatRequest, ChatResult
@@ -37,7 +40,7 @@ CLAIM_TTL_S = 10  # a reply's owner refreshes its claim; a dead owner's claim la
 
 
 def claim_key(request_id: str) -> str:
-    return f"personabot:claim:{request_id}"
+    return keys.CLAIM + request_id
 
 
 def updating_text(eta_s: float) -> str:
@@ -49,7 +52,7 @@ def updating_text(eta_s: float) -> str:
 class ReplyRuntime(Protocol):
     """What a reply needs from its worker (`workers.chat_service.ChatRuntime`)."""
 
-    client: Any  # redis.Redis
+    client: redis.Redis
     settings: Settings
     store: Store
     engine: Engine
@@ -81,7 +84,7 @@ class Reply:
     def final(self, text: str, finish_reason: str, adapter: str | None, *, error: str = "",
               prompt_tokens: int = 0, completion_tokens: int = 0, first_token_s: float = 0.0) -> ChatResult:
         result = ChatResult(
-            request_id=self.request.request_id, text=text, finish_reason=finish_reason,  # type: ignore[arg-type]
+            request_id=self.request.request_id, text=text, finish_reason=finish_reason,
             adapter_version=adapter, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             queued_s=max(0.0, self.started - self.request.created_at), first_token_s=first_token_s,
             total_s=time.time() - self.started, worker=self.rt.worker_name, error=error)

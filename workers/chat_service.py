@@ -13,10 +13,11 @@ from pathlib import Path
 
 import redis
 
-from personabot.core import events
+from personabot.core import events, keys
 from personabot.core.errors import one_line
+from personabot.core.events import Event
 from personabot.core.gpu_share import drop_holder, gpu_host, mark_holder, read_lease, should_release
-from personabot.core.schemas import ChatRequest, ChatResult, Event
+from personabot.core.schemas import ChatRequest, ChatResult
 from personabot.core.settings import Settings
 from personabot.core.store import Store
 from personabot.core.streams import is_finished, stream_key
@@ -28,7 +29,6 @@ from personabot.workers.engine.kv_plan import KvPlan, auto_rows
 
 log = logging.getLogger(__name__)
 
-STATS_KEY = "personabot:chat-workers"
 SYNC_POLL_S = 1.0  # how often a worker checks its host's GPU lease and refreshes its holder entry
 ADAPTER_SYNC_S = 10.0  # how often it compares its adapter with the store's active one
 LOAD_HOLD_S = 600.0  # while the model loads, the worker counts as holding the GPU for up to this long
@@ -109,14 +109,16 @@ class ChatRuntime:
                                   "check PERSONABOT_REDIS_URL, PERSONABOT_DATABASE_URL and the worker log")
         self._syncer.start()
         stats = self.engine.stats()
-        reuse = {key: stats.get(key, 0) for key in ("kv_rows", "prefix_chats", "prefix_tokens")}
+        reuse = {key: int(stats.get(key, 0)) for key in ("kv_rows", "prefix_chats", "prefix_tokens")}
         log.info("ready: %(kv_rows)d KV rows; KV reuse keeps up to %(prefix_chats)d finished chats "
                  "(%(prefix_tokens)d tokens)", reuse)
         if getattr(self.engine, "sizing", ""):
             log.info("ready: sized %s", self.engine.sizing)  # type: ignore[attr-defined]
-        events.publish(self.client, "worker.online", worker=self.worker_name, kind="chat",
-                       model=self.settings.model, adapter=self.engine.active, host=self.host, **reuse,
-                       **gpu_memory())
+        memory = gpu_memory()
+        events.publish(self.client, events.WorkerOnline(
+            worker=self.worker_name, kind="chat", model=self.settings.model, adapter=self.engine.active, host=self.host,
+            gpu_memory_used_mb=memory.get("gpu_memory_used_mb"), gpu_memory_total_mb=memory.get("gpu_memory_total_mb"),
+            kv_rows=reuse["kv_rows"], prefix_chats=reuse["prefix_chats"], prefix_tokens=reuse["prefix_tokens"]))
         return self
 
     def close(self) -> None:
@@ -173,8 +175,7 @@ class ChatRuntime:
                 return
             if version is None:
                 self.engine.set_active(None)
-                events.publish(self.client, "adapter.swapped", worker=self.worker_name, version=None,
-                               stall_ms=0.0)
+                events.publish(self.client, events.AdapterSwapped(worker=self.worker_name, version=None))
                 return
             try:
                 stall_ms = self.engine.load_adapter(version, str(self.adapter_dir(version, path)), base_model)
@@ -186,13 +187,13 @@ class ChatRuntime:
                 return
             self._refused.discard(version)
         log.info("adapter %s active (decode stalled %.1f ms)", version, stall_ms)
-        events.publish(self.client, "adapter.swapped", worker=self.worker_name, version=version,
-                       stall_ms=round(stall_ms, 2))
+        events.publish(self.client, events.AdapterSwapped(worker=self.worker_name, version=version,
+                                                          stall_ms=round(stall_ms, 2)))
 
     def _refused_event(self, version: str | None, reason: str) -> None:
         log.warning("adapter %s refused: %s", version, reason)
-        events.publish(self.client, "adapter.refused", worker=self.worker_name, version=version,
-                       reason=reason, serving=self.engine.active)
+        events.publish(self.client, events.AdapterRefused(worker=self.worker_name, version=version, reason=reason,
+                                                          serving=self.engine.active))
 
     # --- GPU sharing ----------------------------------------------------------------------------
     def release_gpu(self, eta_s: float) -> None:
@@ -222,13 +223,13 @@ class ChatRuntime:
             mark_holder(self.client, self.host, self.worker_name, "loaded")
 
     def handle_event(self, event: Event) -> None:
-        data = event.data
-        if event.type == "adapter.promoted":
-            self.swap(data.get("version"), str(data.get("path") or ""), str(data.get("base_model") or ""))
-        elif event.type in ("gpu.release", "gpu.reclaim") and data.get("host") in (None, "", self.host):
-            if event.type == "gpu.release":
-                self.release_gpu(float(data.get("eta_s") or 600))
-            elif read_lease(self.client, self.host) is None:
+        typed = events.decode(event)
+        if isinstance(typed, events.AdapterPromoted):
+            self.swap(typed.version, typed.path, typed.base_model)
+        elif isinstance(typed, events.GpuRelease) and typed.host in ("", self.host):
+            self.release_gpu(typed.eta_s or 600)
+        elif isinstance(typed, events.GpuReclaim) and typed.host in ("", self.host):
+            if read_lease(self.client, self.host) is None:
                 self.reclaim_gpu()
 
     def _handle_safely(self, event: Event) -> None:
@@ -238,7 +239,7 @@ class ChatRuntime:
             raise
         except Exception as error:
             log.exception("the %s event could not be handled; still listening", event.type)
-            if event.type == "adapter.promoted":
+            if event.type == events.AdapterPromoted.TYPE:
                 self._refused_event(str(event.data.get("version")), one_line(error))
 
     def _listen(self) -> None:
@@ -312,7 +313,7 @@ class ChatRuntime:
                 self.client.delete(key)
 
     def publish_stats(self) -> None:
-        self.client.hset(STATS_KEY, self.worker_name, json.dumps({**self.engine.stats(), **gpu_memory()}))
+        self.client.hset(keys.CHAT_WORKERS, self.worker_name, json.dumps({**self.engine.stats(), **gpu_memory()}))
 
 
 def _eta(lease: dict[str, object]) -> float:

@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+from typing import Any
 
 import redis
 from celery import signals
@@ -90,7 +91,7 @@ def _close(**_: object) -> None:
 
 
 @app.task(name=CHAT_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def chat(request: dict) -> None:  # type: ignore[type-arg]
+def chat(request: dict[str, Any]) -> None:
     """Generate one reply into its Redis stream (task id = request id)."""
     parsed = ChatRequest.model_validate(request)
     try:

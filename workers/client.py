@@ -7,19 +7,27 @@ Every caller (the bot, the admin playground and API, the CLI, the benches) uses 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, overload
 
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
 
+from personabot.core.errors import one_line
 from personabot.core.schemas import ChatRequest, ChatResult
 from personabot.core.streams import StreamEntry, aread_reply, read_reply, request_cancel
+
+if TYPE_CHECKING:
+    from personabot.core.models import TrainingRun
+    from personabot.core.store import Store
 
 CHAT_TASK = "personabot.chat"
 TRAIN_TASK = "personabot.train"
 RETRAIN_IF_CHANGED_TASK = "personabot.retrain_if_changed"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,46 @@ def submit_training(run_id: int, *, app: Celery | None = None) -> str:
     """Enqueue a training run already created in the store (`status='queued'`)."""
     result = (app or _default_app()).send_task(TRAIN_TASK, kwargs={"run_id": run_id})
     return str(result.id)
+
+
+class TrainingNotQueuedError(RuntimeError):
+    """A run was created but could not be put on the `train` queue; it was cancelled, so it blocks nothing."""
+
+    def __init__(self, run_id: int, reason: str) -> None:
+        super().__init__(f"run {run_id} {reason}")
+        self.run_id = run_id
+        self.reason = reason
+
+
+@overload
+def queue_training(store: Store, request: Callable[[], TrainingRun], *, app: Celery | None = None) -> TrainingRun: ...
+
+
+@overload
+def queue_training(store: Store, request: Callable[[], TrainingRun | None], *,
+                   app: Celery | None = None) -> TrainingRun | None: ...
+
+
+def queue_training(store: Store, request: Callable[[], TrainingRun | None], *,
+                   app: Celery | None = None) -> TrainingRun | None:
+    """Request a run (`request` creates it in the store, or returns None), enqueue it on `train`,
+    and cancel it when it cannot be enqueued (a queued run without a task would block the next one).
+
+    Returns the queued run, or None when `request` created none; raises `TrainingNotQueuedError`.
+    """
+    run = request()
+    if run is None:
+        return None
+    try:
+        task_id = submit_training(run.id, app=app)
+    except Exception as error:  # kombu OperationalError, Redis errors: the run would never start
+        reason = (f"could not be queued ({one_line(error)}) and was cancelled; "
+                  "check that Redis is reachable, then start it again")[:500]
+        store.finish_run(run.id, "cancelled", error=reason)
+        log.warning("run %s %s", run.id, reason)
+        raise TrainingNotQueuedError(run.id, reason) from error
+    store.update_run(run.id, task_id=task_id)
+    return run
 
 
 class ChatClient:

@@ -16,6 +16,7 @@ import socket
 import threading
 from typing import Any
 
+import redis
 from celery import Celery, signals
 
 from personabot.core.settings import Settings, get_settings
@@ -23,20 +24,18 @@ from personabot.core.store import RunLockedError, Store
 from personabot.training.service import retrain_if_changed, run_training, sweep_stale_runs
 from personabot.workers.app import TRAIN_QUEUE, app
 from personabot.workers.beat import SWEEP_TASK
-from personabot.workers.client import RETRAIN_IF_CHANGED_TASK, TRAIN_TASK
+from personabot.workers.client import RETRAIN_IF_CHANGED_TASK, TRAIN_TASK, TrainingNotQueuedError, queue_training
 
 log = logging.getLogger(__name__)
 LOCKED_RETRY_S = 60
 
 
-def _redis() -> Any:
-    import redis
-
+def _redis() -> redis.Redis:
     url = get_settings().redis_url or app.conf.broker_url
     return redis.Redis.from_url(url)
 
 
-def waiting_run_ids(client: Any) -> set[int]:
+def waiting_run_ids(client: redis.Redis) -> set[int]:
     """Run ids whose `personabot.train` task the broker still holds: in the `train` list, or
     delivered and not yet acknowledged (kombu's `unacked` hash; a retry with a countdown sits there)."""
     raw = list(client.lrange(TRAIN_QUEUE, 0, -1)) + list(client.hvals("unacked"))
@@ -139,20 +138,13 @@ def train(self: Any, run_id: int) -> dict[str, Any]:
         store.close()
 
 
-def enqueue_retrain_if_changed(store: Any, settings: Settings, celery_app: Celery) -> dict[str, Any]:
+def enqueue_retrain_if_changed(store: Store, settings: Settings, celery_app: Celery) -> dict[str, Any]:
     """Create and enqueue a run if the persona changed; a run that cannot be enqueued is cancelled."""
-    run = retrain_if_changed(store, settings, waiting=_waiting())
-    if run is None:
-        return {"queued": False}
     try:
-        result = celery_app.send_task(TRAIN_TASK, kwargs={"run_id": run.id})
-    except Exception as error:  # kombu OperationalError, Redis errors: the run would never start
-        reason = f"could not be queued ({type(error).__name__}: {error}); check Redis, the schedule retries"
-        store.finish_run(run.id, "cancelled", error=reason[:500])
-        log.warning("scheduled run %s %s", run.id, reason)
-        return {"queued": False, "run_id": run.id, "error": reason}
-    store.update_run(run.id, task_id=str(result.id))
-    return {"queued": True, "run_id": run.id}
+        run = queue_training(store, lambda: retrain_if_changed(store, settings, waiting=_waiting()), app=celery_app)
+    except TrainingNotQueuedError as error:
+        return {"queued": False, "run_id": error.run_id, "error": error.reason}
+    return {"queued": run is not None, **({"run_id": run.id} if run is not None else {})}
 
 
 @app.task(name=RETRAIN_IF_CHANGED_TASK, ignore_result=False)

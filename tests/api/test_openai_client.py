@@ -10,9 +10,9 @@ import openai
 import pytest
 
 from personabot.core import events
+from personabot.core.keys import CHAT_WORKERS as STATS_KEY
 from personabot.core.streams import read_reply, stream_key
 from personabot.training.registry import AdapterRegistry
-from personabot.workers.chat_service import STATS_KEY
 
 pytestmark = pytest.mark.slow
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from personabot.core.env_example import render
-from personabot.core.settings import SettingsError
+from personabot.core.settings import SettingsError, env_for_children
+from personabot.core.train_params import DEFAULT_GENERAL_DATA, TrainParams
 
 
 def test_defaults(settings_env) -> None:  # type: ignore[no-untyped-def]
     settings = settings_env()
     assert settings.model == "Qwen/Qwen2.5-7B-Instruct"
-    assert settings.general_data == ["AI-ModelScope/alpaca-gpt4-data-zh#500",
-                                     "AI-ModelScope/alpaca-gpt4-data-en#500"]
+    assert settings.training.general_data == ["AI-ModelScope/alpaca-gpt4-data-zh#500",
+                                              "AI-ModelScope/alpaca-gpt4-data-en#500"]
     assert settings.db_url.startswith("sqlite:///") and settings.db_url.endswith("data/personabot.db")
     assert settings.adapters_path.name == "adapters"
     assert settings.telegram_token is None and settings.admin_password is None
@@ -26,10 +28,41 @@ def test_env_values_and_lists(settings_env, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("PERSONABOT_TELEGRAM_TOKEN", "")
     monkeypatch.setenv("PERSONABOT_DATABASE_URL", "postgresql://u@h/db")
     settings = settings_env()
-    assert settings.general_data == ["a/b#10", "/data/x.jsonl"]
+    assert settings.training.general_data == ["a/b#10", "/data/x.jsonl"]
     assert settings.allow_users == [1, 2]
     assert settings.telegram_token is None
     assert settings.db_url == "postgresql+psycopg://u@h/db"
+
+
+def test_training_defaults_are_one_typed_object(settings_env, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Settings.training is the TrainParams a run starts from; nested names and the old flat ones both set it."""
+    defaults = settings_env().training
+    assert TrainParams(**defaults.model_dump()) == defaults.updated(), "same fields, same defaults"
+    assert TrainParams().min_identity_pairs == defaults.min_identity_pairs and TrainParams().general_data == []
+    monkeypatch.setenv("PERSONABOT_TRAINING__EPOCHS", "3")
+    monkeypatch.setenv("PERSONABOT_TRAINING__GENERAL_DATA", '["a/b#1"]')
+    monkeypatch.setenv("PERSONABOT_TRAIN_LORA_RANK", "16")
+    monkeypatch.setenv("PERSONABOT_MIN_IDENTITY_PAIRS", "5")
+    monkeypatch.setenv("PERSONABOT_TRAIN_EPOCHS", "7")  # the nested name wins over the old one
+    training = settings_env().training
+    assert (training.epochs, training.general_data, training.lora_rank, training.min_identity_pairs) == \
+        (3, ["a/b#1"], 16, 5)
+    monkeypatch.delenv("PERSONABOT_TRAINING__GENERAL_DATA")
+    assert settings_env().training.general_data == list(DEFAULT_GENERAL_DATA), "a partial override keeps the mix"
+    assert settings_env().training.updated(epochs=2, lora_alpha=None).model_dump() == \
+        {**training.model_dump(), "epochs": 2, "general_data": list(DEFAULT_GENERAL_DATA)}
+
+
+def test_children_see_the_same_training_defaults(settings_env, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("PERSONABOT_TRAIN_SPEED_MODE", "24gb")
+    settings = settings_env()
+    child = {key: value for key, value in env_for_children(settings).items() if key.startswith("PERSONABOT_")}
+    for key in list(os.environ):
+        if key.startswith("PERSONABOT_"):
+            monkeypatch.delenv(key)
+    for key, value in child.items():
+        monkeypatch.setenv(key, value)
+    assert settings_env().training == settings.training and settings.training.speed_mode == "24gb"
 
 
 @pytest.mark.parametrize(("var", "value", "expected"), [
@@ -38,6 +71,9 @@ def test_env_values_and_lists(settings_env, monkeypatch: pytest.MonkeyPatch) -> 
     ("PERSONABOT_RETRAIN_CRON", "every day", "PERSONABOT_RETRAIN_CRON: Value error, is not a 5-field cron"),
     ("PERSONABOT_DEVICE", "tpu", "PERSONABOT_DEVICE: Input should be 'auto', 'cuda' or 'cpu'"),
     ("PERSONABOT_MAX_BATCH", "many", "PERSONABOT_MAX_BATCH: Input should be a valid integer"),
+    ("PERSONABOT_TRAINING__MIN_IDENTITY_PAIRS", "5000",
+     "PERSONABOT_TRAINING__MIN_IDENTITY_PAIRS (or PERSONABOT_MIN_IDENTITY_PAIRS): Input should be less than"),
+    ("PERSONABOT_TRAIN_EPOCHS", "0", "PERSONABOT_TRAINING__EPOCHS (or PERSONABOT_TRAIN_EPOCHS): Input should be"),
 ])
 def test_bad_value_names_variable(settings_env, monkeypatch: pytest.MonkeyPatch, var: str, value: str,
                                   expected: str) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from personabot.core.models import RUN_FINAL, TrainingRun, utcnow
-from personabot.training.params import TrainParams
+from personabot.core.train_params import TrainParams
 from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]

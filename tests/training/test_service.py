@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from personabot.core import events
-from personabot.training.params import TrainParams
+from personabot.core.train_params import TrainParams
 from personabot.training.registry import AdapterRegistry
 from personabot.training.service import (
     TrainingRequestError,

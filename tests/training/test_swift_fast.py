@@ -182,8 +182,8 @@ def test_fast_mode_ends_at_the_seeds_final_loss_on_the_same_data(tiny_model: Pat
                                                                   tmp_path: Path) -> None:
     """Both speed modes train the whole schedule on the same data through real `swift sft`; the fast
     mode (micro-batch 16, no dropout, length grouping, the plugin) ends at an equal or lower loss."""
+    from personabot.core.train_params import TrainParams
     from personabot.training.dataset import PersonaData, write_training_set
-    from personabot.training.params import TrainParams
     from personabot.training.runner import run_sft, sft_command, sft_env
     from tests.conftest import subprocess_env
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from personabot.training.params import TrainParams
+from personabot.core.train_params import TrainParams
 from personabot.training.registry import AdapterRegistry
 from personabot.training.service import request_training
 from personabot.workers.app import make_celery
 from personabot.workers.beat import SWEEP_TASK
-from personabot.workers.client import RETRAIN_IF_CHANGED_TASK, TRAIN_TASK
-from personabot.workers.train_tasks import enqueue_retrain_if_changed
+from personabot.workers.client import RETRAIN_IF_CHANGED_TASK, TRAIN_TASK, TrainingNotQueuedError, queue_training
+from personabot.workers.train_tasks import enqueue_retrain_if_changed, waiting_run_ids
 from tests.training.conftest import (
     TrainWorker,
     age_run,
@@ -118,6 +118,35 @@ def test_a_scheduled_run_that_cannot_be_queued_is_cancelled(sqlite_store, cpu_se
     run = sqlite_store.get_run(result["run_id"])
     assert run.status == "cancelled" and run.error == result["error"]
     assert sqlite_store.current_run() is None, "the next schedule tick is not blocked"
+
+
+def test_queue_training_enqueues_the_requested_run_or_cancels_it(sqlite_store, redis_server, redis_client) -> None:
+    """The one "request, enqueue, cancel on failure" path the UI's Start button and the schedule share."""
+    fill_persona(sqlite_store)
+    live = make_celery(redis_server.url)
+    try:
+        run = queue_training(sqlite_store, lambda: request_training(sqlite_store, TrainParams(), actor="admin"),
+                             app=live)
+    finally:
+        live.close()
+    assert waiting_run_ids(redis_client) == {run.id}, "the train task is on the queue"
+    assert sqlite_store.get_run(run.id).task_id and sqlite_store.get_run(run.id).status == "queued"
+    sqlite_store.request_cancel(run.id, actor="admin")
+    assert queue_training(sqlite_store, lambda: None, app=live) is None, "nothing requested, nothing queued"
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead_broker = Celery("dead", broker=f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(TrainingNotQueuedError, match="could not be queued") as raised:
+            queue_training(sqlite_store, lambda: request_training(sqlite_store, TrainParams(), actor="admin"),
+                           app=dead_broker)
+    finally:
+        dead_broker.close()
+    lost = sqlite_store.get_run(raised.value.run_id)
+    assert lost.status == "cancelled" and lost.error == raised.value.reason
+    assert sqlite_store.current_run() is None, "the cancelled run blocks no later run"
 
 
 def _start_training(tmp_path: Path, redis_server, store, tiny_model: Path, general_file: Path,

@@ -89,7 +89,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, module_red
     data_dir = tmp_path_factory.mktemp("stack")
     database_url = f"sqlite:///{data_dir / 'personabot.db'}"
     server, thread = start_admin(data_dir, module_redis, model=str(tiny_model), database_url=database_url,
-                                 general_data=[], min_identity_pairs=0)
+                                 training={"general_data": [], "min_identity_pairs": 0})
     store = server.ctx.store
     from personabot.training.registry import AdapterRegistry
 

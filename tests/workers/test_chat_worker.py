@@ -15,12 +15,12 @@ import torch
 
 from personabot.core import events
 from personabot.core.gpu_share import gpu_released, loaded_holders
+from personabot.core.keys import CHAT_WORKERS as STATS_KEY
 from personabot.core.schemas import ChatRequest, ChatResult, Message, SamplingParams
 from personabot.core.store import Store
 from personabot.core.streams import read_reply, stream_key
 from personabot.redis_server import RedisServer
 from personabot.workers.app import make_celery
-from personabot.workers.chat_service import STATS_KEY
 from personabot.workers.client import cancel_chat, submit_chat
 from tests.workers.conftest import ChatWorker
 

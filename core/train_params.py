@@ -1,0 +1,92 @@
+"""A training run's parameters: one typed object that the settings, UI, CLI, store and runner share."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import NoDecode
+
+# A general dataset spec: hub id ("owner/name"), optionally ":subset", optionally "#N" samples;
+# or an absolute path to a local .json/.jsonl/.csv file, optionally "#N".
+_DATASET_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?|/[\w./ -]+\.(?:jsonl|json|csv))(?:#\d{1,7})?$")
+# What `Settings.training` mixes in unless told otherwise.
+DEFAULT_GENERAL_DATA = (
+    "AI-ModelScope/alpaca-gpt4-data-zh#500",
+    "AI-ModelScope/alpaca-gpt4-data-en#500",
+)
+
+
+def split_list(value: object) -> object:
+    """Accept a JSON list or a comma-separated string where a list is expected (env variables)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class TrainParams(BaseModel):
+    """Everything an admin may set for one run. Never free-form flags: each field maps to one flag.
+
+    The defaults here are the only ones: `Settings.training` is a `TrainParams` (env
+    `PERSONABOT_TRAINING__<FIELD>`), the UI and CLI start from it and override fields, the store
+    saves `model_dump(mode="json")`, the runner turns it into ms-swift arguments.
+    """
+
+    epochs: int = Field(10, ge=1, le=100, description="Passes over the training set.")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, le=1024, description="LoRA alpha.")
+    speed_mode: Literal["fast", "24gb", "seeds"] = Field(
+        "fast", description="fast: big GPUs; 24gb: under 22 GB peak; seeds: the blog's exact flags."
+    )
+    general_data: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="General datasets mixed in: ms-swift 'owner/name#N' (hub) or '/abs/path.jsonl#N', comma-separated.",
+    )
+    identity_oversample: int = Field(1, ge=1, le=100, description="Repeat identity pairs N times.")
+    min_identity_pairs: int = Field(
+        62, ge=0, le=1000, description="Below this many own identity pairs, the built-in set (62) tops up."
+    )
+    max_length: int = Field(2048, ge=64, le=32768, description="Longest sample in tokens.")
+    seed: int = Field(42, ge=0, description="Random seed for sampling and training.")
+
+    @field_validator("general_data", mode="before")
+    @classmethod
+    def _list(cls, value: object) -> object:
+        return split_list(value)
+
+    @field_validator("general_data")
+    @classmethod
+    def _datasets(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            if not _DATASET_RE.match(spec.strip()):
+                raise ValueError(
+                    f"{spec!r} is not a dataset spec; use 'owner/name#N' (hub) or "
+                    "'/abs/path/file.jsonl#N' (local)"
+                )
+        return [spec.strip() for spec in value]
+
+    def updated(self, **overrides: Any) -> TrainParams:
+        """These parameters with `overrides` (None = keep the value), validated again."""
+        return TrainParams.model_validate(
+            {**self.model_dump(), **{key: value for key, value in overrides.items() if value is not None}})
+
+
+class TrainingDefaults(TrainParams):
+    """`Settings.training`: `TrainParams` whose general data defaults to the blog recipe's mix.
+
+    Only that default differs (a bare `TrainParams()` mixes in nothing, as tests and benches want);
+    a partial override such as PERSONABOT_TRAINING__EPOCHS=5 keeps the mix.
+    """
+
+    general_data: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_GENERAL_DATA),
+        description=TrainParams.model_fields["general_data"].description,
+    )
