@@ -121,7 +121,7 @@ def build_application(
         log.info("resuming %d pending replies after a restart", len(owed))
         # Their turns are taken now, before polling starts, so they go before any new message;
         # the tasks start once the application runs (and so are awaited when it stops).
-        turns = [(pending, service.take_turn(pending.chat_id)) for pending in owed]
+        turns = [(pending, service.take_turn(pending.chat_id, decided=True)) for pending in owed]
 
         async def resume_one(pending: PendingReply, turn: Turn) -> None:
             # No update to hand to the error handler: tell the chat here.

@@ -110,13 +110,15 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     ctx = bot_context(context)
     turn = ctx.service.take_turn(message.chat_id)  # before any await: keeps arrival order
     try:
+        await turn.wait_to_decide()  # rate decisions in arrival order, too
         decision = await ctx.rate_limiter.check(message.from_user.id)
+        turn.decide()
         if not decision.allowed:
-            turn.release()
+            turn.pass_on()
             if decision.notify:
-                await message.reply_text(
+                await message.reply_text(  # quoted: in a burst, it says which one was refused
                     "You're sending messages a bit fast. Please wait about "
-                    f"{int(decision.retry_after_s + 0.5)} s and try again."
+                    f"{int(decision.retry_after_s + 0.5)} s and try again.", do_quote=True,
                 )
             return
         pending = PendingReply(chat_id=message.chat_id, message_id=message.message_id,
@@ -125,7 +127,7 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         # PTB's concurrent updates) is done; /stop and other chats are never held up.
         context.application.create_task(ctx.service.accept(pending, turn), update=update)
     except BaseException:
-        turn.release()  # e.g. Redis down: the chat's next message must not wait for this one
+        turn.pass_on()  # e.g. Redis down: the chat's next message must not wait for this one
         raise
 
 

@@ -66,17 +66,46 @@ class ReplyTimings:
 
 @dataclass
 class Turn:
-    """A chat's place in line: wait for `previous`, finish `done`."""
+    """A message's place in its chat's line.
+
+    Two steps keep arrival order: the rate decision waits for the previous message's decision
+    (`wait_to_decide`, then `decide`), the answer waits for the previous message's answer
+    (`wait_for_previous`). A message that is not answered (refused, failed) `pass_on`s: the next
+    one then waits for the message before this one, so it neither blocks nor skips ahead.
+    """
 
     chat_id: int
-    previous: asyncio.Future[None] | None
+    previous: Turn | None
+    registry: dict[int, Turn]
+    decided: asyncio.Future[None]
     done: asyncio.Future[None]
-    registry: dict[int, asyncio.Future[None]]
+
+    async def wait_to_decide(self) -> None:
+        if self.previous is not None:
+            await asyncio.shield(self.previous.decided)
+
+    def decide(self) -> None:
+        if not self.decided.done():
+            self.decided.set_result(None)
+
+    async def wait_for_previous(self) -> None:
+        if self.previous is not None:
+            await asyncio.shield(self.previous.done)
+
+    def pass_on(self) -> None:
+        """This message gets no answer: decided now, done once the message before it is."""
+        self.decide()
+        if self.previous is None or self.previous.done.done():
+            self.release()
+        else:
+            self.previous.done.add_done_callback(lambda _future: self.release())
 
     def release(self) -> None:
+        self.decide()
         if not self.done.done():
             self.done.set_result(None)
-        if self.registry.get(self.chat_id) is self.done:
+        self.previous = None  # the line behind a finished turn needs nothing before it
+        if self.registry.get(self.chat_id) is self:
             del self.registry[self.chat_id]
 
 
@@ -92,15 +121,19 @@ class ReplyService:
     pacing: Pacing
     reply_timeout_s: float
     on_timings: Callable[[ReplyTimings], None] | None = None
-    _last_turn: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    _last_turn: dict[int, Turn] = field(default_factory=dict)
     _running: dict[int, str] = field(default_factory=dict)
 
-    def take_turn(self, chat_id: int) -> Turn:
+    def take_turn(self, chat_id: int, *, decided: bool = False) -> Turn:
         """Reserve this chat's next place in line. Call it before the handler's first await,
-        so messages are answered in the order they arrived; `release()` it if not used."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        turn = Turn(chat_id, self._last_turn.get(chat_id), done, self._last_turn)
-        self._last_turn[chat_id] = done
+        so messages are decided and answered in the order they arrived; `pass_on()` it if the
+        message gets no answer. `decided`: no rate decision to make (a resumed reply)."""
+        loop = asyncio.get_running_loop()
+        turn = Turn(chat_id, self._last_turn.get(chat_id), self._last_turn,
+                    loop.create_future(), loop.create_future())
+        if decided:
+            turn.decide()
+        self._last_turn[chat_id] = turn
         return turn
 
     async def accept(self, pending: PendingReply, turn: Turn) -> None:
@@ -117,8 +150,7 @@ class ReplyService:
     async def answer(self, pending: PendingReply, turn: Turn) -> None:
         """Wait for the chat's previous reply, answer, then let the next one go."""
         try:
-            if turn.previous is not None:
-                await asyncio.shield(turn.previous)
+            await turn.wait_for_previous()
             cancelled = False
             try:
                 await self._answer(pending)
