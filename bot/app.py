@@ -17,6 +17,7 @@ from telegram.error import TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext
 
 from personabot.bot.handlers import COMMANDS, ERROR_TEXT, BotContext, register
+from personabot.bot.length import max_message_chars, too_long_for_budget
 from personabot.bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
 from personabot.bot.memory import ChatMemory
 from personabot.bot.replies import PendingReply, ReplyService, ReplyTimings, Turn
@@ -167,6 +168,7 @@ def build_application(
         service=service, memory=memory,
         rate_limiter=UserRateLimiter(aredis, settings.rate_limit_per_minute), store=store,
         allow_users=frozenset(settings.allow_users), allow_chats=frozenset(settings.allow_chats),
+        max_message_chars=max_message_chars(settings), too_long_text=too_long_for_budget(settings),
     )
     register(application)
     return application

@@ -52,6 +52,8 @@ class BotContext:
     store: Store | None
     allow_users: frozenset[int]
     allow_chats: frozenset[int]
+    max_message_chars: int  # longer messages cannot fit the worker's prompt
+    too_long_text: str
 
 
 def bot_context(context: ContextTypes.DEFAULT_TYPE) -> BotContext:
@@ -108,6 +110,9 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await message.reply_text("Yes? Write your question after the mention.")
         return
     ctx = bot_context(context)
+    if len(text) > ctx.max_message_chars:  # cannot fit the prompt: say so before enqueueing
+        await message.reply_text(ctx.too_long_text, do_quote=True)
+        return
     turn = ctx.service.take_turn(message.chat_id)  # before any await: keeps arrival order
     try:
         await turn.wait_to_decide()  # rate decisions in arrival order, too

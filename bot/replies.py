@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from telegram import Bot
 from telegram.constants import ChatAction
 
+from personabot.bot.length import too_long_from_error
 from personabot.bot.memory import ChatMemory
 from personabot.bot.streaming import DeliveryState, Pacing, ReplyDelivery
 from personabot.core.schemas import ChatRequest, ChatResult, Message
@@ -196,9 +197,11 @@ class ReplyService:
         # `finish` only completes the streamed text; the bot's own words go through `notice`,
         # which is delivered however many pieces of the reply were sent before it.
         if result.finish_reason == "error":
-            log.warning("chat %s: the worker failed request %s: %s", pending.chat_id,
-                        result.request_id, result.error)
-            await delivery.notice(FAILED_TEXT)
+            too_long = too_long_from_error(result.error, pending.user_text)
+            if too_long is None:  # retrying or /reset may help only with a real failure
+                log.warning("chat %s: the worker failed request %s: %s", pending.chat_id,
+                            result.request_id, result.error)
+            await delivery.notice(too_long or FAILED_TEXT)
         elif result.text.strip():
             await delivery.finish(result.text)
         else:
