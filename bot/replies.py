@@ -28,6 +28,7 @@ PENDING_KEY = "personabot:bot:pending"
 BUSY_TEXT = "I'm busy right now, please try again in a moment."
 FAILED_TEXT = "Sorry, I couldn't answer that. Please try again, or /reset to start over."
 STOPPED_TEXT = "Stopped."
+STOPPED_MARK = "(stopped)"
 TYPING_EVERY_S = 4.5
 
 
@@ -46,6 +47,11 @@ class PendingReply(BaseModel):
     @property
     def field(self) -> str:
         return f"{self.chat_id}:{self.message_id}"
+
+
+def stopped_reply(text: str) -> str:
+    """A reply cut by /stop, as the user sees it and memory keeps it: marked as cut."""
+    return f"{text.rstrip()} …\n\n{STOPPED_MARK}"
 
 
 @dataclass
@@ -202,6 +208,8 @@ class ReplyService:
                 log.warning("chat %s: the worker failed request %s: %s", pending.chat_id,
                             result.request_id, result.error)
             await delivery.notice(too_long or FAILED_TEXT)
+        elif result.finish_reason == "cancelled" and result.text.strip():
+            await delivery.finish(stopped_reply(result.text))
         elif result.text.strip():
             await delivery.finish(result.text)
         else:
@@ -209,7 +217,14 @@ class ReplyService:
         timings.after_final = time.perf_counter() - final_read
         timings.total = time.perf_counter() - started
         timings.generation = result
-        if result.finish_reason not in ("error", "updating"):  # an "updating" notice is no answer
+        if result.finish_reason == "cancelled":
+            # /stop: memory keeps what the user saw, marked as cut, so that "go on" or a question
+            # about it has its context and the model does not take it for a whole answer. A
+            # reply stopped before any text showed nothing: no turn to remember.
+            if result.text.strip():
+                await self.memory.add_turn(pending.chat_id, pending.user_text,
+                                           stopped_reply(result.text))
+        elif result.finish_reason not in ("error", "updating"):  # an "updating" notice is no answer
             await self.memory.add_turn(pending.chat_id, pending.user_text, result.text)
         if self.on_timings is not None:
             self.on_timings(timings)

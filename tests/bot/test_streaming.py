@@ -18,7 +18,13 @@ import redis
 
 from personabot.bot.formatting import MAX_MESSAGE_LENGTH, split_text, to_html, utf16_len
 from personabot.bot.memory import history_key
-from personabot.bot.replies import PENDING_KEY, STOPPED_TEXT, PendingReply, ReplyTimings
+from personabot.bot.replies import (
+    PENDING_KEY,
+    STOPPED_MARK,
+    PendingReply,
+    ReplyTimings,
+    stopped_reply,
+)
 from personabot.core.schemas import ChatRequest, Message
 from personabot.core.settings import Settings
 from personabot.core.store import Store
@@ -189,23 +195,28 @@ async def test_group_sends_once_then_edits_at_most_once_per_second(
     assert history(settings.redis_url, -2001)[0].content == backend["long_prompt"]
 
 
-async def test_stop_cancels_the_reply(settings: Settings, backend: dict[str, Any],
-                                      fake_api: FakeBotApi) -> None:
+async def test_stop_cancels_the_reply_and_marks_it(settings: Settings, backend: dict[str, Any],
+                                                   fake_api: FakeBotApi) -> None:
     chat = fake_api.private_chat(102)
     results: list[ReplyTimings] = []
     async with running_bot(settings, backend["store"], on_timings=results.append):
         keep_worker_busy(backend)
         fake_api.user_says(chat, backend["long_prompt"])
-        await until(lambda: pending_request(settings.redis_url, 102), timeout=60,
-                    what="the request being enqueued")
+        await until(lambda: fake_api.requests("sendMessageDraft", chat_id=102), timeout=60,
+                    what="the reply being shown")
         fake_api.user_says(chat, "/stop")
         await until(lambda: results, timeout=120, what="the stopped reply")
+        fake_api.user_says(chat, "/stop")
+        await until(lambda: "no reply being written" in shown(fake_api, 102)[-1],
+                    what="/stop with nothing running")
     result = results[0].generation
-    assert result is not None and result.finish_reason == "cancelled"
+    assert result is not None and result.finish_reason == "cancelled" and result.text.strip()
     assert result.completion_tokens < 2048  # the worker caps the default at half the context
     assert not fake_api.requests("sendMessageDraft", chat_id=102)[5:], "stopped early"
-    expected = visible_pieces(result.text) if result.text.strip() else [STOPPED_TEXT]
-    assert shown(fake_api, 102) == expected
+    assert shown(fake_api, 102)[:-1] == visible_pieces(stopped_reply(result.text))
+    assert shown(fake_api, 102)[-2].endswith(STOPPED_MARK), "the user sees it was cut"
+    assert [m.content for m in history(settings.redis_url, 102)] == [
+        backend["long_prompt"], stopped_reply(result.text)], "memory keeps it marked as cut"
     assert_no_flood(fake_api)
 
 
