@@ -236,7 +236,6 @@ class ReplyService:
         try:
             async for entry in aread_reply(self.aredis, pending.request_id,
                                                 timeout_s=self.reply_timeout_s):
-                typing.cancel()
                 if entry.kind == "token":
                     text += entry.text
                     await delivery.update(text)
@@ -247,6 +246,8 @@ class ReplyService:
                     await delivery.restart()
                 elif entry.result is not None:
                     return entry.result
+                if delivery.visible:  # typing until the chat shows the first text
+                    typing.cancel()
         except TimeoutError:
             log.warning("chat %s: no reply for request %s within %.0fs; told the user to retry",
                         pending.chat_id, pending.request_id, self.reply_timeout_s)
@@ -256,7 +257,7 @@ class ReplyService:
         return None
 
     async def _typing(self, chat_id: int) -> None:
-        """'typing…' while the request waits in the queue (Telegram shows it for 5 s)."""
+        """'typing…' until the reply shows (queued, then written; Telegram shows it for 5 s)."""
         while True:
             if self.pacing.limiter.has_room():  # best effort, like drafts
                 try:

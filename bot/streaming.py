@@ -100,6 +100,12 @@ class ReplyDelivery:
         self._last_update = 0.0
         self._first_token_at: float | None = None
         self._live_text = ""
+        self._drafted = False
+
+    @property
+    def visible(self) -> bool:
+        """Has the chat seen any of this reply (a draft, the growing message, a piece)?"""
+        return self._drafted or bool(self.state.sent_ids) or self.state.live_id is not None
 
     async def _changed(self) -> None:
         if self.on_state is not None:
@@ -205,6 +211,7 @@ class ReplyDelivery:
                 return False
             self._skipped("draft", error)
             return False
+        self._drafted = True
         return True
 
     async def finish(self, text: str) -> None:

@@ -43,6 +43,7 @@ class Recorded:
     ok: bool = True
     error_code: int = 0
     description: str = ""
+    wall: float = field(default_factory=time.time)  # time.time(), to compare with Redis stream ids
 
     @property
     def chat_id(self) -> int | None:

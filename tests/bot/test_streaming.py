@@ -21,6 +21,7 @@ from personabot.bot.memory import history_key
 from personabot.bot.replies import (
     PENDING_KEY,
     STOPPED_MARK,
+    TYPING_EVERY_S,
     PendingReply,
     ReplyTimings,
     stopped_reply,
@@ -28,7 +29,7 @@ from personabot.bot.replies import (
 from personabot.core.schemas import ChatRequest, Message
 from personabot.core.settings import Settings
 from personabot.core.store import Store
-from personabot.core.streams import read_reply
+from personabot.core.streams import read_reply, stream_key
 from personabot.redis_server import RedisServer
 from personabot.workers.app import make_celery
 from personabot.workers.client import submit_chat
@@ -218,6 +219,34 @@ async def test_stop_cancels_the_reply_and_marks_it(settings: Settings, backend: 
     assert [m.content for m in history(settings.redis_url, 102)] == [
         backend["long_prompt"], stopped_reply(result.text)], "memory keeps it marked as cut"
     assert_no_flood(fake_api)
+
+
+async def test_typing_lasts_until_the_first_visible_text(settings: Settings, backend: dict[str, Any],
+                                                         fake_api: FakeBotApi) -> None:
+    chat = fake_api.private_chat(104)
+    results: list[ReplyTimings] = []
+    # The first draft comes at least this long after the first token: longer than one typing
+    # action lasts, so typing must be renewed after the worker has picked the request up.
+    settings = settings.model_copy(update={"draft_interval_s": TYPING_EVERY_S + 1})
+    async with running_bot(settings, backend["store"], on_timings=results.append):
+        keep_worker_busy(backend)
+        fake_api.user_says(chat, backend["long_prompt"])
+        await until(lambda: results, timeout=120, what="the reply")
+    assert results[0].generation is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        [(first_id, _)] = client.xrange(stream_key(results[0].generation.request_id), count=1)
+    finally:
+        client.close()
+    picked_up = int(first_id.split(b"-")[0]) / 1000  # the worker's opening entry (Redis clock)
+    shown_at = min(r.wall for r in fake_api.requests(chat_id=104)
+                   if r.ok and r.method in ("sendMessageDraft", "sendMessage"))
+    typing = [r.wall for r in fake_api.requests("sendChatAction", chat_id=104)]
+    assert shown_at - picked_up > TYPING_EVERY_S, "setup: text shows late enough to need renewal"
+    # The first action may follow the opening entry by a moment; a renewed one comes later.
+    assert any(picked_up + TYPING_EVERY_S / 2 < at < shown_at for at in typing), \
+        "typing renewed while the reply was being written"
+    assert not [at for at in typing if at > shown_at + 1], "no typing once the text shows"
 
 
 def _start_bot_process(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
