@@ -232,8 +232,17 @@ class ReplyDelivery:
         await self._changed()
 
     async def restart(self) -> None:
-        """The worker restarted this reply: remove what was shown of the old attempt."""
-        for message_id in self.state.sent_ids:
+        """The worker restarted this reply: remove what was shown of the old attempt.
+
+        A growing message that is the reply's first (it carries the link to the user's message)
+        is kept and edited with the new text; a continuation is removed too, so that the new
+        answer's first message is again sent as a reply.
+        """
+        doomed = list(self.state.sent_ids)
+        if self.state.sent_ids and self.state.live_id is not None:
+            doomed.append(self.state.live_id)
+            self.state.live_id = None
+        for message_id in doomed:
             try:
                 await self.bot.delete_message(self.chat_id, message_id)
             except TelegramError as error:  # e.g. the user deleted it already
