@@ -162,6 +162,7 @@ def build_application(
     service = ReplyService(
         bot=application.bot, aredis=aredis, sync_redis=sync_redis, celery=celery, memory=memory,
         pacing=pacing, reply_timeout_s=settings.reply_timeout_s,
+        flood_wait_max_s=settings.flood_wait_max_s,
         on_timings=on_timings,
     )
     application.bot_data["personabot"] = BotContext(

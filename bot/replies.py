@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -17,7 +17,13 @@ from telegram.constants import ChatAction
 
 from personabot.bot.length import too_long_from_error
 from personabot.bot.memory import ChatMemory
-from personabot.bot.streaming import DeliveryState, Pacing, ReplyDelivery
+from personabot.bot.streaming import (
+    DeliveryState,
+    FloodWaitExceeded,
+    Pacing,
+    ReplyDelivery,
+    through_flood,
+)
 from personabot.core.schemas import ChatRequest, ChatResult, Message
 from personabot.core.streams import aread_reply
 from personabot.workers.client import cancel_chat, submit_chat
@@ -127,6 +133,7 @@ class ReplyService:
     memory: ChatMemory
     pacing: Pacing
     reply_timeout_s: float
+    flood_wait_max_s: float
     on_timings: Callable[[ReplyTimings], None] | None = None
     _last_turn: dict[int, Turn] = field(default_factory=dict)
     _running: dict[int, str] = field(default_factory=dict)
@@ -158,15 +165,20 @@ class ReplyService:
         """Wait for the chat's previous reply, answer, then let the next one go."""
         try:
             await turn.wait_for_previous()
-            cancelled = False
+            keep = False
             try:
                 await self._answer(pending)
             except asyncio.CancelledError:
-                cancelled = True  # shutting down: keep the record, the next start answers it
+                keep = True  # shutting down: keep the record, the next start answers it
                 raise
+            except FloodWaitExceeded as error:
+                # Never dropped: the reply stays owed, and its stream holds the finished text.
+                keep = True
+                log.error("chat %s: %s; the reply stays pending until the bot next starts",
+                          pending.chat_id, error)
             finally:
                 self._running.pop(pending.chat_id, None)
-                if not cancelled:
+                if not keep:
                     await self.aredis.hdel(PENDING_KEY, pending.field)
         finally:
             turn.release()
@@ -198,8 +210,21 @@ class ReplyService:
         result = await self._stream(pending, delivery)
         final_read = time.perf_counter()
         if result is None:
-            await delivery.notice(BUSY_TEXT)
+            await self._deliver(pending, lambda: delivery.notice(BUSY_TEXT))
             return
+        await self._deliver(pending, lambda: self._final(pending, delivery, result))
+        timings.after_final = time.perf_counter() - final_read
+        timings.total = time.perf_counter() - started
+        timings.generation = result
+        await self._remember(pending, result)
+        if self.on_timings is not None:
+            self.on_timings(timings)
+
+    async def _deliver(self, pending: PendingReply, send: Callable[[], Awaitable[None]]) -> None:
+        """The final delivery waits out Telegram's flood control, up to `flood_wait_max_s`."""
+        await through_flood(send, chat_id=pending.chat_id, max_wait_s=self.flood_wait_max_s)
+
+    async def _final(self, pending: PendingReply, delivery: ReplyDelivery, result: ChatResult) -> None:
         # `finish` only completes the streamed text; the bot's own words go through `notice`,
         # which is delivered however many pieces of the reply were sent before it.
         if result.finish_reason == "error":
@@ -214,9 +239,8 @@ class ReplyService:
             await delivery.finish(result.text)
         else:
             await delivery.notice(STOPPED_TEXT if result.finish_reason == "cancelled" else "…")
-        timings.after_final = time.perf_counter() - final_read
-        timings.total = time.perf_counter() - started
-        timings.generation = result
+
+    async def _remember(self, pending: PendingReply, result: ChatResult) -> None:
         if result.finish_reason == "cancelled":
             # /stop: memory keeps what the user saw, marked as cut, so that "go on" or a question
             # about it has its context and the model does not take it for a whole answer. A
@@ -226,8 +250,6 @@ class ReplyService:
                                            stopped_reply(result.text))
         elif result.finish_reason not in ("error", "updating"):  # an "updating" notice is no answer
             await self.memory.add_turn(pending.chat_id, pending.user_text, result.text)
-        if self.on_timings is not None:
-            self.on_timings(timings)
 
     async def _stream(self, pending: PendingReply, delivery: ReplyDelivery) -> ChatResult | None:
         """Show the reply as it grows; the final result, or None when the worker is down/slow."""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from telegram import Bot, Message, ReplyParameters
 from telegram.constants import ParseMode
-from telegram.error import BadRequest, TelegramError
+from telegram.error import BadRequest, RetryAfter, TelegramError
 
 from personabot.bot.formatting import split_text, to_html
 from personabot.bot.limits import ChatRateLimiter
@@ -57,6 +59,35 @@ async def edit_text(bot: Bot, chat_id: int, message_id: int, text: str) -> None:
     except BadRequest as error:
         if not _is_not_modified(error):
             raise
+
+
+class FloodWaitExceeded(RuntimeError):
+    """Telegram's flood control kept refusing a reply for longer than the configured bound."""
+
+
+def _retry_after_s(error: RetryAfter) -> float:
+    value = error.retry_after  # an int today, a timedelta in a later PTB
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+async def through_flood(send: Callable[[], Awaitable[None]], *, chat_id: int, max_wait_s: float) -> None:
+    """Run `send` (a delivery that resumes where it stopped) until it gets through Telegram's
+    flood control: after each 429 (PTB's own retries exhausted) wait retry_after and go on,
+    for at most `max_wait_s` since the delivery began (PTB's retries count); then
+    FloodWaitExceeded."""
+    started = time.monotonic()
+    while True:
+        try:
+            await send()
+            return
+        except RetryAfter as error:
+            wait = _retry_after_s(error)
+            if time.monotonic() + wait - started > max_wait_s:
+                raise FloodWaitExceeded(
+                    f"Telegram's flood control refused chat {chat_id} for over {max_wait_s:.0f}s "
+                    "(PERSONABOT_FLOOD_WAIT_MAX_S)") from error
+            log.warning("chat %s: flood control, retrying the reply in %.0fs", chat_id, wait)
+            await asyncio.sleep(wait)
 
 
 @dataclass

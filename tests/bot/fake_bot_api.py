@@ -198,10 +198,12 @@ class FakeBotApi:
 
         return asyncio.run_coroutine_threadsafe(add(), self._loop).result(10)
 
-    def fail_next(self, method: str, code: int, description: str) -> None:
-        """Make the next call of `method` fail like Telegram would (e.g. a parse error)."""
+    def fail_next(self, method: str, code: int, description: str, *,
+                  retry_after: int | None = None) -> None:
+        """Make the next call of `method` fail like Telegram would (e.g. a parse error, or 429
+        with `retry_after`); call it again for more failures in a row."""
         with self._lock:
-            self._failures.append((method, ApiError(code, description)))
+            self._failures.append((method, ApiError(code, description, retry_after)))
 
     # --- test API: what happened ----------------------------------------------------------------
     def requests(self, method: str | None = None, chat_id: int | None = None) -> list[Recorded]:
