@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import redis
 import redis.asyncio as aioredis
@@ -36,6 +38,8 @@ FAILED_TEXT = "Sorry, I couldn't answer that. Please try again, or /reset to sta
 STOPPED_TEXT = "Stopped."
 STOPPED_MARK = "(stopped)"
 TYPING_EVERY_S = 4.5
+MAX_REMEMBERED_MESSAGES = 4096  # answered messages whose edits get a note rather than an answer
+EditOutcome = Literal["updated", "answered", "unknown"]
 
 
 class PendingReply(BaseModel):
@@ -52,7 +56,12 @@ class PendingReply(BaseModel):
 
     @property
     def field(self) -> str:
-        return f"{self.chat_id}:{self.message_id}"
+        return self.field_for(self.chat_id, self.message_id)
+
+    @staticmethod
+    def field_for(chat_id: int, message_id: int) -> str:
+        """The record's key in PENDING_KEY."""
+        return f"{chat_id}:{message_id}"
 
 
 def stopped_reply(text: str) -> str:
@@ -136,6 +145,8 @@ class ReplyService:
     flood_wait_max_s: float
     on_timings: Callable[[ReplyTimings], None] | None = None
     _last_turn: dict[int, Turn] = field(default_factory=dict)
+    _waiting: dict[str, PendingReply] = field(default_factory=dict)  # accepted, not yet asked
+    _taken: OrderedDict[str, None] = field(default_factory=OrderedDict)  # asked or answered (recent)
     _running: dict[int, str] = field(default_factory=dict)
 
     def take_turn(self, chat_id: int, *, decided: bool = False) -> Turn:
@@ -156,7 +167,33 @@ class ReplyService:
             await self._save(pending)
             await self.answer(pending, turn)
         finally:
+            self.forget(pending)
             turn.release()
+
+    def expect(self, pending: PendingReply) -> None:
+        """This message will be answered: until it is asked for, an `edit` changes its text."""
+        self._waiting[pending.field] = pending
+
+    def forget(self, pending: PendingReply) -> None:
+        """This message will not be answered (refused) or was: edits no longer change it."""
+        self._waiting.pop(pending.field, None)
+
+    async def edit(self, pending_field: str, text: str) -> EditOutcome:
+        """A user edited a message: "updated" when its reply was not asked for yet (it will
+        answer `text`), "answered" when it was (or is being) answered, else "unknown"."""
+        pending = self._waiting.get(pending_field)
+        if pending is not None:
+            pending.user_text = text
+            await self._save(pending)
+            return "updated"
+        return "answered" if pending_field in self._taken else "unknown"
+
+    def _take(self, pending: PendingReply) -> None:
+        """From now on an edit of this message comes too late."""
+        self._waiting.pop(pending.field, None)
+        self._taken[pending.field] = None
+        while len(self._taken) > MAX_REMEMBERED_MESSAGES:
+            self._taken.popitem(last=False)
 
     async def _save(self, pending: PendingReply) -> None:
         await self.aredis.hset(PENDING_KEY, pending.field, pending.model_dump_json())
@@ -186,6 +223,7 @@ class ReplyService:
     async def _answer(self, pending: PendingReply) -> None:
         timings = ReplyTimings(private=pending.private)
         started = time.perf_counter()
+        self._take(pending)
         if not pending.request_id:
             history = await self.memory.load(pending.chat_id)
             request = ChatRequest(
