@@ -227,7 +227,7 @@ async def test_typing_lasts_until_the_first_visible_text(settings: Settings, bac
     results: list[ReplyTimings] = []
     # The first draft comes at least this long after the first token: longer than one typing
     # action lasts, so typing must be renewed after the worker has picked the request up.
-    settings = settings.model_copy(update={"draft_interval_s": TYPING_EVERY_S + 1})
+    settings = settings.model_copy(update={"draft_interval_s": TYPING_EVERY_S + 2})
     async with running_bot(settings, backend["store"], on_timings=results.append):
         keep_worker_busy(backend)
         fake_api.user_says(chat, backend["long_prompt"])
@@ -242,10 +242,10 @@ async def test_typing_lasts_until_the_first_visible_text(settings: Settings, bac
     shown_at = min(r.wall for r in fake_api.requests(chat_id=104)
                    if r.ok and r.method in ("sendMessageDraft", "sendMessage"))
     typing = [r.wall for r in fake_api.requests("sendChatAction", chat_id=104)]
-    assert shown_at - picked_up > TYPING_EVERY_S, "setup: text shows late enough to need renewal"
-    # The first action may follow the opening entry by a moment; a renewed one comes later.
-    assert any(picked_up + TYPING_EVERY_S / 2 < at < shown_at for at in typing), \
-        "typing renewed while the reply was being written"
+    assert shown_at - picked_up > TYPING_EVERY_S + 1.5, "setup: the text shows late enough"
+    # Renewed every TYPING_EVERY_S up to the first text (not stopped at the opening entry).
+    last = max(at for at in typing if at < shown_at)
+    assert last > shown_at - TYPING_EVERY_S - 1, "typing renewed while the reply was being written"
     assert not [at for at in typing if at > shown_at + 1], "no typing once the text shows"
 
 
