@@ -25,6 +25,7 @@ from personabot.bot.streaming import Pacing
 from personabot.core import events
 from personabot.core.settings import Settings, get_settings
 from personabot.core.store import Store
+from personabot.workers.client import ChatClient
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 60.0
@@ -160,7 +161,8 @@ def build_application(
         .build()
     )
     service = ReplyService(
-        bot=application.bot, aredis=aredis, sync_redis=sync_redis, celery=celery, memory=memory,
+        bot=application.bot, aredis=aredis, client=ChatClient(sync_redis, celery, aredis=aredis),
+        memory=memory,
         pacing=pacing, reply_timeout_s=settings.reply_timeout_s,
         flood_wait_max_s=settings.flood_wait_max_s,
         on_timings=on_timings,

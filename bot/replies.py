@@ -10,9 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import redis
 import redis.asyncio as aioredis
-from celery import Celery
 from pydantic import BaseModel, Field, ValidationError
 from telegram import Bot
 from telegram.constants import ChatAction
@@ -27,8 +25,7 @@ from personabot.bot.streaming import (
     through_flood,
 )
 from personabot.core.schemas import ChatRequest, ChatResult, Message
-from personabot.core.streams import aread_reply
-from personabot.workers.client import cancel_chat, submit_chat
+from personabot.workers.client import ChatClient
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +134,7 @@ class ReplyService:
 
     bot: Bot
     aredis: aioredis.Redis
-    sync_redis: redis.Redis
-    celery: Celery
+    client: ChatClient  # the chat worker: submit, stream the reply, cancel
     memory: ChatMemory
     pacing: Pacing
     reply_timeout_s: float
@@ -232,7 +228,7 @@ class ReplyService:
             )
             pending.request_id = request.request_id
             await self._save(pending)
-            await asyncio.to_thread(submit_chat, request, app=self.celery)
+            await self.client.asubmit(request)
         self._running[pending.chat_id] = pending.request_id
         timings.before_submit = time.perf_counter() - started
 
@@ -292,26 +288,22 @@ class ReplyService:
     async def _stream(self, pending: PendingReply, delivery: ReplyDelivery) -> ChatResult | None:
         """Show the reply as it grows; the final result, or None when the worker is down/slow."""
         typing = asyncio.create_task(self._typing(pending.chat_id))
-        text = ""
         try:
-            async for entry in aread_reply(self.aredis, pending.request_id,
-                                                timeout_s=self.reply_timeout_s):
-                if entry.kind == "token":
-                    text += entry.text
-                    await delivery.update(text)
-                elif entry.kind == "reset" and text:
-                    # The worker started this reply over (it was redelivered after a crash);
-                    # a reset before any token is just how every stream begins.
-                    text = ""
+            async for update in self.client.astream(pending.request_id,
+                                                    timeout_s=self.reply_timeout_s):
+                if update.result is not None:
+                    return update.result
+                if update.restarted:
+                    # The worker started this reply over (it was redelivered after a crash).
                     await delivery.restart()
-                elif entry.result is not None:
-                    return entry.result
+                else:
+                    await delivery.update(update.text)
                 if delivery.visible:  # typing until the chat shows the first text
                     typing.cancel()
         except TimeoutError:
             log.warning("chat %s: no reply for request %s within %.0fs; told the user to retry",
                         pending.chat_id, pending.request_id, self.reply_timeout_s)
-            await asyncio.to_thread(cancel_chat, self.sync_redis, pending.request_id)
+            await asyncio.to_thread(self.client.cancel, pending.request_id)
         finally:
             typing.cancel()
         return None
@@ -333,7 +325,7 @@ class ReplyService:
         request_id = self._running.get(chat_id)
         if not request_id:
             return False
-        await asyncio.to_thread(cancel_chat, self.sync_redis, request_id)
+        await asyncio.to_thread(self.client.cancel, request_id)
         return True
 
     async def owed(self) -> list[PendingReply]:
