@@ -17,6 +17,7 @@ from telegram.error import TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext
 
 from personabot.bot.handlers import COMMANDS, ERROR_TEXT, BotContext, register
+from personabot.bot.length import max_message_chars, too_long_for_budget
 from personabot.bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
 from personabot.bot.memory import ChatMemory
 from personabot.bot.replies import PendingReply, ReplyService, ReplyTimings, Turn
@@ -24,6 +25,7 @@ from personabot.bot.streaming import Pacing
 from personabot.core import events
 from personabot.core.settings import Settings, get_settings
 from personabot.core.store import Store
+from personabot.workers.client import ChatClient
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 60.0
@@ -121,7 +123,7 @@ def build_application(
         log.info("resuming %d pending replies after a restart", len(owed))
         # Their turns are taken now, before polling starts, so they go before any new message;
         # the tasks start once the application runs (and so are awaited when it stops).
-        turns = [(pending, service.take_turn(pending.chat_id)) for pending in owed]
+        turns = [(pending, service.take_turn(pending.chat_id, decided=True)) for pending in owed]
 
         async def resume_one(pending: PendingReply, turn: Turn) -> None:
             # No update to hand to the error handler: tell the chat here.
@@ -159,14 +161,17 @@ def build_application(
         .build()
     )
     service = ReplyService(
-        bot=application.bot, aredis=aredis, sync_redis=sync_redis, celery=celery, memory=memory,
+        bot=application.bot, aredis=aredis, client=ChatClient(sync_redis, celery, aredis=aredis),
+        memory=memory,
         pacing=pacing, reply_timeout_s=settings.reply_timeout_s,
+        flood_wait_max_s=settings.flood_wait_max_s,
         on_timings=on_timings,
     )
     application.bot_data["personabot"] = BotContext(
         service=service, memory=memory,
         rate_limiter=UserRateLimiter(aredis, settings.rate_limit_per_minute), store=store,
         allow_users=frozenset(settings.allow_users), allow_chats=frozenset(settings.allow_chats),
+        max_message_chars=max_message_chars(settings), too_long_text=too_long_for_budget(settings),
     )
     register(application)
     return application

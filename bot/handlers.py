@@ -40,6 +40,8 @@ HELP_TEXT = (
 UNSUPPORTED_TEXT = "I can only read text messages. Please write your question as text."
 NOT_ALLOWED_TEXT = "Sorry, this bot is private."
 ERROR_TEXT = "Sorry, something went wrong on my side. Please try again."
+EDITED_TEXT = ("I had already answered this message before you edited it. Send the new text as "
+               "a new message if you'd like an answer to it.")
 
 
 @dataclass
@@ -52,6 +54,8 @@ class BotContext:
     store: Store | None
     allow_users: frozenset[int]
     allow_chats: frozenset[int]
+    max_message_chars: int  # longer messages cannot fit the worker's prompt
+    too_long_text: str
 
 
 def bot_context(context: ContextTypes.DEFAULT_TYPE) -> BotContext:
@@ -107,25 +111,57 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     if not text.strip():
         await message.reply_text("Yes? Write your question after the mention.")
         return
+    await _answer_text(update, context, message, text)
+
+
+async def on_edited(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """An edited message: its reply answers the new text if it was not asked for yet; once it
+    was, a short note says so (the answer is not redone); an edit of a message the bot never
+    took up (e.g. a mention added in a group) is answered like a new message."""
+    message = update.edited_message
+    if message is None or message.from_user is None:
+        return
+    text = addressed_text(message, context.bot.username, context.bot.id)
+    if text is None or not text.strip():
+        return
     ctx = bot_context(context)
+    outcome = await ctx.service.edit(PendingReply.field_for(message.chat_id, message.message_id), text)
+    if outcome == "answered":
+        await message.reply_text(EDITED_TEXT, do_quote=True)
+    elif outcome == "unknown":
+        await _answer_text(update, context, message, text)
+
+
+async def _answer_text(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+                       text: str) -> None:
+    assert message.from_user is not None
+    ctx = bot_context(context)
+    if len(text) > ctx.max_message_chars:  # cannot fit the prompt: say so before enqueueing
+        await message.reply_text(ctx.too_long_text, do_quote=True)
+        return
+    pending = PendingReply(chat_id=message.chat_id, message_id=message.message_id,
+                           user_text=text, private=_is_private(message.chat))
     turn = ctx.service.take_turn(message.chat_id)  # before any await: keeps arrival order
+    ctx.service.expect(pending)  # from now on an edit changes what will be answered
     try:
+        await turn.wait_to_decide()  # rate decisions in arrival order, too
         decision = await ctx.rate_limiter.check(message.from_user.id)
+        turn.decide()
         if not decision.allowed:
-            turn.release()
+            ctx.service.forget(pending)
+            turn.pass_on()
             if decision.notify:
-                await message.reply_text(
+                await message.reply_text(  # quoted: in a burst, it says which one was refused
                     "You're sending messages a bit fast. Please wait about "
-                    f"{int(decision.retry_after_s + 0.5)} s and try again."
+                    f"{int(decision.retry_after_s + 0.5)} s and try again.", do_quote=True,
                 )
             return
-        pending = PendingReply(chat_id=message.chat_id, message_id=message.message_id,
-                               user_text=text, private=_is_private(message.chat))
         # A reply can take a while: answer in a task so that this update (and its slot among
         # PTB's concurrent updates) is done; /stop and other chats are never held up.
         context.application.create_task(ctx.service.accept(pending, turn), update=update)
     except BaseException:
-        turn.release()  # e.g. Redis down: the chat's next message must not wait for this one
+        ctx.service.forget(pending)
+        turn.pass_on()  # e.g. Redis down: the chat's next message must not wait for this one
         raise
 
 
@@ -210,6 +246,8 @@ def register(application: Application) -> None:  # type: ignore[type-arg]
     application.add_handler(CommandHandler("about", cmd_about))
     application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT
                                            & ~filters.COMMAND, on_text))
+    application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE & filters.TEXT
+                                           & ~filters.COMMAND, on_edited))
     application.add_handler(MessageHandler(
         filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, on_unsupported))
     application.add_error_handler(on_error)

@@ -5,22 +5,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-import redis
 import redis.asyncio as aioredis
-from celery import Celery
 from pydantic import BaseModel, Field, ValidationError
 from telegram import Bot
 from telegram.constants import ChatAction
 
+from personabot.bot.length import too_long_from_error
 from personabot.bot.memory import ChatMemory
-from personabot.bot.streaming import DeliveryState, Pacing, ReplyDelivery
+from personabot.bot.streaming import (
+    DeliveryState,
+    FloodWaitExceeded,
+    Pacing,
+    ReplyDelivery,
+    through_flood,
+)
 from personabot.core import keys
 from personabot.core.schemas import ChatRequest, ChatResult, Message
-from personabot.core.streams import aread_reply
-from personabot.workers.client import cancel_chat, submit_chat
+from personabot.workers.client import ChatClient
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +34,10 @@ PENDING_KEY = keys.BOT_PENDING
 BUSY_TEXT = "I'm busy right now, please try again in a moment."
 FAILED_TEXT = "Sorry, I couldn't answer that. Please try again, or /reset to start over."
 STOPPED_TEXT = "Stopped."
+STOPPED_MARK = "(stopped)"
 TYPING_EVERY_S = 4.5
+MAX_REMEMBERED_MESSAGES = 4096  # answered messages whose edits get a note rather than an answer
+EditOutcome = Literal["updated", "answered", "unknown"]
 
 
 class PendingReply(BaseModel):
@@ -45,7 +54,17 @@ class PendingReply(BaseModel):
 
     @property
     def field(self) -> str:
-        return f"{self.chat_id}:{self.message_id}"
+        return self.field_for(self.chat_id, self.message_id)
+
+    @staticmethod
+    def field_for(chat_id: int, message_id: int) -> str:
+        """The record's key in PENDING_KEY."""
+        return f"{chat_id}:{message_id}"
+
+
+def stopped_reply(text: str) -> str:
+    """A reply cut by /stop, as the user sees it and memory keeps it: marked as cut."""
+    return f"{text.rstrip()} …\n\n{STOPPED_MARK}"
 
 
 @dataclass
@@ -67,17 +86,46 @@ class ReplyTimings:
 
 @dataclass
 class Turn:
-    """A chat's place in line: wait for `previous`, finish `done`."""
+    """A message's place in its chat's line.
+
+    Two steps keep arrival order: the rate decision waits for the previous message's decision
+    (`wait_to_decide`, then `decide`), the answer waits for the previous message's answer
+    (`wait_for_previous`). A message that is not answered (refused, failed) `pass_on`s: the next
+    one then waits for the message before this one, so it neither blocks nor skips ahead.
+    """
 
     chat_id: int
-    previous: asyncio.Future[None] | None
+    previous: Turn | None
+    registry: dict[int, Turn]
+    decided: asyncio.Future[None]
     done: asyncio.Future[None]
-    registry: dict[int, asyncio.Future[None]]
+
+    async def wait_to_decide(self) -> None:
+        if self.previous is not None:
+            await asyncio.shield(self.previous.decided)
+
+    def decide(self) -> None:
+        if not self.decided.done():
+            self.decided.set_result(None)
+
+    async def wait_for_previous(self) -> None:
+        if self.previous is not None:
+            await asyncio.shield(self.previous.done)
+
+    def pass_on(self) -> None:
+        """This message gets no answer: decided now, done once the message before it is."""
+        self.decide()
+        if self.previous is None or self.previous.done.done():
+            self.release()
+        else:
+            self.previous.done.add_done_callback(lambda _future: self.release())
 
     def release(self) -> None:
+        self.decide()
         if not self.done.done():
             self.done.set_result(None)
-        if self.registry.get(self.chat_id) is self.done:
+        self.previous = None  # the line behind a finished turn needs nothing before it
+        if self.registry.get(self.chat_id) is self:
             del self.registry[self.chat_id]
 
 
@@ -87,21 +135,27 @@ class ReplyService:
 
     bot: Bot
     aredis: aioredis.Redis
-    sync_redis: redis.Redis
-    celery: Celery
+    client: ChatClient  # the chat worker: submit, stream the reply, cancel
     memory: ChatMemory
     pacing: Pacing
     reply_timeout_s: float
+    flood_wait_max_s: float
     on_timings: Callable[[ReplyTimings], None] | None = None
-    _last_turn: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    _last_turn: dict[int, Turn] = field(default_factory=dict)
+    _waiting: dict[str, PendingReply] = field(default_factory=dict)  # accepted, not yet asked
+    _taken: OrderedDict[str, None] = field(default_factory=OrderedDict)  # asked or answered (recent)
     _running: dict[int, str] = field(default_factory=dict)
 
-    def take_turn(self, chat_id: int) -> Turn:
+    def take_turn(self, chat_id: int, *, decided: bool = False) -> Turn:
         """Reserve this chat's next place in line. Call it before the handler's first await,
-        so messages are answered in the order they arrived; `release()` it if not used."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        turn = Turn(chat_id, self._last_turn.get(chat_id), done, self._last_turn)
-        self._last_turn[chat_id] = done
+        so messages are decided and answered in the order they arrived; `pass_on()` it if the
+        message gets no answer. `decided`: no rate decision to make (a resumed reply)."""
+        loop = asyncio.get_running_loop()
+        turn = Turn(chat_id, self._last_turn.get(chat_id), self._last_turn,
+                    loop.create_future(), loop.create_future())
+        if decided:
+            turn.decide()
+        self._last_turn[chat_id] = turn
         return turn
 
     async def accept(self, pending: PendingReply, turn: Turn) -> None:
@@ -110,7 +164,33 @@ class ReplyService:
             await self._save(pending)
             await self.answer(pending, turn)
         finally:
+            self.forget(pending)
             turn.release()
+
+    def expect(self, pending: PendingReply) -> None:
+        """This message will be answered: until it is asked for, an `edit` changes its text."""
+        self._waiting[pending.field] = pending
+
+    def forget(self, pending: PendingReply) -> None:
+        """This message will not be answered (refused) or was: edits no longer change it."""
+        self._waiting.pop(pending.field, None)
+
+    async def edit(self, pending_field: str, text: str) -> EditOutcome:
+        """A user edited a message: "updated" when its reply was not asked for yet (it will
+        answer `text`), "answered" when it was (or is being) answered, else "unknown"."""
+        pending = self._waiting.get(pending_field)
+        if pending is not None:
+            pending.user_text = text
+            await self._save(pending)
+            return "updated"
+        return "answered" if pending_field in self._taken else "unknown"
+
+    def _take(self, pending: PendingReply) -> None:
+        """From now on an edit of this message comes too late."""
+        self._waiting.pop(pending.field, None)
+        self._taken[pending.field] = None
+        while len(self._taken) > MAX_REMEMBERED_MESSAGES:
+            self._taken.popitem(last=False)
 
     async def _save(self, pending: PendingReply) -> None:
         await self.aredis.hset(PENDING_KEY, pending.field, pending.model_dump_json())
@@ -118,17 +198,21 @@ class ReplyService:
     async def answer(self, pending: PendingReply, turn: Turn) -> None:
         """Wait for the chat's previous reply, answer, then let the next one go."""
         try:
-            if turn.previous is not None:
-                await asyncio.shield(turn.previous)
-            cancelled = False
+            await turn.wait_for_previous()
+            keep = False
             try:
                 await self._answer(pending)
             except asyncio.CancelledError:
-                cancelled = True  # shutting down: keep the record, the next start answers it
+                keep = True  # shutting down: keep the record, the next start answers it
                 raise
+            except FloodWaitExceeded as error:
+                # Never dropped: the reply stays owed, and its stream holds the finished text.
+                keep = True
+                log.error("chat %s: %s; the reply stays pending until the bot next starts",
+                          pending.chat_id, error)
             finally:
                 self._running.pop(pending.chat_id, None)
-                if not cancelled:
+                if not keep:
                     await self.aredis.hdel(PENDING_KEY, pending.field)
         finally:
             turn.release()
@@ -136,6 +220,7 @@ class ReplyService:
     async def _answer(self, pending: PendingReply) -> None:
         timings = ReplyTimings(private=pending.private)
         started = time.perf_counter()
+        self._take(pending)
         if not pending.request_id:
             history = await self.memory.load(pending.chat_id)
             request = ChatRequest(
@@ -144,7 +229,7 @@ class ReplyService:
             )
             pending.request_id = request.request_id
             await self._save(pending)
-            await asyncio.to_thread(submit_chat, request, app=self.celery)
+            await self.client.asubmit(request)
         self._running[pending.chat_id] = pending.request_id
         timings.before_submit = time.perf_counter() - started
 
@@ -160,54 +245,72 @@ class ReplyService:
         result = await self._stream(pending, delivery)
         final_read = time.perf_counter()
         if result is None:
-            await delivery.notice(BUSY_TEXT)
+            await self._deliver(pending, lambda: delivery.notice(BUSY_TEXT))
             return
+        await self._deliver(pending, lambda: self._final(pending, delivery, result))
+        timings.after_final = time.perf_counter() - final_read
+        timings.total = time.perf_counter() - started
+        timings.generation = result
+        await self._remember(pending, result)
+        if self.on_timings is not None:
+            self.on_timings(timings)
+
+    async def _deliver(self, pending: PendingReply, send: Callable[[], Awaitable[None]]) -> None:
+        """The final delivery waits out Telegram's flood control, up to `flood_wait_max_s`."""
+        await through_flood(send, chat_id=pending.chat_id, max_wait_s=self.flood_wait_max_s)
+
+    async def _final(self, pending: PendingReply, delivery: ReplyDelivery, result: ChatResult) -> None:
         # `finish` only completes the streamed text; the bot's own words go through `notice`,
         # which is delivered however many pieces of the reply were sent before it.
         if result.finish_reason == "error":
-            log.warning("chat %s: the worker failed request %s: %s", pending.chat_id,
-                        result.request_id, result.error)
-            await delivery.notice(FAILED_TEXT)
+            too_long = too_long_from_error(result.error, pending.user_text)
+            if too_long is None:  # retrying or /reset may help only with a real failure
+                log.warning("chat %s: the worker failed request %s: %s", pending.chat_id,
+                            result.request_id, result.error)
+            await delivery.notice(too_long or FAILED_TEXT)
+        elif result.finish_reason == "cancelled" and result.text.strip():
+            await delivery.finish(stopped_reply(result.text))
         elif result.text.strip():
             await delivery.finish(result.text)
         else:
             await delivery.notice(STOPPED_TEXT if result.finish_reason == "cancelled" else "…")
-        timings.after_final = time.perf_counter() - final_read
-        timings.total = time.perf_counter() - started
-        timings.generation = result
-        if result.finish_reason not in ("error", "updating"):  # an "updating" notice is no answer
+
+    async def _remember(self, pending: PendingReply, result: ChatResult) -> None:
+        if result.finish_reason == "cancelled":
+            # /stop: memory keeps what the user saw, marked as cut, so that "go on" or a question
+            # about it has its context and the model does not take it for a whole answer. A
+            # reply stopped before any text showed nothing: no turn to remember.
+            if result.text.strip():
+                await self.memory.add_turn(pending.chat_id, pending.user_text,
+                                           stopped_reply(result.text))
+        elif result.finish_reason not in ("error", "updating"):  # an "updating" notice is no answer
             await self.memory.add_turn(pending.chat_id, pending.user_text, result.text)
-        if self.on_timings is not None:
-            self.on_timings(timings)
 
     async def _stream(self, pending: PendingReply, delivery: ReplyDelivery) -> ChatResult | None:
         """Show the reply as it grows; the final result, or None when the worker is down/slow."""
         typing = asyncio.create_task(self._typing(pending.chat_id))
-        text = ""
         try:
-            async for entry in aread_reply(self.aredis, pending.request_id,
-                                                timeout_s=self.reply_timeout_s):
-                typing.cancel()
-                if entry.kind == "token":
-                    text += entry.text
-                    await delivery.update(text)
-                elif entry.kind == "reset" and text:
-                    # The worker started this reply over (it was redelivered after a crash);
-                    # a reset before any token is just how every stream begins.
-                    text = ""
+            async for update in self.client.astream(pending.request_id,
+                                                    timeout_s=self.reply_timeout_s):
+                if update.result is not None:
+                    return update.result
+                if update.restarted:
+                    # The worker started this reply over (it was redelivered after a crash).
                     await delivery.restart()
-                elif entry.result is not None:
-                    return entry.result
+                else:
+                    await delivery.update(update.text)
+                if delivery.visible:  # typing until the chat shows the first text
+                    typing.cancel()
         except TimeoutError:
             log.warning("chat %s: no reply for request %s within %.0fs; told the user to retry",
                         pending.chat_id, pending.request_id, self.reply_timeout_s)
-            await asyncio.to_thread(cancel_chat, self.sync_redis, pending.request_id)
+            await asyncio.to_thread(self.client.cancel, pending.request_id)
         finally:
             typing.cancel()
         return None
 
     async def _typing(self, chat_id: int) -> None:
-        """'typing…' while the request waits in the queue (Telegram shows it for 5 s)."""
+        """'typing…' until the reply shows (queued, then written; Telegram shows it for 5 s)."""
         while True:
             if self.pacing.limiter.has_room():  # best effort, like drafts
                 try:
@@ -223,7 +326,7 @@ class ReplyService:
         request_id = self._running.get(chat_id)
         if not request_id:
             return False
-        await asyncio.to_thread(cancel_chat, self.sync_redis, request_id)
+        await asyncio.to_thread(self.client.cancel, request_id)
         return True
 
     async def owed(self) -> list[PendingReply]:

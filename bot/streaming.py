@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from telegram import Bot, Message, ReplyParameters
 from telegram.constants import ParseMode
-from telegram.error import BadRequest, TelegramError
+from telegram.error import BadRequest, RetryAfter, TelegramError
 
 from personabot.bot.formatting import split_text, to_html
 from personabot.bot.limits import ChatRateLimiter
@@ -59,6 +61,35 @@ async def edit_text(bot: Bot, chat_id: int, message_id: int, text: str) -> None:
             raise
 
 
+class FloodWaitExceeded(RuntimeError):
+    """Telegram's flood control kept refusing a reply for longer than the configured bound."""
+
+
+def _retry_after_s(error: RetryAfter) -> float:
+    value = error.retry_after  # an int today, a timedelta in a later PTB
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+async def through_flood(send: Callable[[], Awaitable[None]], *, chat_id: int, max_wait_s: float) -> None:
+    """Run `send` (a delivery that resumes where it stopped) until it gets through Telegram's
+    flood control: after each 429 (PTB's own retries exhausted) wait retry_after and go on,
+    for at most `max_wait_s` since the delivery began (PTB's retries count); then
+    FloodWaitExceeded."""
+    started = time.monotonic()
+    while True:
+        try:
+            await send()
+            return
+        except RetryAfter as error:
+            wait = _retry_after_s(error)
+            if time.monotonic() + wait - started > max_wait_s:
+                raise FloodWaitExceeded(
+                    f"Telegram's flood control refused chat {chat_id} for over {max_wait_s:.0f}s "
+                    "(PERSONABOT_FLOOD_WAIT_MAX_S)") from error
+            log.warning("chat %s: flood control, retrying the reply in %.0fs", chat_id, wait)
+            await asyncio.sleep(wait)
+
+
 @dataclass
 class Pacing:
     """The limiter every request goes through, and how often a growing reply is shown."""
@@ -100,6 +131,12 @@ class ReplyDelivery:
         self._last_update = 0.0
         self._first_token_at: float | None = None
         self._live_text = ""
+        self._drafted = False
+
+    @property
+    def visible(self) -> bool:
+        """Has the chat seen any of this reply (a draft, the growing message, a piece)?"""
+        return self._drafted or bool(self.state.sent_ids) or self.state.live_id is not None
 
     async def _changed(self) -> None:
         if self.on_state is not None:
@@ -205,6 +242,7 @@ class ReplyDelivery:
                 return False
             self._skipped("draft", error)
             return False
+        self._drafted = True
         return True
 
     async def finish(self, text: str) -> None:
@@ -225,8 +263,17 @@ class ReplyDelivery:
         await self._changed()
 
     async def restart(self) -> None:
-        """The worker restarted this reply: remove what was shown of the old attempt."""
-        for message_id in self.state.sent_ids:
+        """The worker restarted this reply: remove what was shown of the old attempt.
+
+        A growing message that is the reply's first (it carries the link to the user's message)
+        is kept and edited with the new text; a continuation is removed too, so that the new
+        answer's first message is again sent as a reply.
+        """
+        doomed = list(self.state.sent_ids)
+        if self.state.sent_ids and self.state.live_id is not None:
+            doomed.append(self.state.live_id)
+            self.state.live_id = None
+        for message_id in doomed:
             try:
                 await self.bot.delete_message(self.chat_id, message_id)
             except TelegramError as error:  # e.g. the user deleted it already

@@ -213,6 +213,11 @@ class Settings(BaseSettings):
         1.0, ge=1.0,
         description="Groups: least time between two messages or edits of the bot in one group.",
     )
+    flood_wait_max_s: float = Field(
+        900, gt=0,
+        description="Longest a finished reply waits out Telegram's flood control (429 retry_after); "
+        "past it the reply stays pending and is delivered when the bot next starts.",
+    )
 
     # --- admin UI -----------------------------------------------------------------------------
     ui_host: str = Field("127.0.0.1", description="Admin UI bind address.")

@@ -43,6 +43,7 @@ class Recorded:
     ok: bool = True
     error_code: int = 0
     description: str = ""
+    wall: float = field(default_factory=time.time)  # time.time(), to compare with Redis stream ids
 
     @property
     def chat_id(self) -> int | None:
@@ -155,6 +156,11 @@ class FakeBotApi:
     def user_says(self, chat: dict[str, Any], text: str, *, user: dict[str, Any] | None = None,
                   reply_to: int | None = None, **extra: Any) -> dict[str, Any]:
         """Inject a text message (commands and @mentions get their entities)."""
+        return self.user_sends(chat, {**self._text_content(text), **extra}, user=user,
+                               reply_to=reply_to)
+
+    @staticmethod
+    def _text_content(text: str) -> dict[str, Any]:
         entities = []
         for index, word in enumerate(text.split(" ")):
             offset = utf16_len(" ".join(text.split(" ")[:index])) + (1 if index else 0)
@@ -162,8 +168,18 @@ class FakeBotApi:
                 entities.append({"type": "bot_command", "offset": 0, "length": utf16_len(word)})
             elif word.startswith("@") and len(word) > 1:
                 entities.append({"type": "mention", "offset": offset, "length": utf16_len(word)})
-        message = {"text": text, **({"entities": entities} if entities else {}), **extra}
-        return self.user_sends(chat, message, user=user, reply_to=reply_to)
+        return {"text": text, **({"entities": entities} if entities else {})}
+
+    def user_edits(self, message: dict[str, Any], text: str) -> dict[str, Any]:
+        """Inject an edited_message update: `message` (from user_says) now reads `text`."""
+        chat = message["chat"]
+        edited = {**self._text_content(text), "message_id": message["message_id"],
+                  "date": message["date"], "edit_date": int(time.time()), "chat": chat,
+                  "from": message["from"]}
+        with self._lock:
+            self.messages[chat["id"]][message["message_id"]].text = text
+        self.inject({"edited_message": edited})
+        return edited
 
     def user_sends(self, chat: dict[str, Any], content: dict[str, Any], *,
                    user: dict[str, Any] | None = None, reply_to: int | None = None) -> dict[str, Any]:
@@ -197,10 +213,12 @@ class FakeBotApi:
 
         return asyncio.run_coroutine_threadsafe(add(), self._loop).result(10)
 
-    def fail_next(self, method: str, code: int, description: str) -> None:
-        """Make the next call of `method` fail like Telegram would (e.g. a parse error)."""
+    def fail_next(self, method: str, code: int, description: str, *,
+                  retry_after: int | None = None) -> None:
+        """Make the next call of `method` fail like Telegram would (e.g. a parse error, or 429
+        with `retry_after`); call it again for more failures in a row."""
         with self._lock:
-            self._failures.append((method, ApiError(code, description)))
+            self._failures.append((method, ApiError(code, description, retry_after)))
 
     # --- test API: what happened ----------------------------------------------------------------
     def requests(self, method: str | None = None, chat_id: int | None = None) -> list[Recorded]:

@@ -10,7 +10,13 @@ import pytest
 import redis.asyncio as aioredis
 from telegram import Bot
 
-from personabot.bot.handlers import ERROR_TEXT, HELP_TEXT, NOT_ALLOWED_TEXT, UNSUPPORTED_TEXT
+from personabot.bot.handlers import (
+    EDITED_TEXT,
+    ERROR_TEXT,
+    HELP_TEXT,
+    NOT_ALLOWED_TEXT,
+    UNSUPPORTED_TEXT,
+)
 from personabot.bot.memory import ChatMemory
 from personabot.bot.replies import BUSY_TEXT
 from personabot.bot.streaming import send_text
@@ -211,3 +217,20 @@ async def test_bot_reports_itself_to_the_admin_status(settings: Settings, store:
     beat = next(e for e in recent(client) if e.type == "worker.online")
     assert beat.data["worker"].startswith("bot@") and fake_api.token not in beat.model_dump_json()
     client.close()
+
+
+async def test_edited_messages(settings_env, fake_api: FakeBotApi, redis_server, store: Store) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_env(telegram_token=fake_api.token, telegram_base_url=fake_api.base_url,
+                            redis_url=redis_server.url, database_url=store.url, reply_timeout_s=3)
+    chat = fake_api.private_chat(42)
+    async with running_bot(settings, store):
+        first = fake_api.user_says(chat, "first question")
+        await until(lambda: queued_chat_requests(settings.redis_url), what="the first request")
+        second = fake_api.user_says(chat, "second question")  # waits for the first reply
+        fake_api.user_edits(second, "second question, edited")
+        fake_api.user_edits(first, "first question, edited")  # already asked: a note
+        await until(lambda: texts(fake_api, 42).count(BUSY_TEXT) == 2, what="both replies")
+    questions = [r["messages"][-1]["content"] for r in queued_chat_requests(settings.redis_url)]
+    assert questions == ["first question", "second question, edited"]
+    [note] = [m for m in fake_api.bot_messages(42) if m.text == EDITED_TEXT]
+    assert note.reply_to == first["message_id"]

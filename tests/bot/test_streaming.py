@@ -18,11 +18,18 @@ import redis
 
 from personabot.bot.formatting import MAX_MESSAGE_LENGTH, split_text, to_html, utf16_len
 from personabot.bot.memory import history_key
-from personabot.bot.replies import PENDING_KEY, STOPPED_TEXT, PendingReply, ReplyTimings
+from personabot.bot.replies import (
+    PENDING_KEY,
+    STOPPED_MARK,
+    TYPING_EVERY_S,
+    PendingReply,
+    ReplyTimings,
+    stopped_reply,
+)
 from personabot.core.schemas import ChatRequest, Message
 from personabot.core.settings import Settings
 from personabot.core.store import Store
-from personabot.core.streams import read_reply
+from personabot.core.streams import read_reply, stream_key
 from personabot.redis_server import RedisServer
 from personabot.workers.app import make_celery
 from personabot.workers.client import submit_chat
@@ -189,24 +196,57 @@ async def test_group_sends_once_then_edits_at_most_once_per_second(
     assert history(settings.redis_url, -2001)[0].content == backend["long_prompt"]
 
 
-async def test_stop_cancels_the_reply(settings: Settings, backend: dict[str, Any],
-                                      fake_api: FakeBotApi) -> None:
+async def test_stop_cancels_the_reply_and_marks_it(settings: Settings, backend: dict[str, Any],
+                                                   fake_api: FakeBotApi) -> None:
     chat = fake_api.private_chat(102)
     results: list[ReplyTimings] = []
     async with running_bot(settings, backend["store"], on_timings=results.append):
         keep_worker_busy(backend)
         fake_api.user_says(chat, backend["long_prompt"])
-        await until(lambda: pending_request(settings.redis_url, 102), timeout=60,
-                    what="the request being enqueued")
+        await until(lambda: fake_api.requests("sendMessageDraft", chat_id=102), timeout=60,
+                    what="the reply being shown")
         fake_api.user_says(chat, "/stop")
         await until(lambda: results, timeout=120, what="the stopped reply")
+        fake_api.user_says(chat, "/stop")
+        await until(lambda: "no reply being written" in shown(fake_api, 102)[-1],
+                    what="/stop with nothing running")
     result = results[0].generation
-    assert result is not None and result.finish_reason == "cancelled"
+    assert result is not None and result.finish_reason == "cancelled" and result.text.strip()
     assert result.completion_tokens < 2048  # the worker caps the default at half the context
     assert not fake_api.requests("sendMessageDraft", chat_id=102)[5:], "stopped early"
-    expected = visible_pieces(result.text) if result.text.strip() else [STOPPED_TEXT]
-    assert shown(fake_api, 102) == expected
+    assert shown(fake_api, 102)[:-1] == visible_pieces(stopped_reply(result.text))
+    assert shown(fake_api, 102)[-2].endswith(STOPPED_MARK), "the user sees it was cut"
+    assert [m.content for m in history(settings.redis_url, 102)] == [
+        backend["long_prompt"], stopped_reply(result.text)], "memory keeps it marked as cut"
     assert_no_flood(fake_api)
+
+
+async def test_typing_lasts_until_the_first_visible_text(settings: Settings, backend: dict[str, Any],
+                                                         fake_api: FakeBotApi) -> None:
+    chat = fake_api.private_chat(104)
+    results: list[ReplyTimings] = []
+    # The first draft comes at least this long after the first token: longer than one typing
+    # action lasts, so typing must be renewed after the worker has picked the request up.
+    settings = settings.model_copy(update={"draft_interval_s": TYPING_EVERY_S + 2})
+    async with running_bot(settings, backend["store"], on_timings=results.append):
+        keep_worker_busy(backend)
+        fake_api.user_says(chat, backend["long_prompt"])
+        await until(lambda: results, timeout=120, what="the reply")
+    assert results[0].generation is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        [(first_id, _)] = client.xrange(stream_key(results[0].generation.request_id), count=1)
+    finally:
+        client.close()
+    picked_up = int(first_id.split(b"-")[0]) / 1000  # the worker's opening entry (Redis clock)
+    shown_at = min(r.wall for r in fake_api.requests(chat_id=104)
+                   if r.ok and r.method in ("sendMessageDraft", "sendMessage"))
+    typing = [r.wall for r in fake_api.requests("sendChatAction", chat_id=104)]
+    assert shown_at - picked_up > TYPING_EVERY_S + 1.5, "setup: the text shows late enough"
+    # Renewed every TYPING_EVERY_S up to the first text (not stopped at the opening entry).
+    last = max(at for at in typing if at < shown_at)
+    assert last > shown_at - TYPING_EVERY_S - 1, "typing renewed while the reply was being written"
+    assert not [at for at in typing if at > shown_at + 1], "no typing once the text shows"
 
 
 def _start_bot_process(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
