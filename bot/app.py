@@ -7,16 +7,18 @@ import hashlib
 import logging
 import socket
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlparse
 
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
-from telegram import Update
+from telegram import Bot, Update
 from telegram.error import TelegramError
-from telegram.ext import Application, ApplicationBuilder, CallbackContext
+from telegram.ext import ApplicationBuilder, ContextTypes
 
-from personabot.bot.handlers import COMMANDS, ERROR_TEXT, BotContext, register
+from personabot.bot.context import BOT_DATA_KEY, BotApplication, BotCallbackContext, BotContext, bot_context
+from personabot.bot.handlers import COMMANDS, ERROR_TEXT, register
 from personabot.bot.length import max_message_chars, too_long_for_budget
 from personabot.bot.limits import ChatPacer, ChatRateLimiter, UserRateLimiter
 from personabot.bot.memory import ChatMemory
@@ -73,10 +75,72 @@ def _token(settings: Settings) -> str:
     return settings.telegram_token.get_secret_value()
 
 
+async def send_heartbeat(shared: BotContext, username: str) -> None:
+    """Tell the admin's Status tab that the bot is alive (at start, then every HEARTBEAT_S)."""
+    try:
+        await asyncio.to_thread(events.publish, shared.sync_redis, events.WorkerOnline(
+            worker=BOT_NAME, kind="bot", username=username))
+    except redis.RedisError as error:
+        log.warning("bot heartbeat not sent: %s", type(error).__name__)
+
+
+async def heartbeat(context: BotCallbackContext) -> None:
+    """The repeating job around send_heartbeat."""
+    await send_heartbeat(context.personabot, context.bot.username)
+
+
+async def post_init(application: BotApplication) -> None:
+    """Before polling: the command menu, the heartbeat, and the replies owed since a restart."""
+    await application.bot.set_my_commands(COMMANDS)
+    assert application.job_queue is not None, "install python-telegram-bot[job-queue]"
+    shared = bot_context(application)
+    await send_heartbeat(shared, application.bot.username)
+    application.job_queue.run_repeating(heartbeat, interval=HEARTBEAT_S, first=HEARTBEAT_S)
+    service = shared.service
+    owed = await service.owed()
+    if not owed:
+        return
+    log.info("resuming %d pending replies after a restart", len(owed))
+    # Their turns are taken now, before polling starts, so they go before any new message;
+    # the tasks start once the application runs (and so are awaited when it stops).
+    turns = [(pending, service.take_turn(pending.chat_id, decided=True)) for pending in owed]
+    application.job_queue.run_once(resume, 0, data=turns)
+
+
+async def resume(context: BotCallbackContext) -> None:
+    """The one-off job that starts the owed replies (its data: their (PendingReply, Turn)s)."""
+    assert context.job is not None
+    for pending, turn in cast("list[tuple[PendingReply, Turn]]", context.job.data):
+        context.application.create_task(resume_one(context.bot, context.personabot.service, pending, turn))
+
+
+async def resume_one(bot: Bot, service: ReplyService, pending: PendingReply, turn: Turn) -> None:
+    """Answer one owed reply; with no update to hand to the error handler, tell the chat here."""
+    try:
+        await service.answer(pending, turn)
+    except Exception as error:  # noqa: BLE001 - reported to the log and the chat
+        log.error("chat %s: resumed reply failed: %s: %s", pending.chat_id,
+                  type(error).__name__, error, exc_info=error)
+        try:
+            await bot.send_message(pending.chat_id, ERROR_TEXT)
+        except TelegramError as second:
+            log.error("chat %s: could not report the error: %s", pending.chat_id,
+                      type(second).__name__)
+
+
+async def post_shutdown(application: BotApplication) -> None:
+    """Close the Redis clients and the store that build_application opened."""
+    shared = bot_context(application)
+    await shared.aredis.aclose()
+    shared.sync_redis.close()
+    if shared.store is not None:
+        shared.store.close()
+
+
 def build_application(
     settings: Settings | None = None, *, celery: Celery | None = None, store: Store | None = None,
     on_timings: Callable[[ReplyTimings], None] | None = None,
-) -> Application:  # type: ignore[type-arg]
+) -> BotApplication:
     """The bot wired to Redis (memory, limits, reply streams), Celery and the store (read-only).
 
     `on_timings(ReplyTimings)` is called after each reply (the load benchmark uses it).
@@ -103,59 +167,13 @@ def build_application(
     )
     pacing = Pacing(limiter=limiter, draft_interval_s=settings.draft_interval_s,
                     edit_interval_s=settings.edit_interval_s)
-
-    async def heartbeat(_context: CallbackContext | None = None) -> None:  # type: ignore[type-arg]
-        """Tell the admin's Status tab that the bot is alive (at start, then every HEARTBEAT_S)."""
-        try:
-            await asyncio.to_thread(events.publish, sync_redis, events.WorkerOnline(
-                worker=BOT_NAME, kind="bot", username=application.bot.username))
-        except redis.RedisError as error:
-            log.warning("bot heartbeat not sent: %s", type(error).__name__)
-
-    async def post_init(application: Application) -> None:  # type: ignore[type-arg]
-        await application.bot.set_my_commands(COMMANDS)
-        assert application.job_queue is not None, "install python-telegram-bot[job-queue]"
-        await heartbeat()
-        application.job_queue.run_repeating(heartbeat, interval=HEARTBEAT_S, first=HEARTBEAT_S)
-        owed = await service.owed()
-        if not owed:
-            return
-        log.info("resuming %d pending replies after a restart", len(owed))
-        # Their turns are taken now, before polling starts, so they go before any new message;
-        # the tasks start once the application runs (and so are awaited when it stops).
-        turns = [(pending, service.take_turn(pending.chat_id, decided=True)) for pending in owed]
-
-        async def resume_one(pending: PendingReply, turn: Turn) -> None:
-            # No update to hand to the error handler: tell the chat here.
-            try:
-                await service.answer(pending, turn)
-            except Exception as error:  # noqa: BLE001 - reported to the log and the chat
-                log.error("chat %s: resumed reply failed: %s: %s", pending.chat_id,
-                          type(error).__name__, error, exc_info=error)
-                try:
-                    await application.bot.send_message(pending.chat_id, ERROR_TEXT)
-                except TelegramError as second:
-                    log.error("chat %s: could not report the error: %s", pending.chat_id,
-                              type(second).__name__)
-
-        async def resume(context: CallbackContext) -> None:  # type: ignore[type-arg]
-            for pending, turn in turns:
-                context.application.create_task(resume_one(pending, turn))
-
-        assert application.job_queue is not None, "install python-telegram-bot[job-queue]"
-        application.job_queue.run_once(resume, 0)
-
-    async def post_shutdown(_application: Application) -> None:  # type: ignore[type-arg]
-        await aredis.aclose()
-        sync_redis.close()
-        store.close()
-
     application = (
         ApplicationBuilder()
         .token(token)
         .base_url(settings.telegram_base_url)
         .rate_limiter(limiter)
         .concurrent_updates(True)
+        .context_types(ContextTypes(context=BotCallbackContext))
         .post_init(post_init)
         .post_shutdown(post_shutdown)
         .build()
@@ -167,11 +185,12 @@ def build_application(
         flood_wait_max_s=settings.flood_wait_max_s,
         on_timings=on_timings,
     )
-    application.bot_data["personabot"] = BotContext(
+    application.bot_data[BOT_DATA_KEY] = BotContext(
         service=service, memory=memory,
         rate_limiter=UserRateLimiter(aredis, settings.rate_limit_per_minute), store=store,
         allow_users=frozenset(settings.allow_users), allow_chats=frozenset(settings.allow_chats),
         max_message_chars=max_message_chars(settings), too_long_text=too_long_for_budget(settings),
+        aredis=aredis, sync_redis=sync_redis,
     )
     register(application)
     return application

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 from telegram import BotCommand, Chat, Message, MessageEntity, Update
 from telegram.constants import ChatType
 from telegram.ext import (
-    Application,
     ApplicationHandlerStop,
     CommandHandler,
-    ContextTypes,
     MessageHandler,
     TypeHandler,
     filters,
 )
 
-from personabot.bot.limits import UserRateLimiter
-from personabot.bot.memory import ChatMemory
-from personabot.bot.replies import PendingReply, ReplyService
-from personabot.core.store import Store
+from personabot.bot.context import BotApplication, BotCallbackContext, BotContext
+from personabot.bot.replies import PendingReply
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +39,13 @@ EDITED_TEXT = ("I had already answered this message before you edited it. Send t
                "a new message if you'd like an answer to it.")
 
 
-@dataclass
-class BotContext:
-    """Everything the handlers share, kept in `application.bot_data['personabot']`."""
-
-    service: ReplyService
-    memory: ChatMemory
-    rate_limiter: UserRateLimiter
-    store: Store | None
-    allow_users: frozenset[int]
-    allow_chats: frozenset[int]
-    max_message_chars: int  # longer messages cannot fit the worker's prompt
-    too_long_text: str
-
-
-def bot_context(context: ContextTypes.DEFAULT_TYPE) -> BotContext:
-    return context.application.bot_data["personabot"]  # type: ignore[no-any-return]
-
-
 def _is_private(chat: Chat) -> bool:
     return chat.type == ChatType.PRIVATE
 
 
-async def gate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def gate(update: Update, context: BotCallbackContext) -> None:
     """The allow-list: updates from other users or chats stop here."""
-    ctx = bot_context(context)
+    ctx = context.personabot
     user, chat = update.effective_user, update.effective_chat
     user_ok = not ctx.allow_users or (user is not None and user.id in ctx.allow_users)
     chat_ok = not ctx.allow_chats or (chat is not None and chat.id in ctx.allow_chats)
@@ -101,7 +78,7 @@ def addressed_text(message: Message, bot_username: str, bot_id: int) -> str | No
     return None
 
 
-async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def on_text(update: Update, context: BotCallbackContext) -> None:
     message = update.message
     if message is None or message.from_user is None:
         return
@@ -114,7 +91,7 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     await _answer_text(update, context, message, text)
 
 
-async def on_edited(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def on_edited(update: Update, context: BotCallbackContext) -> None:
     """An edited message: its reply answers the new text if it was not asked for yet; once it
     was, a short note says so (the answer is not redone); an edit of a message the bot never
     took up (e.g. a mention added in a group) is answered like a new message."""
@@ -124,7 +101,7 @@ async def on_edited(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     text = addressed_text(message, context.bot.username, context.bot.id)
     if text is None or not text.strip():
         return
-    ctx = bot_context(context)
+    ctx = context.personabot
     outcome = await ctx.service.edit(PendingReply.field_for(message.chat_id, message.message_id), text)
     if outcome == "answered":
         await message.reply_text(EDITED_TEXT, do_quote=True)
@@ -132,10 +109,10 @@ async def on_edited(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await _answer_text(update, context, message, text)
 
 
-async def _answer_text(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def _answer_text(update: Update, context: BotCallbackContext, message: Message,
                        text: str) -> None:
     assert message.from_user is not None
-    ctx = bot_context(context)
+    ctx = context.personabot
     if len(text) > ctx.max_message_chars:  # cannot fit the prompt: say so before enqueueing
         await message.reply_text(ctx.too_long_text, do_quote=True)
         return
@@ -165,7 +142,7 @@ async def _answer_text(update: Update, context: ContextTypes.DEFAULT_TYPE, messa
         raise
 
 
-async def on_unsupported(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def on_unsupported(update: Update, context: BotCallbackContext) -> None:
     message = update.message
     if message is None:
         return
@@ -174,26 +151,26 @@ async def on_unsupported(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
     await message.reply_text(UNSUPPORTED_TEXT)
 
 
-async def cmd_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def cmd_start(update: Update, context: BotCallbackContext) -> None:
     assert update.message is not None
-    name = (await _persona_name(bot_context(context))) or context.bot.first_name
+    name = (await _persona_name(context.personabot)) or context.bot.first_name
     await update.message.reply_text(f"Hi! I'm {name}. Ask me anything.\n\n{HELP_TEXT}")
 
 
-async def cmd_help(update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+async def cmd_help(update: Update, _context: BotCallbackContext) -> None:
     assert update.message is not None
     await update.message.reply_text(HELP_TEXT)
 
 
-async def cmd_reset(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def cmd_reset(update: Update, context: BotCallbackContext) -> None:
     assert update.message is not None
-    await bot_context(context).memory.clear(update.message.chat_id)
+    await context.personabot.memory.clear(update.message.chat_id)
     await update.message.reply_text("Done: I've forgotten our conversation.")
 
 
-async def cmd_stop(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def cmd_stop(update: Update, context: BotCallbackContext) -> None:
     assert update.message is not None
-    stopped = await bot_context(context).service.stop(update.message.chat_id)
+    stopped = await context.personabot.service.stop(update.message.chat_id)
     if not stopped:
         await update.message.reply_text("There is no reply being written right now.")
 
@@ -208,9 +185,9 @@ async def _persona_name(ctx: BotContext) -> str:
         return ""
 
 
-async def cmd_about(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def cmd_about(update: Update, context: BotCallbackContext) -> None:
     assert update.message is not None
-    ctx = bot_context(context)
+    ctx = context.personabot
     name = (await _persona_name(ctx)) or context.bot.first_name
     version = "unknown"
     if ctx.store is not None:
@@ -222,7 +199,7 @@ async def cmd_about(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     await update.message.reply_text(f"I'm {name}.\nActive version: {version}")
 
 
-async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def on_error(update: object, context: BotCallbackContext) -> None:
     """The one error handler: log the chat id and the error (never the token), tell the user."""
     chat = update.effective_chat if isinstance(update, Update) else None
     error = context.error
@@ -236,7 +213,7 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("chat %s: could not report the error: %s", chat.id, type(second).__name__)
 
 
-def register(application: Application) -> None:  # type: ignore[type-arg]
+def register(application: BotApplication) -> None:
     """Add every handler; the allow-list runs first (group -1)."""
     application.add_handler(TypeHandler(Update, gate), group=-1)
     application.add_handler(CommandHandler("start", cmd_start))

@@ -139,8 +139,8 @@ class ChatRateLimiter(AIORateLimiter):
         rate_limit_args: int | None,
     ) -> bool | dict[str, Any] | list[dict[str, Any]]:
         chat_id = None
-        with contextlib.suppress(TypeError, ValueError):
-            chat_id = int(data.get("chat_id"))  # type: ignore[arg-type]
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            chat_id = int(data["chat_id"])
         if endpoint not in self.PACED or chat_id is None:
             return await super().process_request(callback, args, kwargs, endpoint, data,
                                                  rate_limit_args)
