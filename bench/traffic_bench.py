@@ -324,11 +324,11 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
     import redis
 
     from personabot.core.events import WorkerOnline, recent
+    from personabot.core.keys import CHAT_WORKERS
     from personabot.core.processes import stop_process
     from personabot.core.store import Store
     from personabot.redis_server import RedisServer
     from personabot.workers.app import make_celery
-    from personabot.workers.chat_service import STATS_KEY
     from personabot.workers.client import ChatClient
 
     server = RedisServer(work / "redis", persist=False).start()
@@ -370,7 +370,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
         store.close()
 
     def stats() -> dict[str, Any]:
-        raw = client.hget(STATS_KEY, "traffic@bench")
+        raw = client.hget(CHAT_WORKERS, "traffic@bench")
         return json.loads(raw) if raw else {}
 
     return ChatClient(client, make_celery(server.url)), stop, {"work": work, "env": env, "store": store,
