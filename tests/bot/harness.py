@@ -16,6 +16,7 @@ from telegram.ext import Application
 from personabot.bot.app import build_application
 from personabot.core.settings import Settings
 from personabot.core.store import Store
+from tests.bot.fake_bot_api import FakeBotApi
 
 
 @asynccontextmanager
@@ -62,3 +63,8 @@ def queued_chat_requests(redis_url: str) -> list[dict[str, Any]]:
         args = json.loads(base64.b64decode(envelope["body"]))[0]
         requests.append(args[0])
     return sorted(requests, key=lambda r: r["created_at"])
+
+
+def texts(api: FakeBotApi, chat_id: int) -> list[str]:
+    """The bot's messages in a chat, oldest first."""
+    return [m.text for m in sorted(api.bot_messages(chat_id), key=lambda m: m.message_id)]

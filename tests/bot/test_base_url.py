@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from pydantic import ValidationError
 
@@ -12,13 +9,6 @@ from personabot.core.settings import Settings
 from personabot.core.store import Store
 from tests.bot.fake_bot_api import FakeBotApi
 from tests.bot.harness import running_bot, until
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    yield s
-    s.close()
 
 
 @pytest.mark.parametrize(("given", "expected"), [

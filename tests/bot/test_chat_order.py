@@ -31,13 +31,6 @@ POLITE = "a bit fast"
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    yield s
-    s.close()
-
-
-@pytest.fixture()
 def late_worker(redis_server, store: Store, tiny_model: Path, tmp_path: Path) -> Iterator[ChatWorker]:  # type: ignore[no-untyped-def]
     """A chat worker the test starts (`await asyncio.to_thread(worker.start)`) once the burst
     is in: until then every accepted request waits, as behind a slow reply."""

@@ -3,11 +3,8 @@ broken pending records, and mentions after non-BMP characters."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
-import pytest
 import redis
 from telegram import Bot, Chat, Message, MessageEntity
 
@@ -21,18 +18,7 @@ from personabot.core.settings import Settings
 from personabot.core.store import Store
 from personabot.core.streams import ReplyStreamWriter
 from tests.bot.fake_bot_api import FakeBotApi
-from tests.bot.harness import queued_chat_requests, running_bot, until
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    yield s
-    s.close()
-
-
-def texts(api: FakeBotApi, chat_id: int) -> list[str]:
-    return [m.text for m in sorted(api.bot_messages(chat_id), key=lambda m: m.message_id)]
+from tests.bot.harness import queued_chat_requests, running_bot, texts, until
 
 
 def delivery(bot: Bot, chat_id: int, *, private: bool) -> ReplyDelivery:

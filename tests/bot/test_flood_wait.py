@@ -26,13 +26,6 @@ PTB_ATTEMPTS = 4  # the bot's PTB rate limiter: one try and three retries after 
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    yield s
-    s.close()
-
-
-@pytest.fixture()
 def worker(redis_server, store: Store, tiny_model: Path, tmp_path: Path) -> Iterator[ChatWorker]:  # type: ignore[no-untyped-def]
     started = ChatWorker(redis_server.url, store.url, tiny_model, tmp_path / "worker",
                          name="floodchat", env=WORKER_ENV).start()

@@ -4,7 +4,6 @@ worker): the old pieces go, and the new answer is again a reply to the user's me
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,6 @@ pytestmark = pytest.mark.slow
 
 # Past this many seconds an unacknowledged chat task is handed to the next worker.
 ENV = {**WORKER_ENV, "PERSONABOT_CHAT_VISIBILITY_TIMEOUT": "3"}
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    yield s
-    s.close()
 
 
 async def test_group_redelivery_keeps_the_reply_link(settings_env, fake_api: FakeBotApi, redis_server,  # type: ignore[no-untyped-def]

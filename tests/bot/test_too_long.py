@@ -4,7 +4,6 @@ it may be (by the bot before enqueueing when that is certain, else from the work
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,10 @@ from personabot.bot.memory import history_key
 from personabot.bot.replies import FAILED_TEXT, PENDING_KEY
 from personabot.core.store import Store
 from tests.bot.fake_bot_api import FakeBotApi
-from tests.bot.harness import queued_chat_requests, running_bot, until
+from tests.bot.harness import queued_chat_requests, running_bot, texts, until
 from tests.workers.conftest import ChatWorker
 
 TOO_LONG = re.compile(r"too long for me.*shorten it to about (\d+) characters")
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    yield s
-    s.close()
-
-
-def texts(api: FakeBotApi, chat_id: int) -> list[str]:
-    return [m.text for m in sorted(api.bot_messages(chat_id), key=lambda m: m.message_id)]
 
 
 def suggested_chars(text: str) -> int:
