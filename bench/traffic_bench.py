@@ -316,8 +316,20 @@ def start_api(service: dict[str, Any]) -> tuple[str, str, Callable[[], None]]:
     return url, key, stop
 
 
+def card_rows(gib: float, dims: dict[str, Any], work: Path, context: int) -> int:
+    """The KV rows a chat worker sizes for itself on a card of `gib` GiB (the product's own plan)."""
+    from personabot.workers.engine.kv_plan import GIB, plan_rows, read_shape
+
+    shape_dir = work / "shape"
+    shape_dir.mkdir(parents=True, exist_ok=True)
+    (shape_dir / "config.json").write_text(json.dumps(dims))
+    plan = plan_rows(read_shape(shape_dir), free_bytes=int(gib * GIB), total_bytes=int(gib * GIB), max_len=context)
+    print(f"{gib} GiB card: {plan.text}", flush=True)
+    return plan.rows
+
+
 def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str, max_batch: int,
-                 context: int, reuse: bool) -> tuple[Any, Callable[[], None], dict[str, Any]]:
+                 context: int, reuse: bool, gpu_gib: float = 0) -> tuple[Any, Callable[[], None], dict[str, Any]]:
     """redis-server + the store + one real chat worker; returns a ChatClient, a stop function and the
     service's parts (work dir, worker environment, store, for `start_api`; `stats`, a reader of the
     engine stats the worker publishes after each reply)."""
@@ -344,7 +356,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                 "PERSONABOT_MODEL": str(model_dir), "PERSONABOT_DATA_DIR": str(work / "data"),
                 "PERSONABOT_MAX_BATCH": str(max_batch), "PERSONABOT_CONTEXT_TOKENS": str(context),
                 "PERSONABOT_DEVICE": device, "PERSONABOT_RETRAIN_CRON": "",
-                "PERSONABOT_CHAT_PREFIX_CACHE": str(reuse).lower(),
+                "PERSONABOT_CHAT_PREFIX_CACHE": str(reuse).lower(), "PERSONABOT_GPU_MEMORY_GIB": str(gpu_gib),
                 "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")})
     client = redis.Redis.from_url(server.url)
     log = open(work / "chat-worker.log", "wb")  # noqa: SIM115 - closed by stop()
@@ -412,6 +424,9 @@ def main() -> None:
     parser.add_argument("--backends", default="bare,celery,api")
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--reuse", default="on", help="KV reuse in the engine: on, off, or on,off to compare")
+    parser.add_argument("--gpu-gib", type=float, default=0,
+                        help="hold the engines to this many GiB of the GPU (PERSONABOT_GPU_MEMORY_GIB), e.g. 24 "
+                        "for a 24 GB card: KV rows sized from it, no merged copy unless it fits; --max-batch ignored")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -450,11 +465,16 @@ def main() -> None:
     config_file.write_text(json.dumps(config))
     chat_counts = [int(c) for c in args.chats.split(",")]
     backends = args.backends.split(",")
+    if args.gpu_gib:
+        args.max_batch = card_rows(args.gpu_gib, dims, work, context)
+        results["gpu_gib"] = {"gib": args.gpu_gib, "rows": args.max_batch}
 
+    from personabot.workers.engine.kv_plan import limit_gpu_memory
     from personabot.workers.engine.scheduler import HFEngine
 
     def run_bare(chats: int, reuse: bool) -> None:
         started = time.monotonic()
+        limit_gpu_memory(args.gpu_gib)
         engine = HFEngine(lambda: build_model(dims, device, dtype), model_name=str(model_dir),
                           max_batch=args.max_batch, max_len=context, lora_slots=3, lora_rank=32,
                           eos_ids=tuple(specials.values()), prefix_cache=reuse)
@@ -478,7 +498,8 @@ def main() -> None:
     def run_served(backend_name: str, chats: int, reuse: bool) -> None:
         path = backend_name if reuse else f"{backend_name}-no-reuse"
         chat, stop, service = start_celery(work / f"{path}-{chats}", model_dir, adapter_dir,
-                                           device=device, max_batch=args.max_batch, context=context, reuse=reuse)
+                                           device=device, max_batch=args.max_batch, context=context, reuse=reuse,
+                                           gpu_gib=args.gpu_gib)
         stops = [stop]
         try:
             if backend_name == "api":

@@ -177,6 +177,10 @@ class Settings(BaseSettings):
     lora_slots: int = Field(
         3, ge=2, le=16, description="Adapters resident at once in a chat worker (active, previous, playground)."
     )
+    gpu_memory_gib: float = Field(
+        0, ge=0, description="GiB of the GPU a chat worker may use (0 = all of it): its KV rows, merged adapter copy "
+        "and allocator are held to it, as on a card of that size (a GPU shared with other programs)."
+    )
     chat_prefix_cache: bool = Field(
         True, description="Keep finished replies' KV cache so a chat's next message (and a shared system prompt) "
         "prefills only its new tokens."

@@ -25,7 +25,7 @@ from personabot.training.model_source import resolve_model_dir
 from personabot.training.registry import AdapterPathError, AdapterRegistry
 from personabot.workers.chat_reply import CLAIM_TTL_S, Reply, claim_key
 from personabot.workers.engine import AdapterRefusedError, Engine, EngineError
-from personabot.workers.engine.kv_plan import KvPlan, auto_rows
+from personabot.workers.engine.kv_plan import KvPlan, auto_rows, limit_gpu_memory
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ def gpu_memory() -> dict[str, int]:
 
 
 def chat_rows(settings: Settings, model_dir: Path) -> KvPlan:
-    """PERSONABOT_MAX_BATCH, or (0) the rows this host's GPU holds next to the model."""
+    """PERSONABOT_MAX_BATCH, or (0) the rows this host's GPU (within PERSONABOT_GPU_MEMORY_GIB) holds next to
+    the model."""
+    limit_gpu_memory(settings.gpu_memory_gib)
     if settings.max_batch:
         return KvPlan(settings.max_batch, f"{settings.max_batch} KV rows (PERSONABOT_MAX_BATCH)")
     return auto_rows(model_dir, device=settings.device, max_len=settings.context_tokens,

@@ -62,3 +62,24 @@ def test_the_cpu_keeps_its_default_and_an_explicit_size_wins(qwen7b: Path) -> No
     assert chat_rows(load_settings(device="cpu"), qwen7b).rows == CPU_ROWS
     explicit = chat_rows(load_settings(max_batch=7, device="cpu"), qwen7b)
     assert explicit.rows == 7 and "PERSONABOT_MAX_BATCH" in explicit.text
+
+
+def test_a_gpu_memory_cap_is_validated_and_a_no_op_without_a_gpu(qwen7b: Path) -> None:
+    from personabot.core.settings import SettingsError, load_settings
+    from personabot.workers.chat_service import chat_rows
+    from personabot.workers.engine import kv_plan
+
+    with pytest.raises(SettingsError, match="PERSONABOT_GPU_MEMORY_GIB"):
+        load_settings(gpu_memory_gib=-1)
+    # On the CPU the cap sizes nothing and holds nothing: the CPU default stays, no cap is recorded.
+    assert chat_rows(load_settings(device="cpu", gpu_memory_gib=24), qwen7b).rows == CPU_ROWS
+    assert kv_plan._cap_bytes == 0
+
+
+def test_the_bench_sizes_a_24gb_card_as_the_worker_does(tmp_path: Path) -> None:
+    from bench.traffic_bench import card_rows
+
+    rows = card_rows(23.6, QWEN25_7B, tmp_path, 4096)
+    assert rows == plan_rows(read_shape(tmp_path / "shape"), free_bytes=CARD_24GB, total_bytes=CARD_24GB,
+                             max_len=4096).rows
+    assert 10 <= rows <= 32

@@ -75,6 +75,39 @@ def plan_rows(shape: ModelShape, *, free_bytes: int, total_bytes: int, max_len: 
     return KvPlan(int(rows), text)
 
 
+_cap_bytes: int = 0  # PERSONABOT_GPU_MEMORY_GIB in bytes once `limit_gpu_memory` applied it (0 = none)
+
+
+def limit_gpu_memory(gib: float) -> None:
+    """Hold this process to `gib` GiB of the GPU (0 = no limit): torch's allocator refuses more
+    (set_per_process_memory_fraction), and `gpu_memory` reports free and total within it, so the KV
+    rows and the merged copy are sized as on a card of that size."""
+    global _cap_bytes
+    if gib <= 0:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    total = torch.cuda.mem_get_info()[1]
+    cap = int(gib * GIB)
+    if cap >= total:
+        return
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    _cap_bytes = cap
+
+
+def gpu_memory(device: object = None) -> tuple[int, int]:
+    """(free, total) bytes of the GPU, within PERSONABOT_GPU_MEMORY_GIB when it is set: free is then the
+    cap less what this process holds, and never more than the GPU really has free."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)  # type: ignore[arg-type]
+    if not _cap_bytes:
+        return free, total
+    return max(0, min(free, _cap_bytes - torch.cuda.memory_reserved(device))), _cap_bytes  # type: ignore[arg-type]
+
+
 def auto_rows(model_dir: Path, *, device: str, max_len: int, concurrent_training: bool) -> KvPlan:
     """The plan for this host, or the CPU default. Sharing the GPU with training at once, it is sized from
     the memory free now (halved); lending the GPU to training (`release`), from the whole GPU, which the
@@ -83,6 +116,6 @@ def auto_rows(model_dir: Path, *, device: str, max_len: int, concurrent_training
 
     if device == "cpu" or not torch.cuda.is_available():
         return KvPlan(CPU_ROWS, f"{CPU_ROWS} KV rows (no GPU to size from; PERSONABOT_MAX_BATCH sets it)")
-    free, total = torch.cuda.mem_get_info()
+    free, total = gpu_memory()
     return plan_rows(read_shape(model_dir), free_bytes=free if concurrent_training else total, total_bytes=total,
                      max_len=max_len, concurrent_training=concurrent_training)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from personabot.workers.engine.fused import FusedParts
 from personabot.workers.engine.graphs import DecodeGraphs
+from personabot.workers.engine.kv_plan import gpu_memory
 from personabot.workers.engine.layout import LENGTH_BUCKET, MERGED, MIXED, Dims, Layer, LoraMode, LoraWeights
 from personabot.workers.engine.lora_buffers import merge_slot, slot_rows, write_slot
 
@@ -133,7 +134,7 @@ class Qwen2Decoder:
         4 GiB) for prompt passes and graphs; on a 24 GB card next to a 7B model it never does."""
         size = sum(t.numel() * t.element_size() for layer in self.layers
                    for t in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w))
-        free, total = torch.cuda.mem_get_info(self.device)
+        free, total = gpu_memory(self.device)
         return free - size > max(4 * 2**30, 0.08 * total)
 
     @torch.no_grad()
