@@ -1,10 +1,12 @@
 """Decode attention over each row's own length: a Triton split-KV kernel with GQA on CUDA, plain torch elsewhere.
 
-One query token per row attends to keys [0, lengths[row]) of its KV-cache row. The lengths are
-read from device memory, so one CUDA graph serves every length: the kernel's grid is fixed by the
-row count, and each program loops only over the key blocks below its row's length, so a step costs
-what the real lengths cost. Layouts: q [rows, heads, head_dim] (head j reads KV head j // group),
-caches [cache_rows, kv_heads, max_len, head_dim], lengths [rows] (>= 1), out [rows, heads, head_dim].
+One decode step per row: the row's new key and value are written into its KV-cache row at
+`positions[row]`, and its query attends to keys [0, lengths[row]), the last of which is the new one
+(lengths = positions + 1 for every row whose output is read). Lengths and positions are read from
+device memory, so one CUDA graph serves every length: the kernel's grid is fixed by the row count,
+and each program loops only over the key blocks below its row's length, so a step costs what the
+real lengths cost. Layouts: q [rows, heads, head_dim] (head j reads KV head j // group), k and v
+[rows, kv_heads, head_dim], caches [cache_rows, kv_heads, max_len, head_dim], out [rows, heads, head_dim].
 """
 
 from __future__ import annotations
@@ -33,19 +35,23 @@ def kernel_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.stride(-1) == 1 and k_cache.stride(-1) == 1)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
-    """softmax(q K^T / sqrt(d)) V over keys [0, lengths[i]) of cache row i, for rows [0, len(q))."""
-    if kernel_fits(q, k_cache):
-        return _triton_attention(q, k_cache, v_cache, lengths)
-    return torch_attention(q, k_cache, v_cache, lengths)
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Write k, v at `positions` of cache rows [0, len(q)), then softmax(q K^T / sqrt(d)) V over
+    keys [0, lengths[i]) of cache row i."""
+    if kernel_fits(q, k_cache) and k.stride(-1) == 1 and v.stride(-1) == 1:
+        return _triton_attention(q, k, v, k_cache, v_cache, positions, lengths)
+    return torch_attention(q, k, v, k_cache, v_cache, positions, lengths)
 
 
-def torch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    lengths: torch.Tensor) -> torch.Tensor:
-    """The same attention in torch ops. On the CPU it reads keys up to the longest row (one host
-    sync); on a GPU, where it must stay capturable, up to the cache's end (the padded cost)."""
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The same step in torch ops. On the CPU it reads keys up to the longest row (one host sync);
+    on a GPU, where it must stay capturable, up to the cache's end (the padded cost)."""
     rows, heads, head_dim = q.shape
+    row_index = torch.arange(rows, device=q.device)
+    k_cache[row_index, :, positions] = k
+    v_cache[row_index, :, positions] = v
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     span = k_cache.shape[2] if q.is_cuda else int(lengths.max())
@@ -59,8 +65,8 @@ def torch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, heads, head_dim)
 
 
-def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      lengths: torch.Tensor) -> torch.Tensor:
+def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     from personabot.workers.engine import decode_kernels
 
     rows, heads, head_dim = q.shape
@@ -73,8 +79,8 @@ def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     part_acc = torch.empty(rows, kv_heads, splits, group_pad, head_dim, device=q.device, dtype=torch.float32)
     out = torch.empty(rows, heads, head_dim, device=q.device, dtype=q.dtype)
     decode_kernels.split_kv[(rows, kv_heads, splits)](
-        q, k_cache, v_cache, lengths, part_max, part_sum, part_acc,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k, v, k_cache, v_cache, positions, lengths, part_max, part_sum, part_acc,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 1.0 / math.sqrt(head_dim),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, SPLITS=splits,
         num_warps=4, num_stages=2)

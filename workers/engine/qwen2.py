@@ -12,6 +12,7 @@ keeps the graphs.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -112,6 +113,7 @@ class Qwen2Decoder:
         self.plain = FusedParts(d, compiled=False)
         self.graphs = DecodeGraphs(self._decode) if self.use_graphs else None
         self._logits: torch.Tensor | None = None  # the graphs' shared output, [max_batch, vocab] fp32
+        self.warmup_s = 0.0  # the prompt passes of `prepare`
 
     # --- LoRA slots -----------------------------------------------------------------------------
     def slot_mask(self, slot: int | None, k: int) -> torch.Tensor:
@@ -290,7 +292,6 @@ class Qwen2Decoder:
         # Keys [0, position] are this step's; a row at max_len - 1 runs no request (the engine parks
         # idle rows there) and attends to one key only: its output is never read.
         lengths = torch.where(positions == self.max_len - 1, 1, positions + 1)
-        row_index = torch.arange(rows, device=self.device)
         fused = self.fused if mode is None or mode == MERGED else None
         for index, layer in enumerate(self.layers):
             if fused is not None:
@@ -299,10 +300,8 @@ class Qwen2Decoder:
                 q, k, v = fused.attn_in(x, layer.in_norm, qkv_w, layer.qkv_b[:base], cos, sin)
             else:
                 q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
-            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[row_index, :, positions] = k
-            v_cache[row_index, :, positions] = v
-            attn = decode_attention(q, k_cache, v_cache, lengths).view(rows, d.q_out)
+            attn = decode_attention(q, k, v, self.k_cache[index], self.v_cache[index], positions,
+                                    lengths).view(rows, d.q_out)
             o_w = layer.m_o_w if mode == MERGED else layer.o_w
             if fused is not None:
                 gate_up_w = layer.m_gate_up_w if mode == MERGED else layer.gate_up_w[:2 * d.intermediate]
@@ -330,19 +329,27 @@ class Qwen2Decoder:
         return [None, *range(self.lora_slots), MIXED, *([MERGED] if self.can_merge else [])]
 
     @torch.no_grad()
-    def prepare_graphs(self, max_batch: int) -> None:
-        """Capture the graph of every (rows bucket up to max_batch, LoRA mode) decode step (compiling
-        the kernels on the way), so that nothing is captured or compiled once the worker serves."""
+    def prepare(self, max_batch: int) -> None:
+        """On CUDA, before serving: capture the graph of every (rows bucket up to max_batch, LoRA
+        mode) decode step, compiling the kernels on the way, then run one short prompt pass per LoRA
+        mode (the first of each loads its kernels), so that nothing is captured, compiled or loaded
+        once the worker serves. Rows 0 and 1 then hold junk KV (the engine keeps none yet)."""
         if self.graphs is None:
             return
         if self._logits is None or self._logits.shape[0] < max_batch:
             self._logits = torch.empty(max_batch, self.dims.vocab, device=self.device, dtype=torch.float32)
-        saved = self.positions.clone()
         self.positions.fill_(self.max_len - 1)  # the warm-ups write K/V only where no kept KV lives
-        try:
-            self.graphs.prepare(row_buckets(max_batch), self.lora_modes())
-        finally:
-            self.positions.copy_(saved)
+        self.graphs.prepare(row_buckets(max_batch), self.lora_modes())
+        started = time.perf_counter()
+        prompt = [0] * 16
+        for slots in ([None], [0], [None, 0]):
+            self.prefill(list(range(len(slots))), [prompt] * len(slots), slots)
+        if self.can_merge:
+            self.merge(0)
+            self.prefill([0], [prompt], [0])
+            self.merged_slot = None
+        torch.cuda.synchronize()
+        self.warmup_s = time.perf_counter() - started
 
     @property
     def graph_captures(self) -> int:

@@ -118,7 +118,7 @@ class HFEngine:
             lora_slots=self.lora_slots, lora_rank=self.lora_rank, merge=self._merge, fuse=self._fuse)
         del model
         gc.collect()
-        self.decoder.prepare_graphs(self.max_batch)
+        self.decoder.prepare(self.max_batch)
         self.sampler = RowSampler(self.max_batch, self.decoder.dims.vocab, self.decoder.device)
         self._active_rows = torch.zeros(self.max_batch, dtype=torch.long, device=self.decoder.device)
         # Rows no request runs in decode at the one position whose KV is never kept (see _finish).
@@ -133,7 +133,8 @@ class HFEngine:
         if decoder is None or decoder.graphs is None:
             return self._kv_sizing
         graphs = (f"{decoder.graph_captures} decode graphs (rows buckets up to {self.max_batch} x "
-                  f"{len(decoder.lora_modes())} LoRA modes) captured in {decoder.graph_capture_s:.1f} s")
+                  f"{len(decoder.lora_modes())} LoRA modes) captured in {decoder.graph_capture_s:.1f} s, "
+                  f"prompt passes warmed in {decoder.warmup_s:.1f} s")
         return f"{self._kv_sizing}; {graphs}" if self._kv_sizing else graphs
 
     @property
