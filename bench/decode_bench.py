@@ -163,7 +163,6 @@ def main() -> None:
     started = time.perf_counter()
     engine = HFEngine(lambda: model, model_name="qwen2.5-7b-random", max_batch=args.max_batch, max_len=2048,
                       lora_slots=3, lora_rank=32, merge=None if device == "cuda" else True)
-    del model
     stats = engine.stats()
     RESULTS["startup"] = {"engine_build_s": round(time.perf_counter() - started, 2), "graphs": stats["graphs"],
                           "graph_capture_s": stats["graph_capture_s"], "sizing": engine.sizing,

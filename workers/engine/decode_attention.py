@@ -80,7 +80,8 @@ def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     out = torch.empty(rows, heads, head_dim, device=q.device, dtype=q.dtype)
     decode_kernels.split_kv[(rows, kv_heads, splits)](
         q, k, v, k_cache, v_cache, positions, lengths, part_max, part_sum, part_acc,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 1.0 / math.sqrt(head_dim),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, SPLITS=splits,
         num_warps=4, num_stages=2)

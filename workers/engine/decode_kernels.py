@@ -1,4 +1,5 @@
 """Triton kernels of the split-KV decode attention (imported only where Triton is installed; see decode_attention)."""
+# mypy: disable-error-code="no-untyped-def"
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import triton.language as tl
 
 
 @triton.jit
-def split_kv(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, max_ptr, sum_ptr, acc_ptr,  # type: ignore[no-untyped-def]
+def split_kv(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, max_ptr, sum_ptr, acc_ptr,
              stride_qr, stride_qh, stride_knr, stride_knh, stride_vnr, stride_vnh,
              stride_kr, stride_kh, stride_kp, stride_vr, stride_vh, stride_vp, scale,
              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -66,7 +67,7 @@ def split_kv(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, max_ptr, sum
 
 
 @triton.jit
-def combine(max_ptr, sum_ptr, acc_ptr, out_ptr, stride_or, stride_oh,  # type: ignore[no-untyped-def]
+def combine(max_ptr, sum_ptr, acc_ptr, out_ptr, stride_or, stride_oh,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
     """Program (row, kv_head): merge the splits' partial softmaxes into the GROUP heads' outputs."""
     row = tl.program_id(0)
