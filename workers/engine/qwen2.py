@@ -100,10 +100,10 @@ class Qwen2Decoder:
         self.merged_slot: int | None = None
         if merge:
             for layer in self.layers:
-                layer.m_qkv_w = torch.empty_like(layer.qkv_w[:d.q_out + 2 * d.kv_out])
-                layer.m_o_w = torch.empty_like(layer.o_w)
-                layer.m_gate_up_w = torch.empty_like(layer.gate_up_w[:2 * d.intermediate])
-                layer.m_down_w = torch.empty_like(layer.down_w)
+                layer.m_qkv_w = torch.zeros_like(layer.qkv_w[:d.q_out + 2 * d.kv_out])
+                layer.m_o_w = torch.zeros_like(layer.o_w)
+                layer.m_gate_up_w = torch.zeros_like(layer.gate_up_w[:2 * d.intermediate])
+                layer.m_down_w = torch.zeros_like(layer.down_w)
         self.can_merge = bool(merge)
         if fuse is None:
             import importlib.util
@@ -333,18 +333,19 @@ class Qwen2Decoder:
         """On CUDA, before serving: capture the graph of every (rows bucket up to max_batch, LoRA
         mode) decode step, compiling the kernels on the way, then run one short prompt pass per LoRA
         mode (the first of each loads its kernels), so that nothing is captured, compiled or loaded
-        once the worker serves. Rows 0 and 1 then hold junk KV (the engine keeps none yet)."""
+        once the worker serves. Rows 0 and 1 then hold junk KV (the engine keeps none yet). Called
+        once per decoder: the graphs write their logits into one buffer of `max_batch` rows."""
         if self.graphs is None:
             return
-        if self._logits is None or self._logits.shape[0] < max_batch:
+        if self._logits is None:
             self._logits = torch.empty(max_batch, self.dims.vocab, device=self.device, dtype=torch.float32)
         self.positions.fill_(self.max_len - 1)  # the warm-ups write K/V only where no kept KV lives
         self.graphs.prepare(row_buckets(max_batch), self.lora_modes())
         started = time.perf_counter()
         prompt = [0] * 16
-        for slots in ([None], [0], [None, 0]):
+        for slots in ([None], [0], [None, 0]) if self.lora_slots else ([None],):
             self.prefill(list(range(len(slots))), [prompt] * len(slots), slots)
-        if self.can_merge:
+        if self.can_merge and self.lora_slots:
             self.merge(0)
             self.prefill([0], [prompt], [0])
             self.merged_slot = None
