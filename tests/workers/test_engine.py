@@ -106,9 +106,9 @@ def test_merged_step_equals_the_lora_step(tiny_model: Path, tiny_adapter: Path) 
     for row in (0, 1):
         decoder.prefill([row], [PROMPTS[row]], [1])
         decoder.tokens[row], decoder.positions[row] = 7 + row, len(PROMPTS[row])
-    lora = decoder.decode(2, 64, 1).clone()
-    merged = decoder.decode(2, 64, MERGED)
-    base = decoder.decode(2, 64, None)
+    lora = decoder.decode(2, 1).clone()
+    merged = decoder.decode(2, MERGED)
+    base = decoder.decode(2, None)
     assert torch.allclose(merged, lora, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(base, lora, rtol=1e-3, atol=1e-3)
     decoder.write_lora(1, read_adapter(tiny_adapter, decoder.dims, max_rank=8, model_name=str(tiny_model)))
@@ -262,7 +262,7 @@ def test_compiled_parts_give_the_eager_step(tiny_model: Path, tiny_adapter: Path
         for row in (0, 1):
             decoder.prefill([row], [PROMPTS[row]], [1])
             decoder.tokens[row], decoder.positions[row] = 7 + row, len(PROMPTS[row])
-        results[fuse] = [decoder.decode(2, 64, MERGED).clone(), decoder.decode(2, 64, None).clone(),
-                         decoder.decode(1, 64, MERGED).clone()]
+        results[fuse] = [decoder.decode(2, MERGED).clone(), decoder.decode(2, None).clone(),
+                         decoder.decode(1, MERGED).clone()]
     for eager, compiled in zip(results[False], results[True], strict=True):
         assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)

@@ -102,7 +102,7 @@ def test_suffix_prefill_gives_the_cold_logits_and_decode(tiny_model: Path, tiny_
         assert torch.equal(decoder.k_cache[layer][0, :, :len(history)], decoder.k_cache[layer][2, :, :len(history)])
     decoder.tokens[:] = 12
     decoder.positions[:] = len(history)
-    steps = decoder.decode(4, 128, "mixed")
+    steps = decoder.decode(4, "mixed")
     assert torch.allclose(steps[:2], steps[2:], rtol=1e-5, atol=1e-5)
 
 

@@ -4,7 +4,8 @@ protocol: the Engine interface, requests, streams, finish reasons. scheduler: HF
 loop with continuous batching. prefix_cache: finished requests' KV kept for reuse. slots /
 merge_policy: resident adapters and when one is merged.
 qwen2 / layout / fused / graphs / lora_buffers: the forward, its shapes, compiled parts, CUDA graphs
-and LoRA buffers. adapter_files: reading a peft adapter. sampling: per-row token choice.
+and LoRA buffers. decode_attention / decode_kernels: decode attention over each row's own length
+(Triton split-KV on CUDA, torch elsewhere). adapter_files: reading a peft adapter. sampling: per-row token choice.
 text: token ids to reply text with stop strings.
 """
 

@@ -8,7 +8,6 @@ import torch
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-LENGTH_BUCKET = 256
 
 
 @dataclass
@@ -85,3 +84,8 @@ def bucket_of(n: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> int:
         if size >= n:
             return size
     return n
+
+
+def row_buckets(max_batch: int) -> list[int]:
+    """Every row count a decode step of a `max_batch` engine runs: min(bucket_of(n), max_batch)."""
+    return sorted({min(bucket_of(n), max_batch) for n in range(1, max_batch + 1)})

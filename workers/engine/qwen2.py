@@ -3,22 +3,26 @@
 The weights are the Hugging Face model's own tensors (q/k/v and gate/up fused into one matrix
 each). Every batch row owns one KV-cache row; a decode step runs rows [0, bucket) at once, each
 row with its own position and its own LoRA slot (a one-hot mask over fixed adapter buffers), so
-one step may mix the base model and several adapters. On CUDA each (batch, length) bucket is one
-captured graph; loading an adapter is an in-place copy into its buffers and keeps the graphs.
+one step may mix the base model and several adapters. Decode attention reads each row's length from
+device memory (decode_attention.py), so on CUDA each (batch bucket, LoRA mode) is one graph, all
+captured at start-up (`prepare_graphs`); loading an adapter is an in-place copy into its buffers and
+keeps the graphs.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from personabot.workers.engine.decode_attention import decode_attention
 from personabot.workers.engine.fused import FusedParts
 from personabot.workers.engine.graphs import DecodeGraphs
 from personabot.workers.engine.kv_plan import gpu_memory
-from personabot.workers.engine.layout import LENGTH_BUCKET, MERGED, MIXED, Dims, Layer, LoraMode, LoraWeights
+from personabot.workers.engine.layout import MERGED, MIXED, Dims, Layer, LoraMode, LoraWeights, row_buckets
 from personabot.workers.engine.lora_buffers import merge_slot, slot_rows, write_slot
 
 
@@ -97,10 +101,10 @@ class Qwen2Decoder:
         self.merged_slot: int | None = None
         if merge:
             for layer in self.layers:
-                layer.m_qkv_w = torch.empty_like(layer.qkv_w[:d.q_out + 2 * d.kv_out])
-                layer.m_o_w = torch.empty_like(layer.o_w)
-                layer.m_gate_up_w = torch.empty_like(layer.gate_up_w[:2 * d.intermediate])
-                layer.m_down_w = torch.empty_like(layer.down_w)
+                layer.m_qkv_w = torch.zeros_like(layer.qkv_w[:d.q_out + 2 * d.kv_out])
+                layer.m_o_w = torch.zeros_like(layer.o_w)
+                layer.m_gate_up_w = torch.zeros_like(layer.gate_up_w[:2 * d.intermediate])
+                layer.m_down_w = torch.zeros_like(layer.down_w)
         self.can_merge = bool(merge)
         if fuse is None:
             import importlib.util
@@ -109,6 +113,8 @@ class Qwen2Decoder:
         self.fused = FusedParts(d) if fuse else None
         self.plain = FusedParts(d, compiled=False)
         self.graphs = DecodeGraphs(self._decode) if self.use_graphs else None
+        self._logits: torch.Tensor | None = None  # the graphs' shared output, [max_batch, vocab] fp32
+        self.warmup_s = 0.0  # the prompt passes of `prepare`
 
     # --- LoRA slots -----------------------------------------------------------------------------
     def slot_mask(self, slot: int | None, k: int) -> torch.Tensor:
@@ -278,19 +284,15 @@ class Qwen2Decoder:
             cache[a, :, :tokens] = cache[b, :, :tokens]
             cache[b, :, :tokens] = held
 
-    def _decode(self, rows: int, length: int, mode: LoraMode) -> torch.Tensor:
+    def _decode(self, rows: int, mode: LoraMode) -> torch.Tensor:
         d = self.dims
-        group = d.heads // d.kv_heads
         tokens, positions = self.tokens[:rows], self.positions[:rows]
         masks = {k: m[:rows] for k, m in self.masks.items()}
         x = self.embed[tokens]
         cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]
-        span = torch.arange(length, device=self.device)
-        bias = torch.zeros(rows, length, device=self.device, dtype=self.dtype)
-        bias.masked_fill_(span[None, :] > positions[:, None], float("-inf"))
-        bias = bias[:, None, None, :].expand(rows, d.kv_heads, 1, length).reshape(rows * d.kv_heads, 1, length)
-        row_index = torch.arange(rows, device=self.device)
-        scale = 1.0 / math.sqrt(d.head_dim)
+        # Keys [0, position] are this step's; a row at max_len - 1 runs no request (the engine parks
+        # idle rows there) and attends to one key only: its output is never read.
+        lengths = torch.where(positions == self.max_len - 1, 1, positions + 1)
         fused = self.fused if mode is None or mode == MERGED else None
         for index, layer in enumerate(self.layers):
             if fused is not None:
@@ -299,36 +301,62 @@ class Qwen2Decoder:
                 q, k, v = fused.attn_in(x, layer.in_norm, qkv_w, layer.qkv_b[:base], cos, sin)
             else:
                 q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
-            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[row_index, :, positions] = k
-            v_cache[row_index, :, positions] = v
-            keys = k_cache[:rows, :, :length].view(rows * d.kv_heads, length, d.head_dim)
-            values = v_cache[:rows, :, :length].view(rows * d.kv_heads, length, d.head_dim)
+            attn = decode_attention(q, k, v, self.k_cache[index], self.v_cache[index], positions,
+                                    lengths).view(rows, d.q_out)
             o_w = layer.m_o_w if mode == MERGED else layer.o_w
             if fused is not None:
                 gate_up_w = layer.m_gate_up_w if mode == MERGED else layer.gate_up_w[:2 * d.intermediate]
                 down_w = layer.m_down_w if mode == MERGED else layer.down_w
-                x = fused.attn_out(q, keys, values, bias, x, o_w)
-                x = fused.mlp(x, layer.post_norm, gate_up_w, down_w)
+                x = fused.mlp(torch.addmm(x, attn, o_w.T), layer.post_norm, gate_up_w, down_w)
                 continue
-            scores = torch.baddbmm(bias, q.reshape(rows * d.kv_heads, group, d.head_dim), keys.transpose(1, 2),
-                                   alpha=scale)
-            attn = torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, d.q_out)
             x = self._lora(torch.addmm(x, attn, o_w.T), attn, layer.a_o, layer.b_o, mode, masks)
             x = self._mlp(layer, x, mode, masks)
         x = F.rms_norm(x, (d.hidden,), self.final_norm, d.eps)
-        return (x @ self.lm_head.T).float()
+        logits = x @ self.lm_head.T
+        if self._logits is None:
+            return logits.float()
+        return self._logits[:rows].copy_(logits)
 
     @torch.no_grad()
-    def decode(self, rows: int, length: int, mode: LoraMode) -> torch.Tensor:
-        """One step for rows [0, rows) reading `tokens`/`positions`; returns logits [rows, vocab]."""
+    def decode(self, rows: int, mode: LoraMode) -> torch.Tensor:
+        """One step for rows [0, rows) reading `tokens`/`positions`; returns logits [rows, vocab]
+        (with graphs, a view of one buffer that the next step overwrites)."""
         if self.graphs is None:
-            return self._decode(rows, length, mode)
-        return self.graphs.run(rows, length, mode)
+            return self._decode(rows, mode)
+        return self.graphs.run(rows, mode)
+
+    def lora_modes(self) -> list[LoraMode]:
+        """Every LoRA mode a decode step can run in: base, each slot, mixed, and merged where it can merge."""
+        return [None, *range(self.lora_slots), MIXED, *([MERGED] if self.can_merge else [])]
+
+    @torch.no_grad()
+    def prepare(self, max_batch: int) -> None:
+        """On CUDA, before serving: capture the graph of every (rows bucket up to max_batch, LoRA
+        mode) decode step, compiling the kernels on the way, then run one short prompt pass per LoRA
+        mode (the first of each loads its kernels), so that nothing is captured, compiled or loaded
+        once the worker serves. Rows 0 and 1 then hold junk KV (the engine keeps none yet). Called
+        once per decoder: the graphs write their logits into one buffer of `max_batch` rows."""
+        if self.graphs is None:
+            return
+        if self._logits is None:
+            self._logits = torch.empty(max_batch, self.dims.vocab, device=self.device, dtype=torch.float32)
+        self.positions.fill_(self.max_len - 1)  # the warm-ups write K/V only where no kept KV lives
+        self.graphs.prepare(row_buckets(max_batch), self.lora_modes())
+        started = time.perf_counter()
+        prompt = [0] * 16
+        for slots in ([None], [0], [None, 0]) if self.lora_slots else ([None],):
+            self.prefill(list(range(len(slots))), [prompt] * len(slots), slots)
+        if self.can_merge and self.lora_slots:
+            self.merge(0)
+            self.prefill([0], [prompt], [0])
+            self.merged_slot = None
+        torch.cuda.synchronize()
+        self.warmup_s = time.perf_counter() - started
 
     @property
     def graph_captures(self) -> int:
         return self.graphs.captures if self.graphs is not None else 0
 
-    def length_bucket(self, max_position: int) -> int:
-        return min(self.max_len, (max_position // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
+    @property
+    def graph_capture_s(self) -> float:
+        return self.graphs.capture_s if self.graphs is not None else 0.0

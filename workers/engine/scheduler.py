@@ -77,8 +77,8 @@ class HFEngine:
         `merge` / `fuse`: see Qwen2Decoder (None = automatic). `prefix_cache`: keep finished requests'
         KV for reuse (see prefix_cache.py), at most `prefix_rows` rows (0 = every row not running),
         `spare_rows` KV rows beyond `max_batch` that only hold parked KV. `sizing`: how `max_batch` was
-        chosen (workers.engine.kv_plan), for the worker's ready log."""
-        self.sizing = sizing
+        chosen (workers.engine.kv_plan), for the worker's ready log (see `sizing`)."""
+        self._kv_sizing = sizing
         self.pool = PrefixPool(max_batch, spare_rows if prefix_cache else 0, enabled=prefix_cache,
                                max_rows=prefix_rows)
         self._merge, self._fuse = merge, fuse
@@ -118,12 +118,24 @@ class HFEngine:
             lora_slots=self.lora_slots, lora_rank=self.lora_rank, merge=self._merge, fuse=self._fuse)
         del model
         gc.collect()
+        self.decoder.prepare(self.max_batch)
         self.sampler = RowSampler(self.max_batch, self.decoder.dims.vocab, self.decoder.device)
         self._active_rows = torch.zeros(self.max_batch, dtype=torch.long, device=self.decoder.device)
         # Rows no request runs in decode at the one position whose KV is never kept (see _finish).
         self.decoder.positions.fill_(self.max_len - 1)
         with self._cv:
             self.pool.clear()
+
+    @property
+    def sizing(self) -> str:
+        """How the batch was sized and what start-up prepared, for the worker's ready log."""
+        decoder = self.decoder
+        if decoder is None or decoder.graphs is None:
+            return self._kv_sizing
+        graphs = (f"{decoder.graph_captures} decode graphs (rows buckets up to {self.max_batch} x "
+                  f"{len(decoder.lora_modes())} LoRA modes) captured in {decoder.graph_capture_s:.1f} s, "
+                  f"prompt passes warmed in {decoder.warmup_s:.1f} s")
+        return f"{self._kv_sizing}; {graphs}" if self._kv_sizing else graphs
 
     @property
     def released(self) -> bool:
@@ -264,6 +276,7 @@ class HFEngine:
             counters.update(self.pool.stats())
         counters.update(self.pool.capacity(self.max_len))
         counters["graphs"] = self.decoder.graph_captures if self.decoder else 0
+        counters["graph_capture_s"] = round(self.decoder.graph_capture_s, 2) if self.decoder else 0.0
         return counters
 
     # --- decode loop ----------------------------------------------------------------------------
@@ -381,12 +394,11 @@ class HFEngine:
         assert decoder is not None and sampler is not None
         active = [i for i, row in enumerate(self._rows) if row is not None]
         rows = min(bucket_of(active[-1] + 1), self.max_batch)
-        length = decoder.length_bucket(max(self._rows[i].position for i in active))  # type: ignore[union-attr]
         slots = {self._rows[i].lora_slot for i in active}  # type: ignore[union-attr]
         mode: LoraMode = next(iter(slots)) if len(slots) == 1 else MIXED
         if isinstance(mode, int) and decoder.can_merge:
             mode = self._merge_policy.mode(decoder, mode, self._counters)
-        logits = decoder.decode(rows, length, mode)
+        logits = decoder.decode(rows, mode)
         tokens = sampler.sample(logits, active)
         if sampler.uses_penalty(active):
             sampler.observe(tokens)
