@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from personabot.workers.engine import GenerationStream
-from personabot.workers.engine.chunking import fair_shares
+from personabot.workers.engine.chunking import chunk_shares
 from personabot.workers.engine.scheduler import HFEngine
 from tests.workers.test_engine import collect, reference
 from tests.workers.test_prefix_cache import SYSTEM, _assert_parked_kv_is_cold_kv, ask, delta, make_engine
@@ -70,14 +70,15 @@ def mid_prefill(engine: HFEngine, stream: GenerationStream, before: dict[str, An
     return computed
 
 
-def test_fair_shares() -> None:
-    assert fair_shares([3000, 40, 40], 512) == [432, 40, 40]  # short prompts complete in one pass
-    assert fair_shares([10, 10, 10], 7) == [3, 2, 2]  # the remainder goes to the oldest
-    assert fair_shares([5, 100], 7) == [4, 3]
-    assert fair_shares([0, 3, 1], 7) == [0, 3, 1]  # less than the budget: all of it
-    assert fair_shares([], 7) == []
+def test_chunk_shares() -> None:
+    assert chunk_shares([3000, 40, 40], 512) == [432, 40, 40]  # short prompts complete in one pass
+    assert chunk_shares([3000, 3000, 3000, 40], 512) == [472, 0, 0, 40]  # however many long ones wait
+    assert chunk_shares([500] * 3, 512) == [500, 12, 0]  # a wave completes in arrival order
+    assert chunk_shares([200] * 4 + [300], 512) == [200, 56, 0, 0, 256]  # each class has half, oldest first
+    assert chunk_shares([0, 3, 1], 7) == [0, 3, 1]  # less than the budget: all of it
+    assert chunk_shares([], 7) == []
     with pytest.raises(ValueError, match="at least 1"):
-        fair_shares([5], 0)
+        chunk_shares([5], 0)
 
 
 def test_chunks_give_the_one_shot_logits_and_kv(tiny_model: Path, tiny_adapter: Path) -> None:
@@ -161,12 +162,12 @@ def test_a_request_arriving_mid_prefill_is_served_first_and_both_match_solo(
     wait_for_chunks(engine, before, 1)
     with paused(engine):
         mid_prefill(engine, long, before)
-        short = engine.submit(ask(SYSTEM[:6], "v1", n=6))
+        short = engine.submit(ask(SYSTEM[:3], "v1", n=6))  # at most half a chunk: it goes first
     short_tokens, _ = collect(short)
     long_tokens, _ = collect(long)
-    assert short_tokens == reference(tiny_model, tiny_adapter, SYSTEM[:6], 6)
+    assert short_tokens == reference(tiny_model, tiny_adapter, SYSTEM[:3], 6)
     assert long_tokens == reference(tiny_model, None, LONG, 6)
-    # The budget is shared: the short prompt did not wait for the long one's remaining chunks.
+    # The short prompt did not wait for the long one's remaining chunks.
     assert short.first_token_at is not None and long.first_token_at is not None
     assert short.first_token_at < long.first_token_at
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from personabot.workers.engine.adapter_files import read_adapter, same_base
-from personabot.workers.engine.chunking import fair_shares
+from personabot.workers.engine.chunking import chunk_shares
 from personabot.workers.engine.layout import MIXED, LoraMode, bucket_of
 from personabot.workers.engine.merge_policy import MergePolicy
 from personabot.workers.engine.prefix_cache import Plan, PrefixPool
@@ -371,16 +371,15 @@ class HFEngine:
             self._counters["prefix_hit_tokens"] += plan.reuse
 
     def _prefill(self) -> None:
-        """One prefill pass: at most `prefill_chunk` prompt tokens, shared max-min fairly by the rows in
-        prefill, oldest first (see chunking.fair_shares); a row whose last chunk ran gets its first token.
-        The decode step that follows runs the rows already decoding, so a long prompt delays running
-        streams by one chunk at a time, and a short prompt arriving behind it completes in one pass
-        while it needs no more than its share."""
+        """One prefill pass: at most `prefill_chunk` prompt tokens over the rows in prefill, short
+        prompts first, then the oldest (see chunking.chunk_shares); a row whose last chunk ran gets its
+        first token. The decode step that follows runs the rows already decoding, so a long new
+        history delays running streams by one chunk at a time."""
         decoder, sampler = self.decoder, self.sampler
         assert decoder is not None and sampler is not None
         pending = sorted(((i, row) for i, row in enumerate(self._rows) if row is not None and not row.decoding),
                          key=lambda item: item[1].order)
-        shares = fair_shares([len(row.ids) - row.position for _, row in pending], self.prefill_chunk)
+        shares = chunk_shares([len(row.ids) - row.position for _, row in pending], self.prefill_chunk)
         chunks = [(i, row, share) for (i, row), share in zip(pending, shares, strict=True) if share]
         logits = decoder.prefill([i for i, _, _ in chunks], [row.ids for _, row, _ in chunks],
                                  [row.lora_slot for _, row, _ in chunks], [row.position for _, row, _ in chunks],
