@@ -86,7 +86,7 @@ def test_chunks_give_the_one_shot_logits_and_kv(tiny_model: Path, tiny_adapter: 
     from personabot.workers.engine.qwen2 import Qwen2Decoder
     from personabot.workers.engine.scheduler import load_hf_model
 
-    decoder = Qwen2Decoder(load_hf_model(str(tiny_model), device="cpu"), max_rows=6, max_len=128, lora_slots=2,
+    decoder = Qwen2Decoder(load_hf_model(str(tiny_model), device="cpu"), max_rows=7, max_len=128, lora_slots=2,
                            lora_rank=8, merge=False, fuse=False)
     decoder.write_lora(1, read_adapter(tiny_adapter, decoder.dims, max_rank=8, model_name=str(tiny_model)))
     prompts = [SYSTEM + [5, 6, 7, 8, 9], SYSTEM[:25] + [300, 301]]
@@ -94,11 +94,12 @@ def test_chunks_give_the_one_shot_logits_and_kv(tiny_model: Path, tiny_adapter: 
     one_shot = decoder.prefill([0, 1], prompts, slots)
     # Rows 2 and 3 take the same prompts in chunks of 7, both rows in every pass (one mixed pass each):
     # the first chunk cold, the next ones over the rows' cached chunks, which end at the same place.
-    # Rows 4 and 5 start from a reused prefix of different lengths (copied), so chunks of equal size
-    # end at different places (one masked attention call over keys padded to the longer row).
+    # Rows 4 and 6 start from a reused prefix of different lengths (copied), so chunks of equal size
+    # end at different places (one masked attention call over keys padded to the longer row, gathered
+    # from rows that are not next to each other).
     decoder.copy_prefix(0, 4, 11)
-    decoder.copy_prefix(1, 5, 4)
-    for rows, starts in (([2, 3], [0, 0]), ([4, 5], [11, 4])):
+    decoder.copy_prefix(1, 6, 4)
+    for rows, starts in (([2, 3], [0, 0]), ([4, 6], [11, 4])):
         done, last = list(starts), [torch.empty(0)] * 2
         while any(d < len(p) for d, p in zip(done, prompts, strict=True)):
             part = [i for i in range(2) if done[i] < len(prompts[i])]

@@ -29,7 +29,7 @@ class _Group:
     size: int  # prompts in the group
     n: int
     tokens: torch.Tensor  # [size * n]: the members' tokens in the pass, member by member
-    rows: torch.Tensor | None = None  # KV rows of members over a cached prefix (None: all cold)
+    rows: torch.Tensor | slice | None = None  # KV rows of members over a cached prefix (None: all cold)
     end: int = 0  # keys [0, end) are read from the cache
     seen: torch.Tensor | None = None  # [size, 1, n, end]: which keys each query attends to
 
@@ -269,8 +269,11 @@ class Qwen2Decoder:
                     out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True,
                                                          scale=scale)
                 else:  # queries at positions [start, end) see keys [0, own position] of their row
-                    keys = k_cache[:, :, :group.end].index_select(0, group.rows)
-                    values = v_cache[:, :, :group.end].index_select(0, group.rows)
+                    if isinstance(group.rows, slice):  # consecutive rows (a lone follow-up): a view
+                        keys, values = k_cache[group.rows, :, :group.end], v_cache[group.rows, :, :group.end]
+                    else:
+                        keys = k_cache[:, :, :group.end].index_select(0, group.rows)
+                        values = v_cache[:, :, :group.end].index_select(0, group.rows)
                     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.seen,
                                                          enable_gqa=True, scale=scale)
                 attn.index_copy_(0, group.tokens, out.transpose(1, 2).reshape(g * n, d.heads, d.head_dim))
@@ -300,8 +303,10 @@ class Qwen2Decoder:
             end = max(starts[i] + n for i in members)
             query_positions = positions[tokens].view(len(members), n)
             seen = torch.arange(end, device=self.device)[None, None, :] <= query_positions[:, :, None]
-            groups.append(_Group(len(members), n, tokens, torch.tensor([rows[i] for i in members], device=self.device),
-                                 end, seen[:, None]))
+            kv_rows = [rows[i] for i in members]
+            consecutive = kv_rows == list(range(kv_rows[0], kv_rows[0] + len(kv_rows)))
+            where = slice(kv_rows[0], kv_rows[-1] + 1) if consecutive else torch.tensor(kv_rows, device=self.device)
+            groups.append(_Group(len(members), n, tokens, where, end, seen[:, None]))
         return groups
 
     @torch.no_grad()
