@@ -34,40 +34,63 @@ def engine(tiny_model: Path, tiny_adapter: Path, tiny_adapter_2: Path) -> Iterat
     built.close()
 
 
+class LoopGate:
+    """Holds the engine's loop between two iterations (an op of the loop waits), so a test acts at a
+    known point of a prefill: `step()` lets exactly one iteration (admission, one prefill pass, one
+    decode step) run and holds the loop again."""
+
+    def __init__(self, engine: HFEngine) -> None:
+        self.engine = engine
+        self._held: tuple[threading.Event, threading.Thread] | None = None
+
+    def step(self) -> None:
+        """Queue a waiting op, let the op holding the loop (if any) return, and wait until the loop
+        runs the new one: the loop ran one iteration in between."""
+        entered, resume = threading.Event(), threading.Event()
+
+        def op() -> None:
+            entered.set()
+            resume.wait(60)
+
+        holder = threading.Thread(target=self.engine._call_in_loop, args=(op,))
+        holder.start()
+        if self._held is not None:
+            deadline = time.monotonic() + 60
+            while not self._queued():  # queued while the loop is held: the loop takes it next
+                assert time.monotonic() < deadline, "the op was not queued"
+                time.sleep(0.001)
+            self.release()
+        assert entered.wait(60), "the engine loop did not take the op"
+        self._held = (resume, holder)
+
+    def _queued(self) -> bool:
+        with self.engine._cv:
+            return bool(self.engine._ops)
+
+    def release(self) -> None:
+        if self._held is not None:
+            resume, holder = self._held
+            self._held = None
+            resume.set()
+            holder.join(60)
+
+
 @contextmanager
-def paused(engine: HFEngine) -> Iterator[None]:
-    """Hold the engine's loop between two passes (an op of the loop waits), so the test can act at
-    a known point of a prefill; the loop resumes with the rest of that iteration."""
-    entered, resume = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        entered.set()
-        resume.wait(60)
-
-    holder = threading.Thread(target=engine._call_in_loop, args=(hold,))
-    holder.start()
+def gate(engine: HFEngine) -> Iterator[LoopGate]:
+    """The engine's loop held until the block ends (`step()` inside lets it run one iteration)."""
+    loop = LoopGate(engine)
+    loop.step()
     try:
-        assert entered.wait(60), "the engine loop did not take the pause"
-        yield
+        yield loop
     finally:
-        resume.set()
-        holder.join(60)
+        loop.release()
 
 
-def wait_for_chunks(engine: HFEngine, before: dict[str, Any], chunks: int) -> None:
-    deadline = time.monotonic() + 60
-    while delta(engine, before, "prefill_chunks") < chunks:
-        assert time.monotonic() < deadline, "the prefill did not start"
-        time.sleep(0.001)
-
-
-def mid_prefill(engine: HFEngine, stream: GenerationStream, before: dict[str, Any]) -> int:
-    """While paused: the stream's prompt is in prefill with at least two chunks to go; returns the
-    tokens computed so far."""
-    computed = int(delta(engine, before, "prefill_tokens"))
-    assert stream.first_token_at is None and engine.stats()["prefilling"] >= 1
-    assert 0 < computed <= len(stream.request.prompt_ids) - 2 * CHUNK, "the prefill ended before the pause"
-    return computed
+def mid_prefill(engine: HFEngine, stream: GenerationStream, before: dict[str, Any], chunks: int) -> None:
+    """While the loop is held: the stream's prompt has had exactly `chunks` chunks and is still in prefill."""
+    assert delta(engine, before, "prefill_chunks") == chunks
+    assert delta(engine, before, "prefill_tokens") == chunks * CHUNK < len(stream.request.prompt_ids)
+    assert stream.first_token_at is None and engine.stats()["prefilling"] == 1
 
 
 def test_chunk_shares() -> None:
@@ -159,10 +182,11 @@ def test_a_long_prompt_lets_running_streams_step_between_its_chunks(engine: HFEn
 def test_a_request_arriving_mid_prefill_is_served_first_and_both_match_solo(
         engine: HFEngine, tiny_model: Path, tiny_adapter: Path) -> None:
     before = engine.stats()
-    long = engine.submit(ask(LONG, None, n=6))
-    wait_for_chunks(engine, before, 1)
-    with paused(engine):
-        mid_prefill(engine, long, before)
+    with gate(engine) as loop:
+        long = engine.submit(ask(LONG, None, n=6))
+        loop.step()  # admitted, first chunk
+        loop.step()
+        mid_prefill(engine, long, before, 2)
         short = engine.submit(ask(SYSTEM[:3], "v1", n=6))  # at most half a chunk: it goes first
     short_tokens, _ = collect(short)
     long_tokens, _ = collect(long)
@@ -174,16 +198,19 @@ def test_a_request_arriving_mid_prefill_is_served_first_and_both_match_solo(
 
 
 def cancel_mid_prefill(engine: HFEngine, prompt: list[int], adapter: str | None) -> int:
-    """Submit `prompt`, cancel it between two of its chunks; returns the prompt tokens it computed."""
+    """Submit `prompt` and cancel it after its third chunk; returns the prompt tokens it computed."""
     before = engine.stats()
-    stream = engine.submit(ask(prompt, adapter, n=20))
-    wait_for_chunks(engine, before, 2)
-    with paused(engine):
-        mid_prefill(engine, stream, before)
+    with gate(engine) as loop:
+        stream = engine.submit(ask(prompt, adapter, n=20))
+        loop.step()
+        loop.step()
+        mid_prefill(engine, stream, before, 2)
+        # Taken at the start of the iteration after the held one, which computes a third chunk.
         engine.cancel(stream.request.request_id)
     tokens, done = collect(stream)
     assert (tokens, done.finish_reason, done.completion_tokens) == ([], "cancelled", 0)
-    return int(delta(engine, before, "prefill_tokens"))
+    assert delta(engine, before, "prefill_tokens") == 3 * CHUNK
+    return 3 * CHUNK
 
 
 def test_cancel_mid_prefill_frees_the_row_and_parks_the_computed_prefix(tiny_model: Path, tiny_adapter: Path,
