@@ -165,18 +165,18 @@ def test_chunked_engine_gives_the_one_shot_tokens_with_and_without_reuse(
 
 
 def test_a_long_prompt_lets_running_streams_step_between_its_chunks(engine: HFEngine, tiny_model: Path) -> None:
-    running = engine.submit(ask([5, 6, 7], None, n=220, min_new_tokens=10**9))
-    assert running.next_batch(timeout=30)
     before = engine.stats()
-    tokens, _ = collect(engine.submit(ask(LONG, None, n=5)))
+    with gate(engine) as loop:
+        running = engine.submit(ask([5, 6, 7], None, n=240, min_new_tokens=10**9))
+        loop.step()  # prefilled in one pass: it decodes from now on, far longer than the long prompt's prefill
+        long = engine.submit(ask(LONG, None, n=5))
+    tokens, _ = collect(long)
     chunks = math.ceil(len(LONG) / CHUNK)
-    assert delta(engine, before, "prefill_chunks") == chunks
-    # Each pass but the last was followed by a decode step of the running stream.
+    assert delta(engine, before, "prefill_chunks") == 1 + chunks
+    # Each of the long prompt's passes but the last was followed by a decode step of the running stream.
     assert delta(engine, before, "steps_between_chunks") >= chunks - 1
-    assert engine.stats()["running"] == 1  # the long-running stream was still running throughout
     assert tokens == reference(tiny_model, None, LONG, 5)
-    engine.cancel(running.request.request_id)
-    collect(running)
+    assert collect(running)[0] == reference(tiny_model, None, [5, 6, 7], 240)  # undisturbed by the chunks
 
 
 def test_a_request_arriving_mid_prefill_is_served_first_and_both_match_solo(
