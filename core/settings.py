@@ -181,6 +181,11 @@ class Settings(BaseSettings):
         0, ge=0, description="GiB of the GPU a chat worker may use (0 = all of it): its KV rows, merged adapter copy "
         "and allocator are held to it, as on a card of that size (a GPU shared with other programs)."
     )
+    prefill_chunk: int = Field(
+        512, ge=1, le=65536, description="Prompt tokens a chat worker computes between two decode steps, shared "
+        "fairly by the prompts in prefill: a long new history delays running replies by one chunk at a time "
+        "(512 tokens of a 7B model are about 10-15 ms on an H200)."
+    )
     chat_prefix_cache: bool = Field(
         True, description="Keep finished replies' KV cache so a chat's next message (and a shared system prompt) "
         "prefills only its new tokens."

@@ -63,7 +63,7 @@ def default_engine(settings: Settings, *, model_dir: Path, load: bool = True) ->
                     max_len=settings.context_tokens, lora_slots=settings.lora_slots,
                     lora_rank=settings.lora_max_rank, load=load, prefix_cache=settings.chat_prefix_cache,
                     prefix_rows=settings.chat_prefix_rows, spare_rows=settings.chat_prefix_spare_rows,
-                    sizing=plan.text)
+                    sizing=plan.text, prefill_chunk=settings.prefill_chunk)
 
 
 class ChatRuntime:
@@ -111,9 +111,10 @@ class ChatRuntime:
                                   "check PERSONABOT_REDIS_URL, PERSONABOT_DATABASE_URL and the worker log")
         self._syncer.start()
         stats = self.engine.stats()
-        reuse = {key: int(stats.get(key, 0)) for key in ("kv_rows", "prefix_chats", "prefix_tokens")}
+        reuse = {key: int(stats.get(key, 0)) for key in ("kv_rows", "prefix_chats", "prefix_tokens", "prefill_chunk")}
         log.info("ready: %(kv_rows)d KV rows; KV reuse keeps up to %(prefix_chats)d finished chats "
-                 "(%(prefix_tokens)d tokens)", reuse)
+                 "(%(prefix_tokens)d tokens); prompts prefilled %(prefill_chunk)d tokens per pass between decode "
+                 "steps", reuse)
         if getattr(self.engine, "sizing", ""):
             log.info("ready: sized %s", self.engine.sizing)  # type: ignore[attr-defined]
         memory = gpu_memory()

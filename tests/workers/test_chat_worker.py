@@ -117,7 +117,9 @@ def test_a_repeated_conversation_reuses_kv_and_the_worker_reports_the_pool(setup
     from personabot.ui.status_tab import _gpu_text
 
     worker = setup["worker"]
-    assert "KV reuse keeps up to 4 finished chats" in worker.log_path.read_text(errors="replace")
+    ready_log = worker.log_path.read_text(errors="replace")
+    assert "KV reuse keeps up to 4 finished chats" in ready_log
+    assert "prompts prefilled 512 tokens per pass between decode steps" in ready_log  # PERSONABOT_PREFILL_CHUNK
     online = next(e.data for e in events.recent(setup["client"], 1000)
                   if e.type == "worker.online" and e.data.get("worker") == worker.hostname)
     assert online["prefix_chats"] == 4 and online["kv_rows"] == 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +25,18 @@ from personabot.workers.engine.graphs import DecodeGraphs
 from personabot.workers.engine.kv_plan import gpu_memory
 from personabot.workers.engine.layout import MERGED, MIXED, Dims, Layer, LoraMode, LoraWeights, row_buckets
 from personabot.workers.engine.lora_buffers import merge_slot, slot_rows, write_slot
+
+
+@dataclass
+class _Group:
+    """Prompts of one prefill pass that compute `n` tokens each and share an attention call."""
+
+    size: int  # prompts in the group
+    n: int
+    tokens: torch.Tensor  # [size * n]: the members' tokens in the pass, member by member
+    rows: torch.Tensor | slice | None = None  # KV rows of members over a cached prefix (None: all cold)
+    end: int = 0  # keys [0, end) are read from the cache
+    seen: torch.Tensor | None = None  # [size, 1, n, end]: which keys each query attends to
 
 
 def _take(module: torch.nn.Module, name: str) -> torch.Tensor:
@@ -219,18 +232,23 @@ class Qwen2Decoder:
 
     @torch.no_grad()
     def prefill(self, rows: list[int], prompts: list[list[int]], slots: list[int | None],
-                starts: list[int] | None = None) -> torch.Tensor:
-        """Run prompts into their KV rows in one pass; returns each prompt's last logits [n, vocab].
-        `starts[i]`: positions [0, start) of row i already hold this prompt's KV (a reused prefix);
-        only the rest is computed, attending to the cached prefix (start < len(prompt))."""
+                starts: list[int] | None = None, ends: list[int] | None = None) -> torch.Tensor:
+        """Run prompts into their KV rows in one pass; returns the logits of each row's last computed
+        token [n, vocab]. `starts[i]`: positions [0, start) of row i already hold this prompt's KV (a
+        reused prefix, or the chunks already computed); `ends[i]`: compute only up to there (a chunk;
+        default the whole prompt). Positions [start, end) are computed, attending to the cached prefix."""
         d = self.dims
         starts = starts or [0] * len(prompts)
-        lengths = [len(p) - s for p, s in zip(prompts, starts, strict=True)]
+        ends = ends or [len(p) for p in prompts]
+        spans = list(zip(prompts, starts, ends, strict=True))
+        if any(not 0 <= s < e <= len(p) for p, s, e in spans):
+            raise ValueError(f"prefill spans must satisfy 0 <= start < end <= len(prompt): "
+                             f"{[(s, e, len(p)) for p, s, e in spans]}")
+        lengths = [e - s for _, s, e in spans]
         total = sum(lengths)
-        tokens = torch.tensor([t for p, s in zip(prompts, starts, strict=True) for t in p[s:]],
-                              device=self.device, dtype=torch.long)
-        positions = torch.cat([torch.arange(s, len(p), device=self.device)
-                               for p, s in zip(prompts, starts, strict=True)])
+        tokens = torch.tensor([t for p, s, e in spans for t in p[s:e]], device=self.device, dtype=torch.long)
+        positions = torch.tensor([i for _, s, e in spans for i in range(s, e)], device=self.device)
+        row_of = torch.tensor([r for r, n in zip(rows, lengths, strict=True) for _ in range(n)], device=self.device)
         mode: LoraMode = slots[0] if len(set(slots)) == 1 else MIXED
         if mode is not None and mode == self.merged_slot:
             mode = MERGED  # the adapter's merged weights: no LoRA work in the prompt pass either
@@ -239,28 +257,33 @@ class Qwen2Decoder:
             counts = torch.tensor(lengths, device=self.device)
             masks = {k: torch.stack([self.slot_mask(s, k) for s in slots]).repeat_interleave(counts, dim=0)
                      for k in (1, 2, 3)}
+        groups = self._attention_groups(rows, starts, lengths, positions)
         x = self.embed[tokens]
         cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]
         scale = 1.0 / math.sqrt(d.head_dim)
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin, mode, masks)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            k_cache[row_of, :, positions] = k  # every row's new K/V in one write
+            v_cache[row_of, :, positions] = v
             attn = torch.empty(total, d.heads, d.head_dim, device=self.device, dtype=self.dtype)
-            start = 0
-            for row, n, cached in zip(rows, lengths, starts, strict=True):
-                span, end = slice(start, start + n), cached + n
-                self.k_cache[index][row, :, cached:end] = k[span].transpose(0, 1)
-                self.v_cache[index][row, :, cached:end] = v[span].transpose(0, 1)
-                if cached:  # queries at positions [cached, end) see keys [0, own position]
-                    keys, values = self.k_cache[index][row, :, :end], self.v_cache[index][row, :, :end]
-                    seen = torch.arange(end, device=self.device)[None, :] <= positions[span, None]
-                    out = F.scaled_dot_product_attention(q[span].transpose(0, 1)[None], keys[None], values[None],
-                                                         attn_mask=seen, enable_gqa=True, scale=scale)
-                else:
-                    out = F.scaled_dot_product_attention(
-                        q[span].transpose(0, 1)[None], k[span].transpose(0, 1)[None],
-                        v[span].transpose(0, 1)[None], is_causal=True, enable_gqa=True, scale=scale)
-                attn[span] = out[0].transpose(0, 1)
-                start += n
+            for group in groups:
+                g, n = group.size, group.n
+                queries = q.index_select(0, group.tokens).view(g, n, d.heads, d.head_dim).transpose(1, 2)
+                if group.seen is None:  # no cached prefix: plain causal attention over the new tokens
+                    keys = k.index_select(0, group.tokens).view(g, n, d.kv_heads, d.head_dim).transpose(1, 2)
+                    values = v.index_select(0, group.tokens).view(g, n, d.kv_heads, d.head_dim).transpose(1, 2)
+                    out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True,
+                                                         scale=scale)
+                else:  # queries at positions [start, end) see keys [0, own position] of their row
+                    if isinstance(group.rows, slice):  # consecutive rows (a lone follow-up): a view
+                        keys, values = k_cache[group.rows, :, :group.end], v_cache[group.rows, :, :group.end]
+                    else:
+                        keys = k_cache[:, :, :group.end].index_select(0, group.rows)
+                        values = v_cache[:, :, :group.end].index_select(0, group.rows)
+                    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.seen,
+                                                         enable_gqa=True, scale=scale)
+                attn.index_copy_(0, group.tokens, out.transpose(1, 2).reshape(g * n, d.heads, d.head_dim))
             flat = attn.view(total, d.q_out)
             o_w = layer.m_o_w if mode == MERGED else layer.o_w
             x = self._lora(torch.addmm(x, flat, o_w.T), flat, layer.a_o, layer.b_o, mode, masks)
@@ -268,6 +291,30 @@ class Qwen2Decoder:
         last = torch.tensor([sum(lengths[:i + 1]) - 1 for i in range(len(lengths))], device=self.device)
         out = F.rms_norm(x[last], (d.hidden,), self.final_norm, d.eps)
         return (out @ self.lm_head.T).float()
+
+    def _attention_groups(self, rows: list[int], starts: list[int], lengths: list[int],
+                          positions: torch.Tensor) -> list[_Group]:
+        """Rows that compute the same number of tokens share one attention call per layer: cold rows
+        (nothing cached) as one causal batch, rows over a cached prefix as one masked batch whose keys
+        run to the group's longest end (the mask hides each row's positions past its own query)."""
+        by_shape: dict[tuple[int, bool], list[int]] = {}
+        for i, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+            by_shape.setdefault((n, start > 0), []).append(i)
+        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+        groups = []
+        for (n, cached), members in by_shape.items():
+            tokens = torch.tensor([offsets[i] + j for i in members for j in range(n)], device=self.device)
+            if not cached:
+                groups.append(_Group(len(members), n, tokens))
+                continue
+            end = max(starts[i] + n for i in members)
+            query_positions = positions[tokens].view(len(members), n)
+            seen = torch.arange(end, device=self.device)[None, None, :] <= query_positions[:, :, None]
+            kv_rows = [rows[i] for i in members]
+            consecutive = kv_rows == list(range(kv_rows[0], kv_rows[0] + len(kv_rows)))
+            where = slice(kv_rows[0], kv_rows[-1] + 1) if consecutive else torch.tensor(kv_rows, device=self.device)
+            groups.append(_Group(len(members), n, tokens, where, end, seen[:, None]))
+        return groups
 
     @torch.no_grad()
     def copy_prefix(self, source: int, target: int, tokens: int) -> None:

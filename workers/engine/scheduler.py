@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from personabot.workers.engine.adapter_files import read_adapter, same_base
+from personabot.workers.engine.chunking import chunk_shares
 from personabot.workers.engine.layout import MIXED, LoraMode, bucket_of
 from personabot.workers.engine.merge_policy import MergePolicy
 from personabot.workers.engine.prefix_cache import Plan, PrefixPool
@@ -36,9 +38,9 @@ from personabot.workers.engine.slots import AdapterSlots
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("prefills", "prefill_passes", "prefill_tokens", "prefix_hit_tokens", "prefix_copies", "decode_steps",
-            "decode_rows", "tokens", "max_batch_seen", "finished", "adapter_loads", "swaps", "merges", "merge_ms_max")
-PREFILL_TOKENS = 4096  # prompt tokens prefilled together before running streams take their next step
+COUNTERS = ("prefills", "prefill_passes", "prefill_chunks", "prefill_tokens", "prefix_hit_tokens", "prefix_copies",
+            "decode_steps", "steps_between_chunks", "decode_rows", "tokens", "max_batch_seen", "finished",
+            "adapter_loads", "swaps", "merges", "merge_ms_max")
 
 
 def load_hf_model(path: str, *, device: str = "auto", dtype: str = "auto") -> Any:
@@ -62,8 +64,10 @@ class _Row:
     adapter: str | None
     key: Hashable  # the weights its KV is computed under (see AdapterSlots.key)
     ids: list[int]  # prompt + every token fed back; KV is written for ids[:position]
+    order: int  # admission order (the prefill budget is shared oldest first)
     generated: int = 0
     position: int = 0
+    decoding: bool = False  # the whole prompt is in and the first token was sampled
 
 
 class HFEngine:
@@ -72,13 +76,20 @@ class HFEngine:
     def __init__(self, loader: Callable[[], Any], *, model_name: str, max_batch: int, max_len: int,
                  lora_slots: int = 3, lora_rank: int = 32, eos_ids: tuple[int, ...] = (),
                  load: bool = True, merge: bool | None = None, fuse: bool | None = None,
-                 prefix_cache: bool = True, prefix_rows: int = 0, spare_rows: int = 0, sizing: str = "") -> None:
+                 prefix_cache: bool = True, prefix_rows: int = 0, spare_rows: int = 0, sizing: str = "",
+                 prefill_chunk: int = 512) -> None:
         """`load=False` starts released: nothing is loaded until `reclaim` (the GPU is lent to training).
         `merge` / `fuse`: see Qwen2Decoder (None = automatic). `prefix_cache`: keep finished requests'
         KV for reuse (see prefix_cache.py), at most `prefix_rows` rows (0 = every row not running),
         `spare_rows` KV rows beyond `max_batch` that only hold parked KV. `sizing`: how `max_batch` was
-        chosen (workers.engine.kv_plan), for the worker's ready log (see `sizing`)."""
+        chosen (workers.engine.kv_plan), for the worker's ready log (see `sizing`). `prefill_chunk`: prompt tokens
+        computed between two decode steps, shared fairly by the prompts in prefill (see `_prefill`)."""
+        if prefill_chunk < 1:
+            raise EngineError(f"prefill_chunk is {prefill_chunk}; it must be at least 1 token "
+                              "(PERSONABOT_PREFILL_CHUNK)")
         self._kv_sizing = sizing
+        self.prefill_chunk = prefill_chunk
+        self._order = itertools.count()
         self.pool = PrefixPool(max_batch, spare_rows if prefix_cache else 0, enabled=prefix_cache,
                                max_rows=prefix_rows)
         self._merge, self._fuse = merge, fuse
@@ -271,6 +282,8 @@ class HFEngine:
         with self._cv:
             counters = dict(self._counters)
             counters["running"] = sum(1 for row in self._rows if row)
+            counters["prefilling"] = sum(1 for row in self._rows if row and not row.decoding)
+            counters["prefill_chunk"] = self.prefill_chunk
             counters["waiting"] = len(self._waiting)
             counters["max_batch"] = self.max_batch
             counters.update(self.pool.stats())
@@ -323,7 +336,9 @@ class HFEngine:
             try:
                 if admits:
                     self._admit(admits)
-                if any(self._rows):
+                if any(row is not None and not row.decoding for row in self._rows):
+                    self._prefill()
+                if any(row is not None and row.decoding for row in self._rows):
                     self._step()
             except Exception as error:
                 log.exception("decode step failed")
@@ -334,65 +349,83 @@ class HFEngine:
                         self._finish(index, FINISH_ERROR, f"generation failed: {type(error).__name__}: {error}")
 
     def _plan_admits(self) -> list[tuple[Plan, GenerationStream]]:
-        """Take waiting requests while rows are free and their uncached prompt tokens fit the budget."""
+        """Take waiting requests, oldest first, while decode rows are free; their prompts are then
+        prefilled in chunks (`_prefill`), so a long one holds only its own row."""
         free = [i for i, row in enumerate(self._rows) if row is None]
         if not (self._waiting and free):
             return []
+        # Rows still in prefill are copy sources too: their KV is written for ids[:position].
         running = [(i, row.ids, row.position, row.key) for i, row in enumerate(self._rows) if row is not None]
         admits: list[tuple[Plan, GenerationStream]] = []
-        budget = PREFILL_TOKENS
         while self._waiting and free:
             stream = self._waiting[0]
-            prompt = stream.request.prompt_ids
-            plan = self.pool.plan(prompt, self.slots.key(stream.lora_slot), free, running)
-            cost = len(prompt) - plan.reuse
-            if admits and cost > budget:
-                break
-            budget -= cost
+            plan = self.pool.plan(stream.request.prompt_ids, self.slots.key(stream.lora_slot), free, running)
             self.pool.commit(plan)
             free.remove(plan.target)
             admits.append((plan, self._waiting.popleft()))
         return admits
 
     def _admit(self, admits: list[tuple[Plan, GenerationStream]]) -> None:
-        """Copy reused prefixes into place, prefill the rest of the prompts together, then give each
-        request its first token."""
-        decoder, sampler = self.decoder, self.sampler
-        assert decoder is not None and sampler is not None
+        """Copy reused prefixes into place and give each request its row; its prompt is computed
+        from the end of the reused prefix by the next prefill passes."""
+        decoder = self.decoder
+        assert decoder is not None
         for plan, _ in admits:
             for op, first, second, tokens in plan.ops:
                 (decoder.swap_prefix if op == "swap" else decoder.copy_prefix)(first, second, tokens)
                 self._counters["prefix_copies"] += 1
         for plan, stream in admits:
-            request, index = stream.request, plan.target
+            index = plan.target
             self._rows[index] = _Row(stream, stream.lora_slot, stream.adapter, self.slots.key(stream.lora_slot),
-                                     list(request.prompt_ids), position=len(request.prompt_ids))
+                                     list(stream.request.prompt_ids), next(self._order), position=plan.reuse)
             decoder.set_row_lora(index, stream.lora_slot)
+            # Until its prompt is in, decode steps write this row's K/V only where no kept KV lies (see _finish).
+            decoder.positions[index] = self.max_len - 1
+            self._counters["prefix_hit_tokens"] += plan.reuse
+
+    def _prefill(self) -> None:
+        """One prefill pass: at most `prefill_chunk` prompt tokens over the rows in prefill, short
+        prompts first, then the oldest (see chunking.chunk_shares); a row whose last chunk ran gets its
+        first token. The decode step that follows runs the rows already decoding, so a long new
+        history delays running streams by one chunk at a time."""
+        decoder, sampler = self.decoder, self.sampler
+        assert decoder is not None and sampler is not None
+        pending = sorted(((i, row) for i, row in enumerate(self._rows) if row is not None and not row.decoding),
+                         key=lambda item: item[1].order)
+        shares = chunk_shares([len(row.ids) - row.position for _, row in pending], self.prefill_chunk)
+        chunks = [(i, row, share) for (i, row), share in zip(pending, shares, strict=True) if share]
+        logits = decoder.prefill([i for i, _, _ in chunks], [row.ids for _, row, _ in chunks],
+                                 [row.lora_slot for _, row, _ in chunks], [row.position for _, row, _ in chunks],
+                                 [row.position + share for _, row, share in chunks])
+        done: list[tuple[int, torch.Tensor]] = []
+        for n, (index, row, share) in enumerate(chunks):
+            row.position += share
+            self._counters["prefill_tokens"] += share
+            self._counters["prefill_chunks"] += 1
+            if row.position < len(row.ids):
+                continue
+            request = row.stream.request
+            # Configured only now: decode steps sample and observe every row of their bucket.
             sampler.configure(index, request.prompt_ids, temperature=request.temperature,
                               top_p=request.top_p, penalty=request.repetition_penalty, seed=request.seed)
-        logits = decoder.prefill([p.target for p, _ in admits], [s.request.prompt_ids for _, s in admits],
-                                 [s.lora_slot for _, s in admits], [p.reuse for p, _ in admits])
-        firsts = []
-        for n, (plan, stream) in enumerate(admits):
-            index = plan.target
             token = sampler.sample(logits[n:n + 1], [index], start=index)
             if sampler.uses_penalty([index]):
                 sampler.observe(token, start=index)
             decoder.tokens[index] = token[0]
-            decoder.positions[index] = len(stream.request.prompt_ids)
+            decoder.positions[index] = row.position
             self._active_rows[index] = 1
-            firsts.append(token)
-            self._counters["prefill_tokens"] += len(stream.request.prompt_ids) - plan.reuse
-            self._counters["prefix_hit_tokens"] += plan.reuse
-        self._counters["prefills"] += len(admits)
+            row.decoding = True
+            done.append((index, token))
+            self._counters["prefills"] += 1
         self._counters["prefill_passes"] += 1
-        for (plan, _), token in zip(admits, torch.cat(firsts).tolist(), strict=True):
-            self._deliver(plan.target, token)
+        if done:
+            for (index, _), token in zip(done, torch.cat([t for _, t in done]).tolist(), strict=True):
+                self._deliver(index, token)
 
     def _step(self) -> None:
         decoder, sampler = self.decoder, self.sampler
         assert decoder is not None and sampler is not None
-        active = [i for i, row in enumerate(self._rows) if row is not None]
+        active = [i for i, row in enumerate(self._rows) if row is not None and row.decoding]
         rows = min(bucket_of(active[-1] + 1), self.max_batch)
         slots = {self._rows[i].lora_slot for i in active}  # type: ignore[union-attr]
         mode: LoraMode = next(iter(slots)) if len(slots) == 1 else MIXED
@@ -406,6 +439,8 @@ class HFEngine:
         decoder.positions[:self.max_batch].add_(self._active_rows)
         host = tokens.tolist()
         self._counters["decode_steps"] += 1
+        if len(active) < sum(1 for row in self._rows if row is not None):
+            self._counters["steps_between_chunks"] += 1  # a prompt still in prefill waited one step
         self._counters["decode_rows"] += len(active)
         self._counters["max_batch_seen"] = max(self._counters["max_batch_seen"], len(active))
         for index in active:
