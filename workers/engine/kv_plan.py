@@ -102,10 +102,10 @@ def gpu_memory(device: object = None) -> tuple[int, int]:
     cap less what this process holds, and never more than the GPU really has free."""
     import torch
 
-    free, total = torch.cuda.mem_get_info(device)  # type: ignore[arg-type]
+    free, total = torch.cuda.mem_get_info(device)
     if not _cap_bytes:
         return free, total
-    return max(0, min(free, _cap_bytes - torch.cuda.memory_reserved(device))), _cap_bytes  # type: ignore[arg-type]
+    return max(0, min(free, _cap_bytes - torch.cuda.memory_reserved(device))), _cap_bytes
 
 
 def auto_rows(model_dir: Path, *, device: str, max_len: int, concurrent_training: bool) -> KvPlan:
