@@ -521,7 +521,13 @@ def main() -> None:
                 stop_one()
 
     if {"celery", "api"} & set(backends):
-        build_model(dims, "cpu", dtype).save_pretrained(model_dir)
+        saved = model_dir / "config.saved.json"  # a later run in the same work dir keeps the weights it wrote
+        if saved.exists() and json.loads(saved.read_text()).get("hidden_size") == dims["hidden_size"] \
+                and any(model_dir.glob("*.safetensors")):
+            shutil.copy(saved, model_dir / "config.json")
+        else:
+            build_model(dims, "cpu", dtype).save_pretrained(model_dir)
+            shutil.copy(model_dir / "config.json", saved)
     # Chat count outermost: a run cut short still compares every path at the counts it reached.
     reuse_modes = [mode == "on" for mode in args.reuse.split(",")]
     for chats, backend_name, reuse in itertools.product(chat_counts, backends, reuse_modes):
