@@ -9,8 +9,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import redis
-import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,6 +19,7 @@ from personabot.api.errors import APIError, install_handlers
 from personabot.api.metrics import ApiMetrics
 from personabot.api.models import find_model, list_models
 from personabot.api.schemas import parse_body
+from personabot.core.redis_pool import async_client, sync_client
 from personabot.core.settings import Settings, get_settings
 from personabot.core.store import Store
 from personabot.core.store_keys import ApiKey
@@ -29,6 +28,7 @@ from personabot.workers.client import ChatClient
 
 log = logging.getLogger(__name__)
 
+STREAMS = 1024  # replies streamed at once before a new one waits for a Redis connection
 MAX_BODY_BYTES = 4 * 2**20
 
 
@@ -39,8 +39,9 @@ class Service:
         self.settings = settings
         self.store = Store.from_settings(settings)
         url = settings.effective_redis_url
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=3)
-        self.aredis = aioredis.Redis.from_url(url, socket_connect_timeout=3)
+        self.redis = sync_client(url, concurrency=64, socket_timeout=10, socket_connect_timeout=3)
+        # Each streamed reply holds a connection while it waits for tokens: hundreds at once.
+        self.aredis = async_client(url, concurrency=STREAMS, socket_connect_timeout=3)
         self.metrics = ApiMetrics()
         self.metrics.add_service_collector(self.redis, self.store, settings.max_batch)
         chat = ChatClient(self.redis, make_celery(url), aredis=self.aredis)

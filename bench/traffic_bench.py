@@ -333,11 +333,10 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
     """redis-server + the store + one real chat worker; returns a ChatClient, a stop function and the
     service's parts (work dir, worker environment, store, for `start_api`; `stats`, a reader of the
     engine stats the worker publishes after each reply)."""
-    import redis
-
     from personabot.core.events import WorkerOnline, recent
     from personabot.core.keys import CHAT_WORKERS
     from personabot.core.processes import stop_process
+    from personabot.core.redis_pool import sync_client
     from personabot.core.store import Store
     from personabot.redis_server import RedisServer
     from personabot.workers.app import make_celery
@@ -358,7 +357,7 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                 "PERSONABOT_DEVICE": device, "PERSONABOT_RETRAIN_CRON": "",
                 "PERSONABOT_CHAT_PREFIX_CACHE": str(reuse).lower(), "PERSONABOT_GPU_MEMORY_GIB": str(gpu_gib),
                 "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")})
-    client = redis.Redis.from_url(server.url)
+    client = sync_client(server.url, concurrency=1024)  # one blocking stream read per chat
     log = open(work / "chat-worker.log", "wb")  # noqa: SIM115 - closed by stop()
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "personabot.workers.chat_tasks:app", "worker",
                                "-Q", "chat", "--pool", "threads", "--concurrency", str(max_batch),

@@ -11,7 +11,6 @@ from typing import cast
 from urllib.parse import urlparse
 
 import redis
-import redis.asyncio as aioredis
 from celery import Celery
 from telegram import Bot, Update
 from telegram.error import TelegramError
@@ -25,6 +24,7 @@ from personabot.bot.memory import ChatMemory
 from personabot.bot.replies import PendingReply, ReplyService, ReplyTimings, Turn
 from personabot.bot.streaming import Pacing
 from personabot.core import events
+from personabot.core.redis_pool import async_client
 from personabot.core.settings import Settings, get_settings
 from personabot.core.store import Store
 from personabot.workers.client import ChatClient
@@ -150,7 +150,7 @@ def build_application(
     if not settings.redis_url:
         raise BotConfigError("no Redis: set PERSONABOT_REDIS_URL (or start the bot with `personabot up`)")
     protect_token(token)
-    aredis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
+    aredis = async_client(settings.redis_url, concurrency=512)  # waits for a connection past 512, never fails
     sync_redis = redis.Redis.from_url(settings.redis_url)
     if celery is None:
         from personabot.workers.app import make_celery

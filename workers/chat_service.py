@@ -17,6 +17,7 @@ from personabot.core import events, keys
 from personabot.core.errors import one_line
 from personabot.core.events import Event
 from personabot.core.gpu_share import drop_holder, gpu_host, mark_holder, read_lease, should_release
+from personabot.core.redis_pool import sync_client
 from personabot.core.schemas import ChatRequest, ChatResult
 from personabot.core.settings import Settings
 from personabot.core.store import Store
@@ -25,7 +26,7 @@ from personabot.training.model_source import resolve_model_dir
 from personabot.training.registry import AdapterPathError, AdapterRegistry
 from personabot.workers.chat_reply import CLAIM_TTL_S, Reply, claim_key
 from personabot.workers.engine import AdapterRefusedError, Engine, EngineError
-from personabot.workers.engine.kv_plan import KvPlan, auto_rows, limit_gpu_memory
+from personabot.workers.engine.kv_plan import MAX_ROWS, KvPlan, auto_rows, limit_gpu_memory
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class ChatRuntime:
         self.settings = settings
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.host = gpu_host(settings.gpu_host)
-        self.client = redis.Redis.from_url(settings.effective_redis_url)
+        # One connection per reply thread at most (Celery's pool is max_batch threads) + listeners.
+        self.client = sync_client(settings.effective_redis_url, concurrency=settings.max_batch or MAX_ROWS)
         self.store = Store(settings.db_url)
         self.registry = AdapterRegistry(self.store, settings.adapters_path)
         self._lock = threading.RLock()
