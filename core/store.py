@@ -286,5 +286,5 @@ def _is_secret_key(key: str) -> bool:
     return any(word in key.lower() for word in ("hash", "password", "secret", "token"))
 
 
-__all__ = ["GateInputError", "NotFoundError", "RunLockedError", "Store", "StoreError", "isoformat", "latest_heartbeat_age",
-           "make_engine"]
+__all__ = ["GateInputError", "NotFoundError", "RunLockedError", "Store", "StoreError", "isoformat",
+           "latest_heartbeat_age", "make_engine"]
