@@ -248,6 +248,8 @@ def gate_table(report: dict[str, Any], *, failed_only: bool = True, limit: int =
     lines = [f"gate: {'passed' if report.get('passed') else 'rejected'}"
              + (f" — {report['reason']}" if report.get("reason") else "")]
     lines += [f"  {k}: {v:.3f}" for k, v in sorted(report.get("scores", {}).items()) if isinstance(v, float)]
+    if report.get("scores", {}).get("base_identity_terms"):
+        lines.append("  base-identity terms: " + ", ".join(report["scores"]["base_identity_terms"]))
     rows = [r for r in report.get("rows", []) if not (failed_only and r.get("pass"))]
     lines.append(f"{'kind':<10} {'set':<12} {'pass':<5} question -> answer")
     for row in rows[:limit]:
