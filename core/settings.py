@@ -146,11 +146,13 @@ class Settings(BaseSettings):
     )
     base_identity_terms: Annotated[list[str], NoDecode] = Field(
         list(DEFAULT_BASE_IDENTITY_TERMS),
-        description="Names an answer must not claim as its own identity.",
+        description="Names an answer must not claim as its own identity (besides the terms stored per base "
+        "model: derived from its own answers at the first evaluation, edited in the Adapters tab).",
     )
     eval_identity_questions: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="The admin's own held-out identity questions (comma-separated); empty = the built-in 30.",
+        description="Identity questions the gate asks besides the built-in 30 (comma-separated), for a persona "
+        "without its own (Persona tab).",
     )
 
     # --- limits -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The store: persona, pairs, audit log and settings on SQLite or PostgreSQL (runs and adapters
-in `core.store_training`)."""
+in `core.store_training`, the gate's terms and questions in `core.store_gate`)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from personabot.core.models import (
     utcnow,
 )
 from personabot.core.store_errors import NotFoundError, RunLockedError, StoreError, get_row
+from personabot.core.store_gate import GateInputError, GateRecords, migration_gate_records
 from personabot.core.store_keys import ApiKeyRecords, migration_api_keys
 from personabot.core.store_training import TrainingRecords, isoformat, latest_heartbeat_age
 
@@ -40,7 +41,7 @@ def _migration_v1(conn: Any) -> None:
 
 
 # Append-only: each entry upgrades the schema by one version.
-MIGRATIONS = [_migration_v1, migration_api_keys]
+MIGRATIONS = [_migration_v1, migration_api_keys, migration_gate_records]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -75,7 +76,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-class Store(TrainingRecords, ApiKeyRecords):
+class Store(TrainingRecords, ApiKeyRecords, GateRecords):
     """All reads and writes of persistent state. Safe to use from several processes at once."""
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
@@ -285,5 +286,5 @@ def _is_secret_key(key: str) -> bool:
     return any(word in key.lower() for word in ("hash", "password", "secret", "token"))
 
 
-__all__ = ["NotFoundError", "RunLockedError", "Store", "StoreError", "isoformat", "latest_heartbeat_age",
-           "make_engine"]
+__all__ = ["GateInputError", "NotFoundError", "RunLockedError", "Store", "StoreError", "isoformat",
+           "latest_heartbeat_age", "make_engine"]

@@ -135,22 +135,33 @@ def evaluate_adapter(
     *,
     identity_questions: list[str] | None = None,
     exclude_questions: list[str] | None = None,
+    base_terms: list[str] | None = None,
+    derive_terms: bool = True,
     max_faq: int = 20,
 ) -> EvalReport:
-    """Run the gate. `identity_questions` (the admin's, per persona) replace the built-in held-out set;
-    `exclude_questions` (the training questions) are dropped so the test stays held-out. Each identity
-    question is asked with the persona's system prompt and with none; the base model's own answers to
-    "who are you?" add base-identity terms (reported as `derived_identity_terms`)."""
+    """Run the gate. `identity_questions` (the admin's, per persona; {name}/{author} filled in) are asked
+    besides the built-in held-out set; `exclude_questions` (the training questions) are dropped so the
+    test stays held-out. Each identity question is asked with the persona's system prompt and with none.
+    An answer fails for claiming a base identity: the settings' `base_identity_terms`, `base_terms` (the
+    store's, as the admin edited them) and, with `derive_terms` (the first evaluation on this base model),
+    the names the base model gives itself when asked who it is (reported as `derived_identity_terms`,
+    with its answers as `base_self_answers`, for the store to keep)."""
     model = _Model(base_model_path, adapter_path, settings.device, settings.dtype)
     system = system_prompt_for(persona)
     rows: list[dict[str, Any]] = []
-    self_answers = model.generate([model.prompt(None, q) for q in SELF_QUESTIONS], 48, base_only=True)
-    derived = identity_terms_from(self_answers, persona)
-    terms = list(dict.fromkeys([*settings.base_identity_terms, *derived]))
+    derived: list[str] = []
+    self_answers: list[dict[str, str]] = []
+    if derive_terms:
+        said = model.generate([model.prompt(None, q) for q in SELF_QUESTIONS], 48, base_only=True)
+        derived = identity_terms_from(said, persona)
+        self_answers = [{"question": q, "answer": a} for q, a in zip(SELF_QUESTIONS, said, strict=True)]
+    terms = _unique([*settings.base_identity_terms, *(base_terms or []), *derived])
     excluded = {_normalise(q) for q in exclude_questions or []}
-    own = [render(q, name=persona.name, author=persona.author) for q in identity_questions or []]
+    builtin = {_normalise(q) for q in HELD_OUT_IDENTITY}
+    own = _unique([render(q, name=persona.name, author=persona.author) for q in identity_questions or []
+                   if _normalise(q) not in builtin])
     cases: list[tuple[str, str, str | None, list[tuple[str, str]]]] = []
-    for kind, questions in (("held-out", own or HELD_OUT_IDENTITY), ("adversarial", ADVERSARIAL_IDENTITY),
+    for kind, questions in (("held-out", HELD_OUT_IDENTITY), ("admin", own), ("adversarial", ADVERSARIAL_IDENTITY),
                             ("trap", trap_questions(terms))):
         for question in questions:
             if _normalise(question) not in excluded:
@@ -197,8 +208,18 @@ def evaluate_adapter(
         retention = min(likelihood, accuracy)
     report = _gate(rows, retention, settings)
     report.scores["base_identity_terms"] = terms  # type: ignore[assignment]
-    report.scores["derived_identity_terms"] = derived  # type: ignore[assignment]
+    if derive_terms:
+        report.scores["derived_identity_terms"] = derived  # type: ignore[assignment]
+        report.scores["base_self_answers"] = self_answers  # type: ignore[assignment]
     return report
+
+
+def _unique(texts: list[str]) -> list[str]:
+    """`texts` without repeats (case and spacing ignored), first spelling kept."""
+    seen: dict[str, str] = {}
+    for text in texts:
+        seen.setdefault(_normalise(text), text)
+    return list(seen.values())
 
 
 def _gate(rows: list[dict[str, Any]], retention: float, settings: Settings) -> EvalReport:
@@ -227,6 +248,8 @@ def gate_table(report: dict[str, Any], *, failed_only: bool = True, limit: int =
     lines = [f"gate: {'passed' if report.get('passed') else 'rejected'}"
              + (f" — {report['reason']}" if report.get("reason") else "")]
     lines += [f"  {k}: {v:.3f}" for k, v in sorted(report.get("scores", {}).items()) if isinstance(v, float)]
+    if report.get("scores", {}).get("base_identity_terms"):
+        lines.append("  base-identity terms: " + ", ".join(report["scores"]["base_identity_terms"]))
     rows = [r for r in report.get("rows", []) if not (failed_only and r.get("pass"))]
     lines.append(f"{'kind':<10} {'set':<12} {'pass':<5} question -> answer")
     for row in rows[:limit]:
@@ -253,6 +276,8 @@ def evaluate_in_subprocess(
     *,
     exclude_questions: list[str] | None = None,
     identity_questions: list[str] | None = None,
+    base_terms: list[str] | None = None,
+    derive_terms: bool = True,
     env: dict[str, str] | None = None,
     timeout_s: float = 3600,
     should_cancel: Callable[[], bool] | None = None,
@@ -260,6 +285,8 @@ def evaluate_in_subprocess(
     heartbeat_s: float = 10.0,
 ) -> EvalReport:
     """`evaluate_adapter` in a child process, so its GPU memory is returned when it ends.
+
+    `identity_questions` default to the settings' `eval_identity_questions` (the global default).
 
     `heartbeat()` is called every `heartbeat_s` while the child works, so a long evaluation keeps
     its run alive for the stale-run sweep; the child dies with this process.
@@ -272,6 +299,8 @@ def evaluate_in_subprocess(
         "settings": {name: getattr(settings, name) for name in _SETTINGS_FIELDS},
         "exclude_questions": exclude_questions or [],
         "identity_questions": identity_questions or list(getattr(settings, "eval_identity_questions", [])),
+        "base_terms": list(base_terms or []),
+        "derive_terms": derive_terms,
     }
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "eval_request.json").write_text(json.dumps(request, ensure_ascii=False), encoding="utf-8")
@@ -310,7 +339,9 @@ def main() -> None:
                               SimpleNamespace(**request["persona"]), request["faq_pairs"],
                               Settings.model_construct(**request["settings"]),
                               exclude_questions=request["exclude_questions"],
-                              identity_questions=request.get("identity_questions") or None)
+                              identity_questions=request.get("identity_questions") or None,
+                              base_terms=request.get("base_terms") or [],
+                              derive_terms=request.get("derive_terms", True))
     args.out.write_text(json.dumps(report.to_dict(), ensure_ascii=False), encoding="utf-8")
 
 

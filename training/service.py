@@ -28,7 +28,7 @@ from personabot.training.dataset import (
     render_rows,
     write_training_set,
 )
-from personabot.training.evaluate import EvaluationError, evaluate_in_subprocess
+from personabot.training.evaluate import EvalReport, EvaluationError, evaluate_in_subprocess
 from personabot.training.model_source import ModelUnavailableError, hub_env, resolve_model_dir
 from personabot.training.registry import AdapterRegistry
 from personabot.training.runner import TrainingCancelled, TrainingFailed, run_sft, sft_command, sft_env
@@ -275,9 +275,10 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
                 str(resolve_model_dir(settings)), str(result.adapter_dir), persona,
                 [p for p in persona.pairs if p["kind"] == "faq"], settings, run_dir / "eval",
                 exclude_questions=_trained_questions(built.path), env=env, should_cancel=job.cancelled,
-                heartbeat=job.heartbeat)
+                heartbeat=job.heartbeat, **gate_inputs(store, settings))
         if job.cancelled():
             raise TrainingCancelled("the run was cancelled")
+        keep_derived_terms(store, settings, report)
         metrics["eval"] = report.to_dict()
         registry = AdapterRegistry(store, settings.adapters_path, job.redis)
         adapter = registry.register(result.adapter_dir, base_model=settings.model, data_hash=built.persona_hash,
@@ -301,6 +302,23 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
         return "failed", one_line(error), None, metrics
 
 
+def gate_inputs(store: Store, settings: Settings) -> dict[str, Any]:
+    """What the gate takes from the store: the persona's own identity questions (none: the settings'
+    default), the base model's stored base-identity terms, and whether to derive them (first evaluation)."""
+    stored = store.base_identity(settings.model)
+    return {"identity_questions": [q.question for q in store.list_identity_questions()],
+            "base_terms": list(stored.terms) if stored is not None else [],
+            "derive_terms": store.needs_derived_terms(settings.model)}
+
+
+def keep_derived_terms(store: Store, settings: Settings, report: EvalReport) -> None:
+    """Store what the base model said about itself, once per base model (a report without it changes nothing)."""
+    scores: dict[str, Any] = report.scores
+    if "derived_identity_terms" in scores:
+        store.record_derived_terms(settings.model, scores["derived_identity_terms"],
+                                   scores.get("base_self_answers", []))
+
+
 def _trained_questions(path: Path) -> list[str]:
     """The user messages of the training set: never part of the held-out identity test."""
     import json
@@ -309,5 +327,5 @@ def _trained_questions(path: Path) -> list[str]:
             for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-__all__ = ["QUEUED_STALE_AFTER", "STALE_AFTER", "TrainingRequestError", "cancel_training", "retrain_if_changed",
-           "request_training", "run_training", "sweep_stale_runs"]
+__all__ = ["QUEUED_STALE_AFTER", "STALE_AFTER", "TrainingRequestError", "cancel_training", "gate_inputs",
+           "keep_derived_terms", "request_training", "retrain_if_changed", "run_training", "sweep_stale_runs"]

@@ -1,4 +1,5 @@
-"""Persona tab: name, author, system prompt; identity/FAQ pairs; import, export; training-set preview."""
+"""Persona tab: name, author, system prompt; identity/FAQ pairs; the gate's own identity questions; import,
+export; training-set preview."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from personabot.core.pairs_io import (
     parse_pairs,
 )
 from personabot.core.persona import PersonaFieldError, check_persona, refuse_clash, validate_pair
+from personabot.core.prompting import render
 from personabot.core.store import StoreError
 from personabot.training.dataset import preview_training_set
 from personabot.ui.context import AdminContext, actor, notice
 
 PAIR_COLUMNS = ["id", "kind", "enabled", "instruction", "input", "output"]
+QUESTION_COLUMNS = ["id", "question", "asked as"]
 REPORT_COLUMNS = ["row", "problem"]
 EXPORT_SUFFIX = {"json": ".json", "jsonl": ".jsonl", "csv": ".csv", "messages": ".messages.json"}
 
@@ -156,11 +159,11 @@ class PersonaTab:
         return notice(text, ok=not problems), self.pairs_frame(filter_kind, search)
 
     @staticmethod
-    def _parse_ids(text: str) -> list[int]:
+    def _parse_ids(text: str, what: str = "pair") -> list[int]:
         try:
             return [int(part) for part in text.replace(",", " ").split()]
         except ValueError:
-            raise StoreError(f"{text!r} is not a list of pair ids like '3, 7, 12'") from None
+            raise StoreError(f"{text!r} is not a list of {what} ids like '3, 7, 12'") from None
 
     def enable(self, ids_text: str, filter_kind: str, search: str,
                request: gr.Request | None = None) -> tuple[str, Any]:
@@ -190,6 +193,37 @@ class PersonaTab:
         count = self.ctx.store.delete_pairs(ids, actor=actor(request))
         return notice(f"deleted {count} pairs"), self.pairs_frame(filter_kind, search)
 
+
+    # --- the gate's identity questions ---------------------------------------------------------
+    def questions_frame(self) -> pd.DataFrame:
+        """The persona's own identity questions, each as the gate asks it ({name}/{author} filled in)."""
+        persona = self.ctx.store.get_persona()
+        return pd.DataFrame([[q.id, q.question, render(q.question, name=persona.name, author=persona.author)]
+                             for q in self.ctx.store.list_identity_questions()], columns=QUESTION_COLUMNS)
+
+    def questions_note(self) -> str:
+        if self.ctx.store.list_identity_questions():
+            return notice("the evaluation gate asks these besides its 30 built-in questions")
+        default = self.ctx.settings.eval_identity_questions
+        return notice("no own questions: the gate asks its 30 built-in questions"
+                      + (f" and the default {default} (PERSONABOT_EVAL_IDENTITY_QUESTIONS)" if default else ""))
+
+    def add_question(self, question: str, request: gr.Request | None = None) -> tuple[str, Any, str]:
+        try:
+            row = self.ctx.store.add_identity_question(question, actor=actor(request))
+        except StoreError as error:
+            return notice(f"not added: {error}", ok=False), gr.skip(), question
+        return notice(f"added identity question {row.id}"), self.questions_frame(), ""
+
+    def delete_questions(self, ids_text: str, request: gr.Request | None = None) -> tuple[str, Any]:
+        try:
+            ids = self._parse_ids(ids_text, "question")
+            if not ids:
+                raise StoreError("no question ids given; type the ids to remove, like '3, 7'")
+            count = self.ctx.store.delete_identity_questions(ids, actor=actor(request))
+        except StoreError as error:
+            return notice(str(error), ok=False), gr.skip()
+        return notice(f"removed {count} identity questions"), self.questions_frame()
 
     @staticmethod
     def select_row(table: pd.DataFrame, event: gr.SelectData) -> str:
@@ -244,8 +278,8 @@ class PersonaTab:
             return notice(str(error), ok=False), pd.DataFrame()
         return preview_summary(result), preview_samples(result)
 
-    def on_load(self) -> tuple[str, str, str, pd.DataFrame]:
-        return (*self.load_persona(), self.pairs_frame("all", ""))
+    def on_load(self) -> tuple[Any, ...]:
+        return (*self.load_persona(), self.pairs_frame("all", ""), self.questions_frame(), self.questions_note())
 
     def build(self) -> list[Any]:
         """Lay out the tab inside the current Blocks; return the outputs of `on_load`."""
@@ -280,6 +314,25 @@ class PersonaTab:
             new_input = gr.Textbox(label="Input (optional)", lines=1)
             new_output = gr.Textbox(label="Answer", lines=2)
             add = gr.Button("Add pair")
+
+        gr.Markdown("### Identity test questions")
+        questions_note = gr.HTML(elem_id="questions-note")
+        questions = gr.Dataframe(headers=QUESTION_COLUMNS, interactive=False, wrap=True, elem_id="questions-table",
+                                 label="Asked by the evaluation gate after training, with and without the system "
+                                       "prompt; an answer must name the persona ({name} and {author} are filled in)")
+        with gr.Row():
+            new_question = gr.Textbox(label="New question", placeholder="Who looks after {name}?", scale=3,
+                                      max_lines=1, elem_id="questions-new")
+            add_question = gr.Button("Add question", scale=1, elem_id="questions-add")
+        with gr.Row():
+            question_ids = gr.Textbox(label="Question ids to remove", placeholder="3, 7", scale=3,
+                                      elem_id="questions-ids")
+            delete_questions = gr.Button("Remove", variant="stop", scale=1, elem_id="questions-delete")
+        questions.select(self.select_row, questions, question_ids, api_visibility="private")
+        add_question.click(self.add_question, new_question, [questions_note, questions, new_question],
+                           api_name="add_identity_question")
+        delete_questions.click(self.delete_questions, question_ids, [questions_note, questions],
+                               api_name="delete_identity_questions")
 
         gr.Markdown("### Import and export")
         with gr.Row():
@@ -327,4 +380,4 @@ class PersonaTab:
                         [import_note, table, report_state, do_import], api_name="import_pairs")
         export.click(self.run_export, export_format, export_file, api_name="export_pairs")
         preview_button.click(self.preview, None, [preview_note, preview_table], api_name="preview_training_set")
-        return [name, author, system_prompt, table]
+        return [name, author, system_prompt, table, questions, questions_note]

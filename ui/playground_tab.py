@@ -129,11 +129,15 @@ class PlaygroundTab:
         yield texts["a"], texts["b"], notes["a"], notes["b"]
 
     def identity_test(self, adapter: str) -> Iterator[tuple[str, pd.DataFrame]]:
-        """The gate's identity questions (held-out + adversarial), answered greedily by the chat workers."""
+        """The gate's identity questions (held-out, the persona's own, adversarial) and base-identity terms (the
+        settings' and the base model's stored ones), answered greedily by the chat workers."""
         persona = self.ctx.store.get_persona()
-        terms = list(self.ctx.settings.base_identity_terms)
-        questions = [render(q, name=persona.name, author=persona.author)
-                     for q in HELD_OUT_IDENTITY + ADVERSARIAL_IDENTITY]
+        stored = self.ctx.store.base_identity(self.ctx.settings.model)
+        terms = [*self.ctx.settings.base_identity_terms, *(stored.terms if stored else [])]
+        own = ([q.question for q in self.ctx.store.list_identity_questions()]
+               or list(self.ctx.settings.eval_identity_questions))
+        questions = list(dict.fromkeys(render(q, name=persona.name, author=persona.author)
+                                       for q in HELD_OUT_IDENTITY + own + ADVERSARIAL_IDENTITY))
         rows = [[q, "", "…", ""] for q in questions]
         yield notice(f"asking {len(questions)} questions…"), pd.DataFrame(rows, columns=IDENTITY_COLUMNS)
         greedy = SamplingParams(temperature=0.0, max_new_tokens=IDENTITY_MAX_TOKENS)

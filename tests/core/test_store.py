@@ -145,3 +145,96 @@ def test_concurrent_activations_leave_exactly_one_active(store: Store) -> None:
     actives = [a for a in store.list_adapters() if a.active]
     assert len(actives) == 1
     assert all("at the same moment" in str(e) for e in errors)
+
+
+def test_base_identity_terms_derived_once_then_edited_and_audited(store: Store) -> None:
+    from personabot.core.store import GateInputError
+
+    store.update_persona(name="Nova", author="Acme Lab")
+    assert store.base_identity("m") is None and store.needs_derived_terms("m")
+    answers = [{"question": "Who are you?", "answer": "I am SmolLM, trained by Hugging Face."}]
+    row = store.record_derived_terms("m", ["SmolLM", "Hugging Face"], answers)
+    assert row.terms == ["SmolLM", "Hugging Face"] and row.self_answers == answers
+    assert not store.needs_derived_terms("m")
+    store.remove_base_term("m", "hugging face", actor="alice")
+    store.add_base_term("m", "  HF Assistant ", actor="alice")
+    store.record_derived_terms("m", ["Other"], [])
+    again = Store(store.url, migrate=False)
+    try:
+        stored = again.base_identity("m")
+        assert stored is not None and stored.terms == ["SmolLM", "HF Assistant"] and stored.edited_by == "alice"
+        assert stored.derived == ["SmolLM", "Hugging Face"]
+    finally:
+        again.close()
+    entry = store.list_audit(1)[0]
+    assert entry.actor == "alice" and entry.action == "base_terms.update"
+    assert entry.detail == {"base_model": "m", "added": "HF Assistant", "from": ["SmolLM"],
+                            "to": ["SmolLM", "HF Assistant"]}
+    for bad, why in (("  ", "empty"), ("x" * 101, "under 100"), ("smollm", "already in the list"),
+                     ("Acme", "part of the persona's author"), ("a\nb", "one term at a time")):
+        with pytest.raises(GateInputError, match=why):
+            store.add_base_term("m", bad)
+    with pytest.raises(GateInputError, match="not in the list"):
+        store.remove_base_term("m", "Qwen")
+    assert store.base_identity("m").terms == ["SmolLM", "HF Assistant"]
+    assert store.base_identity("other") is None
+
+
+def test_terms_set_before_the_first_evaluation_are_kept_with_the_derived(store: Store) -> None:
+    store.add_base_term("m", "Qwen")
+    assert store.needs_derived_terms("m")
+    assert store.record_derived_terms("m", ["qwen", "SmolLM"], []).terms == ["Qwen", "SmolLM"]
+
+
+def test_identity_questions_add_list_delete(store: Store) -> None:
+    from personabot.core.store import GateInputError
+
+    first = store.add_identity_question(" Who runs {name}? ", actor="alice")
+    second = store.add_identity_question("谁维护你?")
+    assert [q.question for q in store.list_identity_questions()] == ["Who runs {name}?", "谁维护你?"]
+    assert store.list_audit(2)[1].detail == {"id": first.id, "question": "Who runs {name}?"}
+    for bad, why in (("", "empty"), ("who runs  {name}?", "already"), ("Who is {nmae}?", "unknown placeholder"),
+                     ("?" * 501, "under 500")):
+        with pytest.raises(GateInputError, match=why):
+            store.add_identity_question(bad)
+    with pytest.raises(NotFoundError, match="nothing was removed"):
+        store.delete_identity_questions([second.id, 999])
+    assert len(store.list_identity_questions()) == 2
+    assert store.delete_identity_questions([first.id], actor="bob") == 1
+    assert [q.question for q in store.list_identity_questions()] == ["谁维护你?"]
+    assert store.list_audit(1)[0].action == "identity_questions.delete"
+
+
+def test_a_version_2_database_gains_the_gate_tables(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import inspect
+
+    from personabot.core import store as store_module
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = store_module.MIGRATIONS
+    store_module.MIGRATIONS = old[:2]
+    store_module.SCHEMA_VERSION = 2
+    try:
+        from personabot.core.store_gate import BaseIdentity, IdentityQuestion
+
+        first = Store(url, migrate=False)
+        with first.engine.begin() as conn:
+            tables = [t for t in store_module.Base.metadata.sorted_tables
+                      if t.name not in (BaseIdentity.__tablename__, IdentityQuestion.__tablename__)]
+            store_module.Base.metadata.create_all(conn, tables=tables)
+            from sqlalchemy import insert
+
+            conn.execute(insert(store_module.SchemaVersion).values(version=1))
+            conn.execute(insert(store_module.SchemaVersion).values(version=2))
+        assert not inspect(first.engine).has_table("base_identity")
+        first.close()
+    finally:
+        store_module.MIGRATIONS = old
+        store_module.SCHEMA_VERSION = len(old)
+    upgraded = Store(url)
+    try:
+        assert upgraded.schema_version() == 3 and inspect(upgraded.engine).has_table("base_identity")
+        upgraded.add_identity_question("Who are you, really?")
+        assert len(upgraded.list_identity_questions()) == 1
+    finally:
+        upgraded.close()

@@ -20,7 +20,8 @@ def test_adapters_cli_on_an_empty_store(settings_env, capsys: pytest.CaptureFixt
 
 
 def test_gate_table_lists_the_failing_items() -> None:
-    report = {"passed": False, "reason": "identity 0.50 < 0.80", "scores": {"identity": 0.5, "retention": 1.0},
+    report = {"passed": False, "reason": "identity 0.50 < 0.80",
+              "scores": {"identity": 0.5, "retention": 1.0, "base_identity_terms": ["OpenAI", "SmolLM"]},
               "rows": [{"kind": "identity", "set": "trap", "question": "Is OpenAI your developer?",
                         "answer": "Yes.", "pass": False},
                        {"kind": "identity", "set": "held-out", "question": "Who built you?", "answer": "Nova",
@@ -28,3 +29,4 @@ def test_gate_table_lists_the_failing_items() -> None:
     table = gate_table(report)
     assert "rejected — identity 0.50 < 0.80" in table and "Is OpenAI your developer? -> Yes." in table
     assert "Who built you?" not in table
+    assert "base-identity terms: OpenAI, SmolLM" in table

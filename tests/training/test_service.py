@@ -53,6 +53,7 @@ def prior_active(sqlite_store, cpu_settings, tmp_path: Path) -> Any:
 def test_a_run_builds_trains_evaluates_registers_and_promotes(sqlite_store, cpu_settings, memorise_params,
                                                               redis_client) -> None:
     fill_persona(sqlite_store)
+    sqlite_store.add_identity_question("Who looks after {name}?", actor="admin")
     run = request_training(sqlite_store, memorise_params, actor="admin")
     assert run.status == "queued" and run.data_hash == sqlite_store.persona_hash()
     reports: list[dict[str, Any]] = []
@@ -64,6 +65,12 @@ def test_a_run_builds_trains_evaluates_registers_and_promotes(sqlite_store, cpu_
     assert adapter.data_hash == sqlite_store.persona_hash()
     assert run.metrics["eval"]["scores"]["faq"] == 1.0
     assert {r["kind"] for r in run.metrics["eval"]["rows"]} == {"identity", "faq", "retention"}
+    assert [r["question"] for r in run.metrics["eval"]["rows"] if r.get("set") == "admin"] == [
+        "Who looks after Nova?"] * 2, "the persona's own question is asked, with and without the system prompt"
+    base = sqlite_store.base_identity(cpu_settings.model)
+    assert base is not None and base.derived_at is not None and len(base.self_answers) == 3, \
+        "the first evaluation on this base model keeps what it said about itself"
+    assert base.terms == run.metrics["eval"]["scores"]["derived_identity_terms"]
     assert run.metrics["data"]["general"] == 4 and run.metrics["data"]["rows"] == 3
     assert Path(run.log_path).is_file() and "swift" in Path(run.log_path).read_text()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -241,3 +242,87 @@ def test_adapters_show_the_gate_and_refuse_what_they_must(admin_server) -> None:
     note, *_ = client.predict(bad.id, api_name="/delete_adapter")
     assert "deleted bad" in note and not (root / "bad").exists()
     assert [a.name for a in store.list_adapters()] == ["good"]
+
+
+def test_persona_identity_questions_are_edited_and_bad_ones_refused(admin_server) -> None:
+    store = admin_server.ctx.store
+    store.update_persona(name="Ava", author="Acme Labs")
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+
+    note, table, cleared = client.predict("Who looks after {name}?", api_name="/add_identity_question")
+    assert "added identity question" in note and cleared == ""
+    assert table["data"][-1][1:] == ["Who looks after {name}?", "Who looks after Ava?"]
+    (question,) = store.list_identity_questions()
+    assert store.list_audit(1)[0].actor == "admin:admin" and store.list_audit(1)[0].action == "identity_questions.add"
+    for bad, why in (("   ", "question is empty"), ("Who made {nam}?", "unknown placeholder {nam}"),
+                     ("who looks after  {name}?", "already in the list"), ("x" * 501, "under 500")):
+        note, _table, kept = client.predict(bad, api_name="/add_identity_question")
+        assert "pb-error" in note and why in note, note
+        assert kept == bad, "the refused question stays in the box to fix"
+    for bad, why in (("seven", "not a list of question ids"), (f"{question.id}, 999", "question 999 does not exist"),
+                     ("", "no question ids")):
+        note, _table = client.predict(bad, api_name="/delete_identity_questions")
+        assert "pb-error" in note and why in note, note
+    assert [q.question for q in store.list_identity_questions()] == ["Who looks after {name}?"]
+    note, table = client.predict(str(question.id), api_name="/delete_identity_questions")
+    assert "removed 1 identity questions" in note and table["data"] == []
+    assert store.list_identity_questions() == []
+
+
+def test_base_identity_terms_are_shown_and_edited(admin_server) -> None:
+    store, model = admin_server.ctx.store, admin_server.settings.model
+    store.update_persona(name="Ava", author="Acme Labs")
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+    summary, table = client.predict(api_name="/base_terms")
+    assert "has not been asked about itself yet" in summary
+    assert {row[1] for row in table["data"]} == {"settings (PERSONABOT_BASE_IDENTITY_TERMS)"}
+
+    store.record_derived_terms(model, ["SmolLM", "Hugging Face"],
+                               [{"question": "Who are you?", "answer": "I am SmolLM, trained by Hugging Face."}])
+    summary, table = client.predict(api_name="/base_terms")
+    assert "I am SmolLM, trained by Hugging Face." in summary
+    editable = {row[0]: row[1] for row in table["data"] if row[2] == "yes"}
+    assert editable == {"SmolLM": "derived from the base model", "Hugging Face": "derived from the base model"}
+
+    note, _summary, table, cleared = client.predict("HF Bot", api_name="/add_base_term")
+    assert "added 'HF Bot'" in html.unescape(note) and cleared == ""
+    assert ["HF Bot", "added by an admin", "yes"] in table["data"]
+    note, *_ = client.predict("Hugging Face", api_name="/remove_base_term")
+    assert "removed 'Hugging Face'" in html.unescape(note)
+    assert store.base_identity(model).terms == ["SmolLM", "HF Bot"]
+    entry = store.list_audit(1)[0]
+    assert (entry.actor, entry.action, entry.detail["removed"]) == ("admin:admin", "base_terms.update", "Hugging Face")
+
+    settings_term = admin_server.settings.base_identity_terms[0]
+    for action, bad, why in (("/add_base_term", "", "term is empty"), ("/add_base_term", "y" * 101, "under 100"),
+                             ("/add_base_term", "smollm", "already in the list"),
+                             ("/add_base_term", "Acme", "part of the persona's author"),
+                             ("/remove_base_term", "Qwen2", "not in the list"),
+                             ("/remove_base_term", settings_term, "comes from the settings")):
+        note, _summary, _table, kept = client.predict(bad, api_name=action)
+        assert "pb-error" in note and why in html.unescape(note), (bad, note)
+        assert kept == bad
+    assert store.base_identity(model).terms == ["SmolLM", "HF Bot"]
+
+
+def test_adapter_gate_rows_show_every_item(admin_server) -> None:
+    store = admin_server.ctx.store
+    rows = [{"kind": "identity", "set": "admin", "system": "persona", "question": "Who looks after Ava?",
+             "answer": "Acme Labs does.", "expected": "mentions Ava or Acme Labs", "pass": True},
+            {"kind": "faq", "question": "Opening hours?", "answer": "We never open.", "expected": "9 to 5.",
+             "pass": False, "why": "missing 5, 9"},
+            {"kind": "retention", "question": "What is 9 times 9?", "answer": "81", "base_answer": "81",
+             "expected": "81", "base_correct": True, "correct": True, "ratio": 1.01, "pass": True}]
+    run = store.create_run({})
+    store.start_run(run.id, worker="w")
+    store.finish_run(run.id, "rejected", metrics={"eval": {"rows": rows}})
+    adapter = store.add_adapter(name="gated", path="gated", base_model="m", data_hash="", eval_scores={},
+                                eval_passed=False, eval_reason="faq 0.00 < 0.60", run_id=run.id)
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+    table = client.predict(adapter.id, api_name="/adapter_gate_rows")
+    assert table["headers"] == ["kind", "set", "system", "pass", "question", "answer", "expected", "detail"]
+    assert [r[:6] for r in table["data"]] == [
+        ["identity", "admin", "persona", "yes", "Who looks after Ava?", "Acme Labs does."],
+        ["faq", "", "", "NO", "Opening hours?", "We never open."],
+        ["retention", "", "", "yes", "What is 9 times 9?", "81"]]
+    assert table["data"][1][7] == "missing 5, 9" and table["data"][2][7] == "ratio 1.01; base right"
