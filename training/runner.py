@@ -281,8 +281,10 @@ _SFT_MARKERS = ((b"Start time of running main", "loading model"), (b"model_info:
                 (b"model_parameter_info:", "training"))
 
 
-def _later_phase(current: str, marked: str) -> str:
-    return marked if SFT_PHASES.index(marked) > SFT_PHASES.index(current) else current
+def _enter(entered: dict[str, float], phase: str) -> None:
+    """Move on to `phase` (never back to an earlier one) and remember when."""
+    if SFT_PHASES.index(phase) > SFT_PHASES.index(next(reversed(entered))):
+        entered[phase] = round(time.time(), 3)
 
 
 def _step_point(entry: dict[str, Any]) -> dict[str, Any] | None:
@@ -355,6 +357,7 @@ def run_sft(
     swift_log = LogFollower(log_path, log_path.stat().st_size if log_path.exists() else 0)
     points: list[dict[str, Any]] = []
     progress: dict[str, Any] = {"phase": "starting", "step": 0, "max_steps": 0}
+    entered = {"starting": round(time.time(), 3)}  # phase -> when it began, in the progress as "phases"
     started = time.monotonic()
     last_report = 0.0
     reported = 0
@@ -366,19 +369,20 @@ def run_sft(
         try:
             while True:
                 returncode = process.poll()
-                phase = progress["phase"]
                 for line in swift_log.lines():
-                    phase = next((_later_phase(phase, marked) for marker, marked in _SFT_MARKERS
-                                  if marker in line), phase)
+                    for marker, marked in _SFT_MARKERS:
+                        if marker in line:
+                            _enter(entered, marked)
                 new = [p for p in map(_step_point, follower.read()) if p is not None]
                 if new:
                     points.extend(new)
                     latest = new[-1]
                     mems = [p["gpu_mem_gb"] for p in new if p["gpu_mem_gb"] is not None]
                     peak_mem = max([*mems, *([peak_mem] if peak_mem is not None else [])], default=None)
-                    phase = _later_phase(phase, "saving" if latest["step"] >= latest["max_steps"] else "training")
+                    _enter(entered, "saving" if latest["step"] >= latest["max_steps"] else "training")
                     progress = {**{k: v for k, v in latest.items() if k != "at"}, "gpu_mem_gb": peak_mem}
-                progress["phase"] = phase
+                phase = progress["phase"] = next(reversed(entered))
+                progress["phases"] = dict(entered)
                 now = time.monotonic()
                 progress["elapsed_s"] = round(now - started, 1)
                 if on_progress is not None and (now - last_report >= progress_every_s or returncode is not None

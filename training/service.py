@@ -177,8 +177,10 @@ class _Job:
         self.store.update_run(self.run_id)
 
     def progress(self, progress: dict[str, Any], points: list[dict[str, Any]]) -> None:
-        if progress.get("phase"):
-            self.phases.setdefault(str(progress["phase"]), round(time.time(), 3))
+        # The phases the runner passed since its last report (with when), and the one entered now.
+        for name, at in [*progress.get("phases", {}).items(), (progress.get("phase"), round(time.time(), 3))]:
+            if name:
+                self.phases.setdefault(str(name), at)
         progress = self.last = {**progress, "phases": dict(self.phases)}
         self.store.update_run(self.run_id, progress=progress)
         if points:
