@@ -273,11 +273,12 @@ class LogFollower:
         return entries
 
 
-# A run's phases while ms-swift runs, in order. Until the first step is logged, the lines of
-# ms-swift's own log mark the boundaries (imports done, model loaded, LoRA attached and the
-# trainer built); the last step marks the save. A marker missing (another ms-swift) skips a phase.
+# A run's phases while ms-swift runs, in order. Until the first step is logged, lines of ms-swift's
+# own log (4.6) mark the boundaries: imports and arguments done (the model load begins), model
+# loaded (template, dataset encoding, LoRA), LoRA attached (the trainer is built, steps begin); the
+# last step marks the save. A marker missing (another ms-swift) only skips its phase.
 SFT_PHASES = ("starting", "loading model", "preparing", "training", "saving")
-_SFT_MARKERS = ((b"Start time of running main", "loading model"), (b"model_info:", "preparing"),
+_SFT_MARKERS = ((b"model_kwargs:", "loading model"), (b"model_info:", "preparing"),
                 (b"model_parameter_info:", "training"))
 
 
