@@ -288,7 +288,8 @@ def measure(args: argparse.Namespace, work: Path, model_dir: Path, adapter_dir: 
         if args.tiny else {}
     spec = TrafficSpec(chats=args.chats, think_s=args.think_s, **shape)
     service_dir = work / f"service-{args.recipe}-{args.gpu_share}"
-    share = {"PERSONABOT_GPU_SHARE": args.gpu_share}
+    # On the CPU one thread each: the chat worker, ms-swift and the gate share a couple of cores.
+    share = {"PERSONABOT_GPU_SHARE": args.gpu_share, **({"OMP_NUM_THREADS": "1"} if args.tiny else {})}
     chat, stop_chat, service = start_celery(service_dir, model_dir, adapter_dir, device=device,
                                             max_batch=max(4, args.chats), context=args.context, reuse=True,
                                             extra_env=share)
