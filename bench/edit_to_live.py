@@ -64,6 +64,7 @@ class Reply:
     first: float | None
     end: float
     expected: int
+    prompt_tokens: int
     tokens: int
     finish: str
     version: str | None
@@ -72,7 +73,8 @@ class Reply:
 
 
 class ChatLoad:
-    """`spec.chats` closed-loop users through the Celery chat path until `stop()`."""
+    """`spec.chats` closed-loop users through the Celery chat path until `stop()`; each user starts a new
+    conversation every `spec.turns` turns, so that every window sees the same mix of history lengths."""
 
     def __init__(self, chat: Any, spec: TrafficSpec) -> None:
         self.chat, self.spec = chat, spec
@@ -106,6 +108,8 @@ class ChatLoad:
             reply = self._ask(index, f"e2e-{index}-{turn}", system, history, reply_len)
             history = [*history, ("assistant", reply.split())]  # type: ignore[list-item]
             turn += 1
+            if turn % self.spec.turns == 0:
+                history = []
             self._stop.wait(rng.expovariate(1 / self.spec.think_s))
 
     def _ask(self, index: int, request_id: str, system: list[str], history: list[tuple[str, list[str]]],
@@ -130,7 +134,8 @@ class ChatLoad:
                 self.errors.append(f"{request_id}: {type(error).__name__}: {error}")
         finish = result.finish_reason if result else "none"
         ok = result is not None and finish == "length" and not result.error and result.completion_tokens == reply_len
-        reply = Reply(index, sent, first, time.time(), reply_len, result.completion_tokens if result else 0, finish,
+        reply = Reply(index, sent, first, time.time(), reply_len, result.prompt_tokens if result else 0,
+                      result.completion_tokens if result else 0, finish,
                       result.adapter_version if result else None, result.worker if result else "", ok)
         with self._lock:
             self.replies.append(reply)
@@ -154,6 +159,7 @@ def window(replies: list[Reply], start: float, end: float) -> dict[str, Any]:
         return None if value is None else round(1000 * value, 1)
 
     return {"seconds": round(end - start, 1), "replies": len(sent), "ok": sum(r.ok for r in sent),
+            "prompt_tokens_mean": round(sum(r.prompt_tokens for r in sent) / len(sent), 1) if sent else None,
             "failed": sum(1 for r in sent if not r.ok and r.finish != "updating"),
             "updating": sum(1 for r in sent if r.finish == "updating"),
             "ttft_ms": {"p50": ms(percentile(answered, 0.5)), "p95": ms(percentile(answered, 0.95))},
