@@ -285,7 +285,7 @@ def start_train_worker(work: Path, env: dict[str, str]) -> subprocess.Popen[byte
 def measure(args: argparse.Namespace, work: Path, model_dir: Path, adapter_dir: Path, general: Path) -> dict[str, Any]:
     """Start the service, run the load, press Start, wait for the new version to answer; the report."""
     from personabot.core.processes import stop_process
-    from personabot.training.service import request_training
+    from personabot.training.service import cancel_training, request_training
     from personabot.workers.client import queue_training
 
     device = "cpu" if args.tiny else "cuda"
@@ -309,21 +309,30 @@ def measure(args: argparse.Namespace, work: Path, model_dir: Path, adapter_dir: 
     trainer = start_train_worker(service_dir, {**service["env"], **share, **gate,
                                                "PERSONABOT_GPU_RELEASE_WAIT_S": "120"})
     load = ChatLoad(chat, spec)
+    timed_out = False
     try:
         load_started = time.time()
         load.start()
         time.sleep(args.warmup_s + args.window_s)
         t0 = time.time()
         run = queue_training(store, lambda: request_training(store, params, actor="admin"), app=chat.celery)
-        deadline = time.monotonic() + args.timeout_s
-        while store.get_run(run.id).status in ("queued", "running"):
-            if time.monotonic() > deadline or trainer.poll() is not None:
-                raise RuntimeError(f"run {run.id} did not finish within {args.timeout_s:.0f}s: "
-                                   + (service_dir / "train-worker.log").read_text()[-3000:])
+        deadline, seen = time.monotonic() + args.timeout_s, 0
+        while (current := store.get_run(run.id)).status in ("queued", "running"):
+            phases = list((current.progress or {}).get("phases", {}).items())
+            for name, moment in phases[seen:]:
+                print(f"{moment - t0:8.1f} s  {name}", flush=True)
+            seen = len(phases)
+            if trainer.poll() is not None:
+                raise RuntimeError("the train worker died: " + (service_dir / "train-worker.log").read_text()[-3000:])
+            if time.monotonic() > deadline and not timed_out:
+                # Cancel it (the way the admin would) and report the stages it reached.
+                print(f"run {run.id} not done within {args.timeout_s:.0f} s; cancelling it", flush=True)
+                cancel_training(store, run.id, actor="bench")
+                timed_out = True
             time.sleep(0.5)
-        run = store.get_run(run.id)
+        run = current
         version = store.get_adapter(run.adapter_id).name if run.status == "succeeded" and run.adapter_id else None
-        swap_deadline = time.monotonic() + 120
+        swap_deadline = time.monotonic() + 60
         while version is not None and time.monotonic() < swap_deadline and not any(
                 r.version == version for r in list(load.replies)):
             time.sleep(0.2)
@@ -348,7 +357,7 @@ def measure(args: argparse.Namespace, work: Path, model_dir: Path, adapter_dir: 
         "recipe": args.recipe, "gpu_share": args.gpu_share, "params": params.model_dump(mode="json"),
         "load": asdict(spec), "run": {"id": run.id, "status": run.status, "error": run.error,
                                        "metrics": {k: run.metrics.get(k) for k in ("data", "train")}},
-        "version": version,
+        "version": version, "timed_out": timed_out,
         "stages": [{"stage": name, "at_s": round(moment - t0, 2)} for name, moment in at.items()],
         "edit_to_live_s": round(served - t0, 2) if served is not None else None,
         "first_reply_after_promote_s": round(served - promoted, 2) if served and promoted else None,
@@ -381,9 +390,11 @@ def main() -> None:
     parser.add_argument("--chats", type=int, default=32, help="closed-loop chats for the whole run")
     parser.add_argument("--think-s", type=float, default=0.3)
     parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--warmup-s", type=float, default=20, help="load before the idle window (not reported)")
-    parser.add_argument("--window-s", type=float, default=45, help="idle window before Start and after the swap")
-    parser.add_argument("--timeout-s", type=float, default=480, help="longest the run may take")
+    parser.add_argument("--warmup-s", type=float, default=10, help="load before the idle window (not reported)")
+    parser.add_argument("--window-s", type=float, default=30, help="idle window before Start and after the swap")
+    parser.add_argument("--timeout-s", type=float, default=400,
+                        help="cancel the run after this long and report the stages it reached (one device command "
+                        "may run 10 min)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU, 1 epoch: checks the script")
     parser.add_argument("--prepare", action="store_true", help="only build the model, adapter and data, then exit")
     parser.add_argument("--work", default=os.environ.get("PERSONABOT_BENCH_WORK", "/tmp/edit-to-live"))
