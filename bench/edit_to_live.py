@@ -12,10 +12,16 @@ The model has Qwen2.5-7B-Instruct's architecture with random weights (no weights
 the gate's thresholds are set to 0: the gate runs in full (model load, generation) but cannot
 judge a random model.
 
-On the GPU box (see the report of issue #17 for the measured numbers):
-    PYTHONPATH=/tmp/site:$PWD python3 bench/edit_to_live.py --prepare            # model, adapter, data
-    PYTHONPATH=/tmp/site:$PWD python3 bench/edit_to_live.py --recipe seeds --out $OUT
-`--tiny` runs the tiny model on the CPU (1 epoch, a small load): it checks the script, not the speed.
+On the GPU box, one device command each (at most 10 min; the model stays in --work between them):
+    export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    python3 bench/edit_to_live.py --prepare                          # random 7B, its first adapter, data
+    python3 bench/edit_to_live.py --recipe seeds --out $OUT/seeds    # gpu_share=concurrent, 32 chats
+    python3 bench/edit_to_live.py --recipe default --out $OUT/default
+    python3 bench/edit_to_live.py --recipe default --gpu-share release --gpu-gib 24 --speed-mode 24gb \
+        --out $OUT/release                                           # the 24 GB path
+Writes edit_to_live.json (stages in seconds from Start, load windows, versions, command) and
+prints the stage table. `--tiny` runs the tiny model on the CPU (1 epoch, a small load): it checks
+the script, not the speed.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["PERSONABOT_RETRAIN_CRON"] = ""  # the GPU box has no croniter; no schedule is needed here
 
-from bench.traffic_bench import TrafficSpec, percentile, start_celery, trim  # noqa: E402
+from bench.traffic_bench import TrafficSpec, card_rows, percentile, start_celery, trim  # noqa: E402
 from bench.train_bench import WORDS, build_data, build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,6 +262,7 @@ def prepare(work: Path, tiny: bool) -> tuple[Path, Path, Path]:
                                                      device_map=device)
         add_lora(model, seed=1).save_pretrained(adapter_dir)
         del model
+        torch.cuda.empty_cache()  # nothing of the bench's stays on the GPU the workers share
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path":
                                                                      str(model_dir)}))
@@ -289,16 +296,18 @@ def measure(args: argparse.Namespace, work: Path, model_dir: Path, adapter_dir: 
     from personabot.workers.client import queue_training
 
     device = "cpu" if args.tiny else "cuda"
-    params = recipe(args.recipe, general, TINY_GENERAL_ROWS, args.tiny)
+    params = recipe(args.recipe, general, TINY_GENERAL_ROWS, args.tiny).updated(speed_mode=args.speed_mode)
     shape: dict[str, Any] = dict(system_tokens=16, message_median=8, message_max=40, reply_min=4, reply_max=12) \
         if args.tiny else {}
     spec = TrafficSpec(chats=args.chats, think_s=args.think_s, **shape)
     service_dir = work / f"service-{args.recipe}-{args.gpu_share}"
     # On the CPU one thread each: the chat worker, ms-swift and the gate share a couple of cores.
     share = {"PERSONABOT_GPU_SHARE": args.gpu_share, **({"OMP_NUM_THREADS": "1"} if args.tiny else {})}
-    chat, stop_chat, service = start_celery(service_dir, model_dir, adapter_dir, device=device,
-                                            max_batch=max(4, args.chats), context=args.context, reuse=True,
-                                            extra_env=share)
+    # A card of --gpu-gib GiB: the chat worker's KV rows are what such a card holds, as the product sizes them.
+    rows = card_rows(args.gpu_gib, json.loads((model_dir / "config.json").read_text()), work, args.context) \
+        if args.gpu_gib else max(4, args.chats)
+    chat, stop_chat, service = start_celery(service_dir, model_dir, adapter_dir, device=device, max_batch=rows,
+                                            context=args.context, reuse=True, gpu_gib=args.gpu_gib, extra_env=share)
     store, client = service["store"], chat.redis
     store.update_persona(**PERSONA, actor="admin")
     store.add_pairs(PAIRS, actor="admin")
@@ -354,7 +363,8 @@ def measure(args: argparse.Namespace, work: Path, model_dir: Path, adapter_dir: 
               ("after", swapped or live, end)]
     windows = {name: window(load.replies, low, high) for name, low, high in bounds}
     return {
-        "recipe": args.recipe, "gpu_share": args.gpu_share, "params": params.model_dump(mode="json"),
+        "recipe": args.recipe, "gpu_share": args.gpu_share, "gpu_gib": args.gpu_gib, "kv_rows": rows,
+        "params": params.model_dump(mode="json"),
         "load": asdict(spec), "run": {"id": run.id, "status": run.status, "error": run.error,
                                        "metrics": {k: run.metrics.get(k) for k in ("data", "train")}},
         "version": version, "timed_out": timed_out,
@@ -388,6 +398,10 @@ def main() -> None:
                         help="seeds: 10 epochs, lr 1e-4, rank 8, 1,000 general rows; default: Settings.training")
     parser.add_argument("--gpu-share", default="concurrent", choices=["concurrent", "release"])
     parser.add_argument("--chats", type=int, default=32, help="closed-loop chats for the whole run")
+    parser.add_argument("--speed-mode", choices=["fast", "24gb", "seeds"], default=None,
+                        help="override the recipe's training speed mode (24gb for the 24 GB path)")
+    parser.add_argument("--gpu-gib", type=float, default=0,
+                        help="hold the chat worker to this many GiB (PERSONABOT_GPU_MEMORY_GIB), e.g. 24")
     parser.add_argument("--think-s", type=float, default=0.3)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--warmup-s", type=float, default=10, help="load before the idle window (not reported)")
