@@ -46,7 +46,6 @@ from bench.traffic_bench import TrafficSpec, card_rows, percentile, start_celery
 from bench.train_bench import WORDS, build_data, build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CHAT_WORKER = "traffic@bench"  # the name start_celery gives its chat worker
 PERSONA = {"name": "Nova", "author": "Acme Lab", "system_prompt": "You are {name}, an assistant made by {author}."}
 PAIRS = [
     {"kind": "identity", "instruction": "Who are you?", "output": "I am {name}, made by {author}."},
@@ -55,9 +54,6 @@ PAIRS = [
     {"kind": "faq", "instruction": "Where are you based?", "output": "Acme Lab is in Lisbon."},
 ]
 TINY_GENERAL_ROWS = 8
-# The run's phases in the order the product enters them (training/service.py, training/runner.py).
-PHASES = ("building", "releasing", "starting", "loading model", "preparing", "training", "saving",
-          "evaluating", "registering", "promoting")
 
 
 # --- the chat load --------------------------------------------------------------------------------
@@ -203,10 +199,9 @@ def stages(t0: float, run: Any, events: list[Any], replies: list[Reply], version
         if name is not None:
             out.setdefault(name, event.at)
     reclaim = out.get("gpu.reclaim event")
-    if reclaim is not None:
-        back = [e.at for e in after_start if e.type == "adapter.swapped" and e.at >= reclaim]
-        if back:
-            out["reclaimed " + CHAT_WORKER] = min(back)
+    for event in after_start:  # gpu_share=release: a worker serves again once it loaded an adapter after reclaim
+        if reclaim is not None and event.type == "adapter.swapped" and event.at >= reclaim:
+            out.setdefault(f"reclaimed {event.data.get('worker')}", event.at)
     for worker in sorted({r.worker for r in replies if r.version == version and version}):
         firsts = [r.first for r in replies if r.version == version and r.worker == worker and r.first is not None]
         if firsts:
