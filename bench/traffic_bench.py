@@ -329,10 +329,11 @@ def card_rows(gib: float, dims: dict[str, Any], work: Path, context: int) -> int
 
 
 def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str, max_batch: int,
-                 context: int, reuse: bool, gpu_gib: float = 0) -> tuple[Any, Callable[[], None], dict[str, Any]]:
-    """redis-server + the store + one real chat worker; returns a ChatClient, a stop function and the
-    service's parts (work dir, worker environment, store, for `start_api`; `stats`, a reader of the
-    engine stats the worker publishes after each reply)."""
+                 context: int, reuse: bool, gpu_gib: float = 0,
+                 extra_env: dict[str, str] | None = None) -> tuple[Any, Callable[[], None], dict[str, Any]]:
+    """redis-server + the store + one real chat worker (`extra_env`: more settings for it); returns a
+    ChatClient, a stop function and the service's parts (work dir, worker environment, store, for
+    `start_api`; `stats`, a reader of the engine stats the worker publishes after each reply)."""
     from personabot.core.events import WorkerOnline, recent
     from personabot.core.keys import CHAT_WORKERS
     from personabot.core.processes import stop_process
@@ -356,7 +357,8 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
                 "PERSONABOT_MAX_BATCH": str(max_batch), "PERSONABOT_CONTEXT_TOKENS": str(context),
                 "PERSONABOT_DEVICE": device, "PERSONABOT_RETRAIN_CRON": "",
                 "PERSONABOT_CHAT_PREFIX_CACHE": str(reuse).lower(), "PERSONABOT_GPU_MEMORY_GIB": str(gpu_gib),
-                "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")})
+                "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", ""),
+                **(extra_env or {})})
     client = sync_client(server.url, concurrency=1024)  # one blocking stream read per chat
     log = open(work / "chat-worker.log", "wb")  # noqa: SIM115 - closed by stop()
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "personabot.workers.chat_tasks:app", "worker",

@@ -245,13 +245,13 @@ def _duration_s(text: Any) -> float | None:
 
 
 class LogFollower:
-    """Reads new complete lines of ms-swift's logging.jsonl as they are written."""
+    """Reads new complete lines of a log as they are written (ms-swift's logging.jsonl, its stdout)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, offset: int = 0) -> None:
         self.path = path
-        self._offset = 0
+        self._offset = offset
 
-    def read(self) -> list[dict[str, Any]]:
+    def lines(self) -> list[bytes]:
         if not self.path.exists():
             return []
         with self.path.open("rb") as handle:
@@ -261,13 +261,31 @@ class LogFollower:
         if end < 0:
             return []
         self._offset += end + 1
+        return chunk[: end + 1].splitlines()
+
+    def read(self) -> list[dict[str, Any]]:
         entries = []
-        for line in chunk[: end + 1].splitlines():
+        for line in self.lines():
             try:
                 entries.append(json.loads(line))
             except ValueError:
                 continue
         return entries
+
+
+# A run's phases while ms-swift runs, in order. Until the first step is logged, lines of ms-swift's
+# own log (4.6) mark the boundaries: imports and arguments done (the model load begins), model
+# loaded (template, dataset encoding, LoRA), LoRA attached (the trainer is built, steps begin); the
+# last step marks the save. A marker missing (another ms-swift) only skips its phase.
+SFT_PHASES = ("starting", "loading model", "preparing", "training", "saving")
+_SFT_MARKERS = ((b"model_kwargs:", "loading model"), (b"model_info:", "preparing"),
+                (b"model_parameter_info:", "training"))
+
+
+def _enter(entered: dict[str, float], phase: str) -> None:
+    """Move on to `phase` (never back to an earlier one) and remember when."""
+    if SFT_PHASES.index(phase) > SFT_PHASES.index(next(reversed(entered))):
+        entered[phase] = round(time.time(), 3)
 
 
 def _step_point(entry: dict[str, Any]) -> dict[str, Any] | None:
@@ -337,11 +355,14 @@ def run_sft(
     child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
     child_env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     follower = LogFollower(output_dir / "logging.jsonl")
+    swift_log = LogFollower(log_path, log_path.stat().st_size if log_path.exists() else 0)
     points: list[dict[str, Any]] = []
     progress: dict[str, Any] = {"phase": "starting", "step": 0, "max_steps": 0}
+    entered = {"starting": round(time.time(), 3)}  # phase -> when it began, in the progress as "phases"
     started = time.monotonic()
     last_report = 0.0
     reported = 0
+    reported_phase = ""
     peak_mem: float | None = None
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env,
@@ -349,21 +370,28 @@ def run_sft(
         try:
             while True:
                 returncode = process.poll()
+                for line in swift_log.lines():
+                    for marker, marked in _SFT_MARKERS:
+                        if marker in line:
+                            _enter(entered, marked)
                 new = [p for p in map(_step_point, follower.read()) if p is not None]
                 if new:
                     points.extend(new)
                     latest = new[-1]
                     mems = [p["gpu_mem_gb"] for p in new if p["gpu_mem_gb"] is not None]
                     peak_mem = max([*mems, *([peak_mem] if peak_mem is not None else [])], default=None)
-                    progress = {"phase": "training", **{k: v for k, v in latest.items() if k != "at"},
-                                "gpu_mem_gb": peak_mem}
+                    _enter(entered, "saving" if latest["step"] >= latest["max_steps"] else "training")
+                    progress = {**{k: v for k, v in latest.items() if k != "at"}, "gpu_mem_gb": peak_mem}
+                phase = progress["phase"] = next(reversed(entered))
+                progress["phases"] = dict(entered)
                 now = time.monotonic()
                 progress["elapsed_s"] = round(now - started, 1)
-                if on_progress is not None and (now - last_report >= progress_every_s
-                                                or returncode is not None):
+                if on_progress is not None and (now - last_report >= progress_every_s or returncode is not None
+                                                or phase != reported_phase):
                     on_progress(dict(progress), points[reported:])
                     reported = len(points)
                     last_report = now
+                    reported_phase = phase
                 if returncode is not None:
                     break
                 if should_cancel is not None and should_cancel():

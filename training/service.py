@@ -162,6 +162,7 @@ class _Job:
         self._cancel_checked = 0.0
         self._cancelled = False
         self.last: dict[str, Any] = {}
+        self.phases: dict[str, float] = {}  # phase -> when the run entered it (unix time), kept in the progress
 
     def cancelled(self) -> bool:
         """A cancel was asked, or the run is no longer ours (ended by a stale-run sweep)."""
@@ -176,7 +177,11 @@ class _Job:
         self.store.update_run(self.run_id)
 
     def progress(self, progress: dict[str, Any], points: list[dict[str, Any]]) -> None:
-        self.last = progress
+        # The phases the runner passed since its last report (with when), and the one entered now.
+        for name, at in [*progress.get("phases", {}).items(), (progress.get("phase"), round(time.time(), 3))]:
+            if name:
+                self.phases.setdefault(str(name), at)
+        progress = self.last = {**progress, "phases": dict(self.phases)}
         self.store.update_run(self.run_id, progress=progress)
         if points:
             self.store.add_run_points(self.run_id, points)
@@ -261,11 +266,13 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
         sft_environment = {**env, **sft_env(params)}
         eta = _eta_s(built.counts, params)
         release = should_release(settings.gpu_share)
+        if release:
+            job.phase("releasing", eta_s=eta)
         with gpu_released(job.redis, release=release, eta_s=eta, wait_s=settings.gpu_release_wait_s,
                           run_id=job.run_id):
             if job.cancelled():
                 raise TrainingCancelled("the run was cancelled")
-            job.phase("training", eta_s=eta)
+            job.phase("starting", eta_s=eta)
             result = run_sft(command, output_dir, log_path, on_progress=job.progress,
                              should_cancel=job.cancelled, env=sft_environment)
             metrics["train"] = {"final_loss": result.final_loss, "steps": result.steps,
@@ -280,6 +287,7 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
             raise TrainingCancelled("the run was cancelled")
         keep_derived_terms(store, settings, report)
         metrics["eval"] = report.to_dict()
+        job.phase("registering")
         registry = AdapterRegistry(store, settings.adapters_path, job.redis)
         adapter = registry.register(result.adapter_dir, base_model=settings.model, data_hash=built.persona_hash,
                                     eval_scores=report.scores, eval_passed=report.passed,
@@ -287,6 +295,7 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
         shutil.rmtree(result.adapter_dir, ignore_errors=True)
         if not report.passed:
             return "rejected", f"evaluation gate: {report.reason}", adapter.id, metrics
+        job.phase("promoting")
         registry.promote(adapter.id, actor="training")
         return "succeeded", "", adapter.id, metrics
     except TrainingCancelled:

@@ -78,7 +78,12 @@ def test_a_run_builds_trains_evaluates_registers_and_promotes(sqlite_store, cpu_
     assert run.progress["step"] == run.progress["max_steps"] == 100
     assert {"epoch", "loss", "eta_s", "gpu_mem_gb", "elapsed_s"} <= set(run.progress)
     assert [p.step for p in sqlite_store.run_points(run.id)] == list(range(1, 101))
-    assert [r["phase"] for r in reports][:2] == ["building", "training"]
+    assert [r["phase"] for r in reports][:2] == ["building", "starting"]
+    # Every phase the run went through, with when it began, in order (bench/edit_to_live.py reads them).
+    phases = run.progress["phases"]
+    assert list(phases) == ["building", "starting", "loading model", "preparing", "training", "saving",
+                            "evaluating", "registering", "promoting"]
+    assert list(phases.values()) == sorted(phases.values())
     assert max(r.get("step", 0) for r in reports) == 100
     types = [e.type for e in reversed(events.recent(redis_client, 500))]
     assert "run.progress" in types and types[-2:] == ["adapter.promoted", "run.finished"]
