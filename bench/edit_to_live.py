@@ -183,6 +183,8 @@ def event_log(client: Any) -> list[Any]:
 
 def stages(t0: float, run: Any, events: list[Any], replies: list[Reply], version: str | None) -> dict[str, float]:
     """Stage name -> unix time it began, from the store's run, the events and the replies."""
+    from personabot.core.events import AdapterPromoted, AdapterSwapped, GpuReclaim, GpuRelease, RunFinished
+
     out: dict[str, float] = {"start": t0}
     picked = unix(run.started_at)
     if picked is not None:
@@ -190,17 +192,17 @@ def stages(t0: float, run: Any, events: list[Any], replies: list[Reply], version
     out.update((name, at) for name, at in (run.progress or {}).get("phases", {}).items())
     after_start = [e for e in events if e.at >= t0]
     for event in after_start:
-        name = {"gpu.release": "gpu.release event", "gpu.reclaim": "gpu.reclaim event",
-                "run.finished": "run finished"}.get(event.type)
-        if event.type == "adapter.promoted" and event.data.get("version") == version:
-            name = "adapter.promoted event"
-        if event.type == "adapter.swapped" and event.data.get("version") == version:
+        name = {GpuRelease.TYPE: f"{GpuRelease.TYPE} event", GpuReclaim.TYPE: f"{GpuReclaim.TYPE} event",
+                RunFinished.TYPE: "run finished"}.get(event.type)
+        if event.type == AdapterPromoted.TYPE and event.data.get("version") == version:
+            name = f"{AdapterPromoted.TYPE} event"
+        if event.type == AdapterSwapped.TYPE and event.data.get("version") == version:
             name = f"swapped {event.data.get('worker')}"
         if name is not None:
             out.setdefault(name, event.at)
-    reclaim = out.get("gpu.reclaim event")
+    reclaim = out.get(f"{GpuReclaim.TYPE} event")
     for event in after_start:  # gpu_share=release: a worker serves again once it loaded an adapter after reclaim
-        if reclaim is not None and event.type == "adapter.swapped" and event.at >= reclaim:
+        if reclaim is not None and event.type == AdapterSwapped.TYPE and event.at >= reclaim:
             out.setdefault(f"reclaimed {event.data.get('worker')}", event.at)
     for worker in sorted({r.worker for r in replies if r.version == version and version}):
         firsts = [r.first for r in replies if r.version == version and r.worker == worker and r.first is not None]
