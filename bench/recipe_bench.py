@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -184,8 +185,10 @@ def gate_summary(report: dict[str, Any] | None, settings: Any) -> dict[str, Any]
                              for r in report.get("rows", []) if not r["pass"]][:12]}
 
 
-def _child(name: str, recipe: dict[str, Any], model: Path, work: Path) -> dict[str, Any]:
-    """Run one recipe in its own process (its own ms-swift and gate children); returns its result."""
+def _child(name: str, recipe: dict[str, Any], model: Path, work: Path, deadline: float) -> dict[str, Any]:
+    """Run one recipe in its own process (its own ms-swift and gate children); stopped at `deadline`."""
+    if time.monotonic() >= deadline:
+        return {"status": "skipped", "passed": False, "reason": "the bench's time budget ran out before it started"}
     out = work / f"{name}.json"
     log = work / f"{name}.log"
     work.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,14 @@ def _child(name: str, recipe: dict[str, Any], model: Path, work: Path) -> dict[s
                "--recipe-json", json.dumps(recipe), "--work", str(work / name), "--out", str(out)]
     started = time.monotonic()
     with log.open("wb") as handle:
-        proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"status": "timeout", "passed": False, "params": params_for(recipe).model_dump(mode="json"),
+                    "reason": f"stopped after {time.monotonic() - started:.0f}s: the bench's time budget ran out"}
     if proc.returncode != 0 or not out.exists():
         tail = log.read_text(errors="replace")[-1500:]
         return {"status": "crashed", "passed": False, "reason": f"exit {proc.returncode}: {tail}"}
@@ -215,7 +225,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             return f"{value:.2f}" if isinstance(value, float | int) else "-"
 
         general = p.get("general_data", [""])[0].rsplit("#", 1)[-1] if p.get("general_data") else "-"
-        verdict = "base" if name == BASE else ("pass" if r.get("passed") else "reject")
+        verdict = ("base" if name == BASE else "pass" if r.get("passed")
+                   else r["status"] if r.get("status") in ("timeout", "crashed", "skipped") else "reject")
         lines.append(f"| {name} | {p.get('epochs', '-')} | {p.get('learning_rate', '-')} | {p.get('lora_rank', '-')} "
                      f"| {p.get('identity_oversample', '-')} | {general} | {verdict} | {f(s.get('identity'))} "
                      f"| {f(sets.get('held-out'))} | {f(sets.get('adversarial'))} | {f(sets.get('trap'))} "
@@ -230,6 +241,13 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     else:
         lines += ["", "No recipe passed the gate."]
     return "\n".join(lines) + "\n"
+
+
+def write(out: Path, data: dict[str, Any]) -> None:
+    """The JSON and its markdown table (rewritten after every recipe, so a stopped bench leaves what it had)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    out.with_suffix(".md").write_text(markdown(data["recipes"]), encoding="utf-8")
 
 
 def environment() -> dict[str, Any]:
@@ -258,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default="", help="comma-separated recipe names (default: all, and the base)")
     parser.add_argument("--jobs", type=int, default=1, help="recipes trained side by side (one GPU holds several)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "recipe.json")
+    parser.add_argument("--budget-s", type=float, default=3600.0,
+                        help="stop recipes still running after this many seconds (their rows say timeout)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--recipe-json", help=argparse.SUPPRESS)
@@ -287,16 +307,18 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown recipes {unknown}; choose from {[BASE, *RECIPES]}")
             recipes = {n: RECIPES.get(n, {}) for n in wanted}
         started = time.monotonic()
+        deadline = started + args.budget_s
+        data: dict[str, Any] = {"model": str(model), "tiny": args.tiny, "jobs": args.jobs, "env": environment(),
+                                "general_file": str(GENERAL_FILE.relative_to(REPO)), "budget_s": args.budget_s,
+                                "recipes": {}}
+        results: dict[str, dict[str, Any]] = data["recipes"]
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {n: pool.submit(_child, n, r, model, work / "runs") for n, r in recipes.items()}
-            results = {n: f.result() for n, f in futures.items()}
-        data = {"model": str(model), "tiny": args.tiny, "jobs": args.jobs, "env": environment(),
-                "general_file": str(GENERAL_FILE.relative_to(REPO)),
-                "wall_s": round(time.monotonic() - started, 1), "recipes": results}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+            futures = {n: pool.submit(_child, n, r, model, work / "runs", deadline) for n, r in recipes.items()}
+            for name, future in futures.items():
+                results[name] = future.result()
+                data["wall_s"] = round(time.monotonic() - started, 1)
+                write(args.out, data)
         table = markdown(results)
-        args.out.with_suffix(".md").write_text(table, encoding="utf-8")
         print(table)
         crashed = [n for n, r in results.items() if r.get("status") == "crashed"]
         if crashed:
