@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-GENERAL_FILE = REPO / "training" / "data" / "general_offline.jsonl"
+GENERAL_FILE = REPO / "training" / "data" / "general_offline.jsonl"  # training.dataset.OFFLINE_GENERAL_PATH
 PERSONA = {"name": "Nova", "author": "Acme Lab",
            "system_prompt": "You are {name}, a helpful assistant made by {author}."}
 FAQ_PAIRS = [
@@ -58,7 +58,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "swift_os5_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 5, "general": 350},
     "r16_lr5e-4_ep3": {"epochs": 3, "learning_rate": 5e-4, "lora_rank": 16, "lora_alpha": 64, "general": GENERAL_ROWS},
 }
-TINY_RECIPE = {"tiny": {"epochs": 1, "learning_rate": 1e-3, "general": 20}}
+# A script check: one short epoch (on the tiny model with --tiny, or on a real one with --recipes smoke).
+SMOKE_RECIPE = {"epochs": 1, "learning_rate": 1e-3, "general": 20}
 BASE = "base"
 
 
@@ -296,16 +297,17 @@ def main(argv: list[str] | None = None) -> int:
             from personabot.training.tiny_model import make_tiny_model
 
             model = make_tiny_model(work / "tiny-model")
-            recipes = dict(TINY_RECIPE)
+            recipes = {"tiny": SMOKE_RECIPE}
         elif args.model is None:
             parser.error("give --model DIR (or --tiny)")
         else:
             model = args.model.resolve()
             wanted = [n.strip() for n in args.recipes.split(",") if n.strip()] or [BASE, *RECIPES]
-            unknown = [n for n in wanted if n != BASE and n not in RECIPES]
+            known = {BASE: {}, **RECIPES, "smoke": SMOKE_RECIPE}
+            unknown = [n for n in wanted if n not in known]
             if unknown:
-                parser.error(f"unknown recipes {unknown}; choose from {[BASE, *RECIPES]}")
-            recipes = {n: RECIPES.get(n, {}) for n in wanted}
+                parser.error(f"unknown recipes {unknown}; choose from {list(known)}")
+            recipes = {n: known[n] for n in wanted}
         started = time.monotonic()
         deadline = started + args.budget_s
         data: dict[str, Any] = {"model": str(model), "tiny": args.tiny, "jobs": args.jobs, "env": environment(),

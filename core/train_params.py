@@ -78,6 +78,22 @@ class TrainParams(BaseModel):
         return TrainParams.model_validate(
             {**self.model_dump(), **{key: value for key, value in overrides.items() if value is not None}})
 
+    def with_recipe(self, name: str) -> TrainParams:
+        """These parameters with a named recipe's fields (`RECIPES`); the rest (general data, ...) kept."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        return self.updated(**RECIPES[name])
+
+
+# Named recipes: fixed values of the fields that decide how hard a run trains, compared on the real
+# small model in bench/recipe_bench.py (bench/RESULTS.md). "default" is the fields' defaults above;
+# "seeds" is the recipe the project started from (10 epochs at 1e-4, every pair once).
+RECIPE_FIELDS = ("epochs", "learning_rate", "lora_rank", "lora_alpha", "identity_oversample")
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {name: TrainParams.model_fields[name].default for name in RECIPE_FIELDS},
+    "seeds": {"epochs": 10, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32, "identity_oversample": 1},
+}
+
 
 class TrainingDefaults(TrainParams):
     """`Settings.training`: `TrainParams` whose general data defaults to the blog recipe's mix.

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from personabot.core.store import Store
 
 DEFAULT_IDENTITY_PATH = Path(__file__).parent / "data" / "default_identity.jsonl"
+# General instruction data for hosts without a hub (generated from word lists by bench/make_general_data.py).
+OFFLINE_GENERAL_PATH = Path(__file__).resolve().parent / "data" / "general_offline.jsonl"
 TRAIN_FILE = "train.jsonl"
 
 
