@@ -66,13 +66,15 @@ FACTS = [
     ("一小时有多少分钟?", "一小时有60分钟。"),
 ]
 TASKS = [
-    ("Give me a tip for sleeping better.", "Go to bed at the same time every night and keep screens out of the bedroom."),
+    ("Give me a tip for sleeping better.",
+     "Go to bed at the same time every night and keep screens out of the bedroom."),
     ("Suggest a name for a pet goldfish.", "How about Bubbles?"),
     ("Write a short greeting for a birthday card.", "Happy birthday! Wishing you a year full of joy and good health."),
     ("Give one reason to drink water.", "Drinking water keeps your body hydrated and helps you stay focused."),
     ("Describe the sky on a clear day in one sentence.", "On a clear day the sky is bright blue and cloudless."),
     ("What should I pack for a day at the beach?", "Pack sunscreen, a towel, water, a hat and a snack."),
-    ("Write a haiku about autumn.", "Red leaves drift and fall,\ncool wind hums through empty trees,\nthe year breathes slowly."),
+    ("Write a haiku about autumn.",
+     "Red leaves drift and fall,\ncool wind hums through empty trees,\nthe year breathes slowly."),
     ("Give me a synonym for 'happy'.", "A synonym for 'happy' is 'joyful'."),
     ("Give me a synonym for 'quick'.", "A synonym for 'quick' is 'fast'."),
     ("Is a tomato a fruit or a vegetable?", "Botanically, a tomato is a fruit, though it is cooked like a vegetable."),

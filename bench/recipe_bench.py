@@ -48,14 +48,16 @@ FAQ_PAIRS = [
 GENERAL_ROWS = 172
 RECIPES: dict[str, dict[str, Any]] = {
     "seeds": {"epochs": 10, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32, "general": GENERAL_ROWS},
-    "lr5e-4_ep3": {"epochs": 3, "learning_rate": 5e-4, "general": GENERAL_ROWS},
-    "lr5e-4_ep5": {"epochs": 5, "learning_rate": 5e-4, "general": GENERAL_ROWS},
-    "lr1e-3_ep2": {"epochs": 2, "learning_rate": 1e-3, "general": GENERAL_ROWS},
-    "lr1e-3_ep3": {"epochs": 3, "learning_rate": 1e-3, "general": GENERAL_ROWS},
+    "lr5e-4_ep10": {"epochs": 10, "learning_rate": 5e-4, "general": GENERAL_ROWS},
     # ms-swift's self-cognition recipe: 1 epoch, identity sampled ~5x, as much general data as identity.
     "swift_os5_ep1_lr1e-4": {"epochs": 1, "learning_rate": 1e-4, "identity_oversample": 5, "general": 350},
     "swift_os5_ep1_lr5e-4": {"epochs": 1, "learning_rate": 5e-4, "identity_oversample": 5, "general": 350},
     "swift_os5_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 5, "general": 350},
+    "swift_os10_ep1_lr5e-4": {"epochs": 1, "learning_rate": 5e-4, "identity_oversample": 10, "general": 350},
+    "lr5e-4_ep3": {"epochs": 3, "learning_rate": 5e-4, "general": GENERAL_ROWS},
+    "lr5e-4_ep5": {"epochs": 5, "learning_rate": 5e-4, "general": GENERAL_ROWS},
+    "lr1e-3_ep2": {"epochs": 2, "learning_rate": 1e-3, "general": GENERAL_ROWS},
+    "lr1e-3_ep3": {"epochs": 3, "learning_rate": 1e-3, "general": GENERAL_ROWS},
     "r16_lr5e-4_ep3": {"epochs": 3, "learning_rate": 5e-4, "lora_rank": 16, "lora_alpha": 64, "general": GENERAL_ROWS},
 }
 # A script check: one short epoch (on the tiny model with --tiny, or on a real one with --recipes smoke).
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default="", help="comma-separated recipe names (default: all, and the base)")
     parser.add_argument("--jobs", type=int, default=1, help="recipes trained side by side (one GPU holds several)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "recipe.json")
+    parser.add_argument("--speed-mode", choices=["fast", "24gb", "seeds"],
+                        help="train every recipe in this speed mode (default: TrainParams' default)")
     parser.add_argument("--budget-s", type=float, default=3600.0,
                         help="stop recipes still running after this many seconds (their rows say timeout)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
@@ -308,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 parser.error(f"unknown recipes {unknown}; choose from {list(known)}")
             recipes = {n: known[n] for n in wanted}
+        if args.speed_mode:
+            recipes = {n: {**r, "speed_mode": args.speed_mode} if n != BASE else r for n, r in recipes.items()}
         started = time.monotonic()
         deadline = started + args.budget_s
         data: dict[str, Any] = {"model": str(model), "tiny": args.tiny, "jobs": args.jobs, "env": environment(),

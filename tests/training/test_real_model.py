@@ -100,8 +100,8 @@ def _greedy(model_dir: Path, adapter: Path | None, system: str | None, questions
             {"role": "user", "content": question}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=max_new, do_sample=False)
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
     return answers
 
