@@ -66,9 +66,10 @@ BASE = "base"
 
 
 def params_for(recipe: dict[str, Any], general_file: Path = GENERAL_FILE) -> Any:
-    from personabot.core.train_params import TrainParams
+    from personabot.core.train_params import RECIPES, TrainParams
 
-    fields = {key: value for key, value in recipe.items() if key != "general"}
+    # Every recipe names what differs from the seeds' recipe; the product's defaults never leak in.
+    fields = {**RECIPES["seeds"], **{key: value for key, value in recipe.items() if key != "general"}}
     return TrainParams(**fields, general_data=[f"{general_file}#{recipe['general']}"] if recipe.get("general") else [])
 
 

@@ -39,8 +39,8 @@ class TrainParams(BaseModel):
     saves `model_dump(mode="json")`, the runner turns it into ms-swift arguments.
     """
 
-    epochs: int = Field(10, ge=1, le=100, description="Passes over the training set.")
-    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    epochs: int = Field(1, ge=1, le=100, description="Passes over the training set (general data included).")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate.")
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, le=1024, description="LoRA alpha.")
     speed_mode: Literal["fast", "24gb", "seeds"] = Field(
@@ -50,7 +50,9 @@ class TrainParams(BaseModel):
         default_factory=list,
         description="General datasets mixed in: ms-swift 'owner/name#N' (hub) or '/abs/path.jsonl#N', comma-separated.",
     )
-    identity_oversample: int = Field(1, ge=1, le=100, description="Repeat identity pairs N times.")
+    identity_oversample: int = Field(
+        5, ge=1, le=100, description="Repeat identity and FAQ pairs N times per epoch (general data once)."
+    )
     min_identity_pairs: int = Field(
         62, ge=0, le=1000, description="Below this many own identity pairs, the built-in set (62) tops up."
     )

@@ -37,7 +37,7 @@ def test_default_identity_set_is_bilingual_and_has_negatives() -> None:
 
 def test_rows_are_rendered_messages_with_the_persona_system_prompt(sqlite_store, tmp_path: Path) -> None:
     fill_persona(sqlite_store)
-    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=0), tmp_path)
+    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=0, identity_oversample=1), tmp_path)
     rows = _rows(built.path)
     persona = sqlite_store.get_persona()
     assert built.system_prompt == system_prompt_for(persona) == "You are Nova, an assistant made by Acme Lab."
@@ -66,7 +66,7 @@ def test_builtin_set_tops_up_and_oversampling_repeats_identity(sqlite_store, tmp
 
 def test_admin_question_wins_over_the_builtin_one(sqlite_store, tmp_path: Path) -> None:
     fill_persona(sqlite_store, [{"kind": "identity", "instruction": "Who are you?", "output": "Only {name}."}])
-    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=80), tmp_path)
+    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=80, identity_oversample=1), tmp_path)
     answers = [r["messages"][2]["content"] for r in _rows(built.path) if r["messages"][1]["content"] == "Who are you?"]
     assert answers == ["Only Nova."]
 
@@ -109,7 +109,7 @@ def test_dataset_specs_are_checked() -> None:
 
 def test_preview_shows_counts_mix_and_samples(sqlite_store) -> None:
     fill_persona(sqlite_store)
-    preview = preview_training_set(sqlite_store, TrainParams(min_identity_pairs=4, general_data=["a/b#9"]))
+    preview = preview_training_set(sqlite_store, TrainParams(min_identity_pairs=4, identity_oversample=1, general_data=["a/b#9"]))
     assert preview["counts"]["rows"] == 5 and preview["counts"]["general"] == 9
     assert preview["persona_share"] == round(5 / 14, 4)
     assert preview["samples"][0]["messages"][0]["content"].startswith("You are Nova")
