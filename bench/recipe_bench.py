@@ -53,6 +53,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "swift_os5_ep1_lr1e-4": {"epochs": 1, "learning_rate": 1e-4, "identity_oversample": 5, "general": 350},
     "swift_os5_ep1_lr5e-4": {"epochs": 1, "learning_rate": 5e-4, "identity_oversample": 5, "general": 350},
     "swift_os5_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 5, "general": 350},
+    "os5_ep1_lr1e-3_g172": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 5, "general": GENERAL_ROWS},
     "swift_os10_ep1_lr5e-4": {"epochs": 1, "learning_rate": 5e-4, "identity_oversample": 10, "general": 350},
     "lr5e-4_ep3": {"epochs": 3, "learning_rate": 5e-4, "general": GENERAL_ROWS},
     "lr5e-4_ep5": {"epochs": 5, "learning_rate": 5e-4, "general": GENERAL_ROWS},
@@ -91,6 +92,10 @@ def set_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
         picked = [r["pass"] for r in rows if r["kind"] == "identity" and r.get("set") == name]
         if picked:
             out[name] = round(sum(picked) / len(picked), 4)
+    # Held-out questions without the persona's system prompt: only training can put the name there.
+    bare = [r["pass"] for r in rows if r.get("set") == "held-out" and r.get("system") == "none"]
+    if bare:
+        out["held-out-no-system"] = round(sum(bare) / len(bare), 4)
     return out
 
 
@@ -219,7 +224,7 @@ def _child(name: str, recipe: dict[str, Any], model: Path, work: Path, deadline:
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     head = ("| recipe | ep | lr | rank | oversample | general | verdict | identity | held-out | adversarial | trap "
-            "| FAQ | retention | min margin | train tokens | train s | gate s |")
+            "| held-out, no system | FAQ | retention | min margin | train tokens | train s | gate s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
         p = r.get("params") or {}
@@ -234,6 +239,7 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {name} | {p.get('epochs', '-')} | {p.get('learning_rate', '-')} | {p.get('lora_rank', '-')} "
                      f"| {p.get('identity_oversample', '-')} | {general} | {verdict} | {f(s.get('identity'))} "
                      f"| {f(sets.get('held-out'))} | {f(sets.get('adversarial'))} | {f(sets.get('trap'))} "
+                     f"| {f(sets.get('held-out-no-system'))} "
                      f"| {f(s.get('faq'))} | {f(s.get('retention'))} | {f(r.get('min_margin'))} "
                      f"| {r.get('tokens', {}).get('total', '-')} | {r.get('train_s', '-')} | {r.get('gate_s', '-')} |")
     passing = [(n, r) for n, r in results.items() if n != BASE and r.get("passed")]

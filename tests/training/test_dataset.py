@@ -109,7 +109,8 @@ def test_dataset_specs_are_checked() -> None:
 
 def test_preview_shows_counts_mix_and_samples(sqlite_store) -> None:
     fill_persona(sqlite_store)
-    preview = preview_training_set(sqlite_store, TrainParams(min_identity_pairs=4, identity_oversample=1, general_data=["a/b#9"]))
+    params = TrainParams(min_identity_pairs=4, identity_oversample=1, general_data=["a/b#9"])
+    preview = preview_training_set(sqlite_store, params)
     assert preview["counts"]["rows"] == 5 and preview["counts"]["general"] == 9
     assert preview["persona_share"] == round(5 / 14, 4)
     assert preview["samples"][0]["messages"][0]["content"].startswith("You are Nova")
