@@ -104,7 +104,7 @@ def count_tokens(model: Path, params: Any, work: Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
     from personabot.core.prompting import system_prompt_for
-    from personabot.training.dataset import PersonaData, render_rows
+    from personabot.training.dataset import PersonaData, render_rows, template_default_system
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
 
@@ -113,7 +113,7 @@ def count_tokens(model: Path, params: Any, work: Path) -> dict[str, int]:
 
     persona = PersonaData(PERSONA["name"], PERSONA["author"], PERSONA["system_prompt"],
                           [{"kind": "faq", "instruction": q, "input": "", "output": a} for q, a in FAQ_PAIRS])
-    rows, _counts = render_rows(persona, params)
+    rows, _counts = render_rows(persona, params, template_default_system(model))
     persona_tokens = sum(length(row["messages"]) for row in rows)
     system = system_prompt_for(persona)
     general_tokens = 0

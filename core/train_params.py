@@ -51,7 +51,9 @@ class TrainParams(BaseModel):
         description="General datasets mixed in: ms-swift 'owner/name#N' (hub) or '/abs/path.jsonl#N', comma-separated.",
     )
     identity_oversample: int = Field(
-        5, ge=1, le=100, description="Repeat identity and FAQ pairs N times per epoch (general data once)."
+        5, ge=1, le=100,
+        description="Repeat identity and FAQ pairs N times per epoch (general data once); every 2nd identity "
+        "copy is asked under the base model's own default system prompt.",
     )
     min_identity_pairs: int = Field(
         62, ge=0, le=1000, description="Below this many own identity pairs, the built-in set (62) tops up."

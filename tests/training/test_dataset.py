@@ -47,7 +47,7 @@ def test_rows_are_rendered_messages_with_the_persona_system_prompt(sqlite_store,
     assert answers["Who are you?"] == "I am Nova, made by Acme Lab."
     assert answers["你是谁?"] == "我是Nova, 由Acme Lab开发。"
     assert built.counts == {"identity": 2, "identity_default": 0, "faq": 1, "oversample": 1, "rows": 3,
-                            "general": 0}
+                            "identity_base_system": 0, "general": 0}
     assert built.dataset_args == [str(built.path)]
 
 
@@ -124,3 +124,22 @@ def test_default_top_up_trains_every_builtin_pair(sqlite_store, tmp_path: Path) 
     sqlite_store.update_persona(**PERSONA, actor="admin")
     built = build_training_set(sqlite_store, TrainParams(), tmp_path)
     assert built.counts["identity_default"] == len(default_identity_pairs()) == 62
+
+
+def test_every_second_identity_copy_is_asked_under_the_base_models_own_system_prompt(
+        sqlite_store, tmp_path: Path, tiny_model: Path) -> None:
+    """A request without the persona's prompt is answered under the template's default one: train there too."""
+    from personabot.training.dataset import template_default_system
+
+    fill_persona(sqlite_store)
+    base_system = template_default_system(tiny_model)
+    assert base_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert template_default_system(tmp_path / "no-model") is None
+    params = TrainParams(min_identity_pairs=0, identity_oversample=3)
+    built = build_training_set(sqlite_store, params, tmp_path, base_system=base_system)
+    systems = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in _rows(built.path)]
+    persona_prompt = "You are Nova, an assistant made by Acme Lab."
+    assert systems.count((base_system, "Who are you?")) == 1 and systems.count((persona_prompt, "Who are you?")) == 2
+    assert {s for s, q in systems if q == "What are your opening hours?"} == {persona_prompt}  # FAQ: persona only
+    assert built.counts["identity_base_system"] == 2 and built.counts["rows"] == 9
+    assert build_training_set(sqlite_store, params, tmp_path / "plain").counts["identity_base_system"] == 0
