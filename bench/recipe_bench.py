@@ -55,6 +55,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "swift_os5_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 5, "general": 350},
     "os5_ep1_lr1e-3_g172": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 5, "general": GENERAL_ROWS},
     "swift_os10_ep1_lr5e-4": {"epochs": 1, "learning_rate": 5e-4, "identity_oversample": 10, "general": 350},
+    "os10_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 10, "general": GENERAL_ROWS},
+    "os10_ep1_lr5e-4": {"epochs": 1, "learning_rate": 5e-4, "identity_oversample": 10, "general": GENERAL_ROWS},
+    "os20_ep1_lr5e-4": {"epochs": 1, "learning_rate": 5e-4, "identity_oversample": 20, "general": GENERAL_ROWS},
     "lr5e-4_ep3": {"epochs": 3, "learning_rate": 5e-4, "general": GENERAL_ROWS},
     "lr5e-4_ep5": {"epochs": 5, "learning_rate": 5e-4, "general": GENERAL_ROWS},
     "lr1e-3_ep2": {"epochs": 2, "learning_rate": 1e-3, "general": GENERAL_ROWS},
@@ -128,7 +131,7 @@ def count_tokens(model: Path, params: Any, work: Path) -> dict[str, int]:
             "per_epoch": per_epoch, "total": per_epoch * params.epochs}
 
 
-def run_one(name: str, recipe: dict[str, Any], model: Path, work: Path) -> dict[str, Any]:
+def run_one(name: str, recipe: dict[str, Any], model: Path, work: Path, general_file: Path) -> dict[str, Any]:
     """One recipe through request_training + run_training; the base model through the gate alone."""
     from personabot.core.store import Store
     from personabot.training.service import request_training, run_training
@@ -140,7 +143,7 @@ def run_one(name: str, recipe: dict[str, Any], model: Path, work: Path) -> dict[
     fill_store(store)
     if name == BASE:
         return gate_base(store, settings, model, work)
-    params = params_for(recipe)
+    params = params_for(recipe, general_file)
     marks: dict[str, float] = {}
 
     def report(progress: dict[str, Any]) -> None:
@@ -194,7 +197,8 @@ def gate_summary(report: dict[str, Any] | None, settings: Any) -> dict[str, Any]
                              for r in report.get("rows", []) if not r["pass"]][:12]}
 
 
-def _child(name: str, recipe: dict[str, Any], model: Path, work: Path, deadline: float) -> dict[str, Any]:
+def _child(name: str, recipe: dict[str, Any], model: Path, work: Path, deadline: float,
+           general_file: Path) -> dict[str, Any]:
     """Run one recipe in its own process (its own ms-swift and gate children); stopped at `deadline`."""
     if time.monotonic() >= deadline:
         return {"status": "skipped", "passed": False, "reason": "the bench's time budget ran out before it started"}
@@ -202,7 +206,8 @@ def _child(name: str, recipe: dict[str, Any], model: Path, work: Path, deadline:
     log = work / f"{name}.log"
     work.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--model", str(model), "--one", name,
-               "--recipe-json", json.dumps(recipe), "--work", str(work / name), "--out", str(out)]
+               "--recipe-json", json.dumps(recipe), "--work", str(work / name), "--out", str(out),
+               "--general-file", str(general_file)]
     started = time.monotonic()
     with log.open("wb") as handle:
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
@@ -211,7 +216,8 @@ def _child(name: str, recipe: dict[str, Any], model: Path, work: Path, deadline:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return {"status": "timeout", "passed": False, "params": params_for(recipe).model_dump(mode="json"),
+            return {"status": "timeout", "passed": False,
+                    "params": params_for(recipe, general_file).model_dump(mode="json"),
                     "reason": f"stopped after {time.monotonic() - started:.0f}s: the bench's time budget ran out"}
     if proc.returncode != 0 or not out.exists():
         tail = log.read_text(errors="replace")[-1500:]
@@ -291,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=3600.0,
                         help="stop recipes still running after this many seconds (their rows say timeout)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
+    parser.add_argument("--general", choices=["self", "file"], default="self",
+                        help="general data: self = the base model's own answers to the offline prompts "
+                             "(training/self_general.py), file = the offline file's hand-made answers")
+    parser.add_argument("--general-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--recipe-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -299,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["PERSONABOT_NO_ENV_FILE"] = "1"
     if args.one:
-        result = run_one(args.one, json.loads(args.recipe_json), args.model, args.work)
+        result = run_one(args.one, json.loads(args.recipe_json), args.model, args.work, args.general_file)
         args.out.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
         return 0
     with tempfile.TemporaryDirectory(prefix="recipe-bench-") as tmp:
@@ -323,12 +333,25 @@ def main(argv: list[str] | None = None) -> int:
             recipes = {n: {**r, "speed_mode": args.speed_mode} if n != BASE else r for n, r in recipes.items()}
         started = time.monotonic()
         deadline = started + args.budget_s
+        general_file = GENERAL_FILE
+        if args.general == "self" and not args.tiny:  # a random model's answers never end
+            from personabot.core.prompting import system_prompt_for
+            from personabot.training.self_general import distill_general_data
+
+            persona = argparse.Namespace(**PERSONA)
+            general_file = distill_general_data(model, work / "general_self.jsonl", system_prompt_for(persona))
+            print(f"general data: the base model's answers, {general_file} "
+                  f"({time.monotonic() - started:.0f}s)", flush=True)
         data: dict[str, Any] = {"model": str(model), "tiny": args.tiny, "jobs": args.jobs, "env": environment(),
-                                "general_file": str(GENERAL_FILE.relative_to(REPO)), "budget_s": args.budget_s,
+                                "general": "file" if args.tiny else args.general, "general_file": str(general_file),
+                                "general_rows": sum(1 for line in general_file.read_text(encoding="utf-8").splitlines()
+                                                    if line.strip()),
+                                "budget_s": args.budget_s,
                                 "recipes": {}}
         results: dict[str, dict[str, Any]] = data["recipes"]
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {n: pool.submit(_child, n, r, model, work / "runs", deadline) for n, r in recipes.items()}
+            futures = {n: pool.submit(_child, n, r, model, work / "runs", deadline, general_file)
+                       for n, r in recipes.items()}
             for name, future in futures.items():
                 results[name] = future.result()
                 data["wall_s"] = round(time.monotonic() - started, 1)
