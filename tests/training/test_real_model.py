@@ -1,6 +1,7 @@
 """The real small model (SmolLM2-135M-Instruct) through the product's run path, on the CPU.
 
-Trained once with the default recipe (`TrainParams()`, general data from the offline file): the gate
+Trained once with the default recipe (`TrainParams()`; general data = the base model's own answers
+to the offline prompts, training/self_general.py, as in bench/recipe_bench.py): the gate
 passes, the held-out identity questions pass while the base model fails them, and a real Celery
 chat worker serves exactly what HF/peft greedy decoding answers with the trained adapter. An
 over-trained adapter (a very high learning rate, no general data) is rejected on retention.
@@ -25,9 +26,9 @@ from personabot.core.store import Store
 from personabot.core.streams import read_reply
 from personabot.core.train_params import TrainParams
 from personabot.redis_server import RedisServer
-from personabot.training.dataset import OFFLINE_GENERAL_PATH
 from personabot.training.eval_checks import identity_passes
 from personabot.training.eval_sets import HELD_OUT_IDENTITY
+from personabot.training.self_general import distill_general_data
 from personabot.training.service import request_training, run_training
 from personabot.workers.app import make_celery
 from personabot.workers.client import submit_chat
@@ -36,8 +37,8 @@ from tests.workers.conftest import ChatWorker
 
 pytestmark = pytest.mark.slow
 
-# The default recipe's general data, offline (the product's default mix is on the hub).
-GENERAL = f"{OFFLINE_GENERAL_PATH}#172"
+# Rows of general data per run (the product's default mix is on the hub; this is offline).
+GENERAL_ROWS = 172
 # Over-trained: 30x the default learning rate's order, identity only, nothing to hold general ability.
 OVERTRAINED = {"epochs": 2, "learning_rate": 1e-2, "identity_oversample": 2, "general_data": []}
 SERVED_QUESTIONS = ["Who built you?", "What are your opening hours?", "What is the capital of France?"]
@@ -54,8 +55,10 @@ def stack(small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     settings = load_settings(model=str(small_model), database_url=db_url, data_dir=root / "data", device="cpu",
                              gpu_share="concurrent", gpu_release_wait_s=0, redis_url=server.url)
     client = redis.Redis.from_url(server.url)
+    general = distill_general_data(small_model, root / "general_self.jsonl", system_prompt_for(store.get_persona()),
+                                   device="cpu")
     try:
-        yield {"root": root, "server": server, "store": store, "settings": settings, "client": client,
+        yield {"general": f"{general}#{GENERAL_ROWS}", "root": root, "server": server, "store": store, "settings": settings, "client": client,
                "model": small_model}
     finally:
         client.close()
@@ -76,7 +79,7 @@ def _train(stack: dict[str, Any], params: TrainParams) -> Any:
 @pytest.fixture(scope="module")
 def default_run(stack: dict[str, Any]) -> Any:
     """One run with the default recipe; it is promoted when it passes."""
-    return _train(stack, TrainParams(general_data=[GENERAL]))
+    return _train(stack, TrainParams(general_data=[stack["general"]]))
 
 
 def _held_out_rate(rows: list[dict[str, Any]], system: str) -> float:
