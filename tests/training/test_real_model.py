@@ -58,7 +58,8 @@ def stack(small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     general = distill_general_data(small_model, root / "general_self.jsonl", system_prompt_for(store.get_persona()),
                                    device="cpu")
     try:
-        yield {"general": f"{general}#{GENERAL_ROWS}", "root": root, "server": server, "store": store, "settings": settings, "client": client,
+        yield {"general": f"{general}#{GENERAL_ROWS}", "root": root, "server": server, "store": store,
+               "settings": settings, "client": client,
                "model": small_model}
     finally:
         client.close()
