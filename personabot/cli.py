@@ -156,7 +156,7 @@ def cmd_bot(args: argparse.Namespace) -> int:
 
 def train_params(settings: Settings, args: argparse.Namespace) -> TrainParams:
     """`personabot train`'s parameters: the settings' defaults, then --recipe, then the single flags."""
-    params = settings.training
+    params: TrainParams = settings.training
     if args.recipe:
         params = params.with_recipe(args.recipe)
     return params.updated(**{key: getattr(args, key) for key in (
