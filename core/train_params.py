@@ -40,7 +40,7 @@ class TrainParams(BaseModel):
     """
 
     epochs: int = Field(1, ge=1, le=100, description="Passes over the training set (general data included).")
-    learning_rate: float = Field(5e-4, gt=0, le=1, description="Peak learning rate.")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate.")
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, le=1024, description="LoRA alpha.")
     speed_mode: Literal["fast", "24gb", "seeds"] = Field(
