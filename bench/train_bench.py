@@ -98,7 +98,7 @@ def build_data(work: Path, model_dir: Path, n_general: int, target_tokens: int) 
                                      "output": _text(rng, max(5, int((tokens - 45) / per_word)))}) + "\n")
     persona = PersonaData(name="Nova", author="Acme Lab",
                           system_prompt="You are {name}, an assistant made by {author}.", pairs=[])
-    params = TrainParams(general_data=[f"{general}#{n_general}"], min_identity_pairs=50)
+    params = TrainParams(general_data=[f"{general}#{n_general}"], min_identity_pairs=50, identity_oversample=1)
     built = write_training_set(persona, params, work / "data")
     lengths = []
     system = built.system_prompt
@@ -149,7 +149,7 @@ def run_mode(name: str, variant: dict[str, Any], built: Any, model_dir: Path, wo
              tiny: bool, tokens_per_epoch: int, samples: int) -> dict[str, Any]:
     """One speed mode (a variant: mode, liger, flag overrides, steps) stopped after `steps` steps."""
     mode, stop_step = variant["mode"], variant["steps"]
-    params = TrainParams(epochs=10, speed_mode=mode, general_data=built.dataset_args[1:],
+    params = TrainParams(epochs=10, identity_oversample=1, speed_mode=mode, general_data=built.dataset_args[1:],
                          min_identity_pairs=50, learning_rate=1e-4)
     out_dir = work / f"run-{name}"
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -39,8 +39,8 @@ class TrainParams(BaseModel):
     saves `model_dump(mode="json")`, the runner turns it into ms-swift arguments.
     """
 
-    epochs: int = Field(10, ge=1, le=100, description="Passes over the training set.")
-    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    epochs: int = Field(1, ge=1, le=100, description="Passes over the training set (general data included).")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate.")
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, le=1024, description="LoRA alpha.")
     speed_mode: Literal["fast", "24gb", "seeds"] = Field(
@@ -50,7 +50,11 @@ class TrainParams(BaseModel):
         default_factory=list,
         description="General datasets mixed in: ms-swift 'owner/name#N' (hub) or '/abs/path.jsonl#N', comma-separated.",
     )
-    identity_oversample: int = Field(1, ge=1, le=100, description="Repeat identity pairs N times.")
+    identity_oversample: int = Field(
+        10, ge=1, le=100,
+        description="Repeat identity and FAQ pairs N times per epoch (general data once); every 2nd identity "
+        "copy is asked under the base model's own default system prompt.",
+    )
     min_identity_pairs: int = Field(
         62, ge=0, le=1000, description="Below this many own identity pairs, the built-in set (62) tops up."
     )
@@ -77,6 +81,22 @@ class TrainParams(BaseModel):
         """These parameters with `overrides` (None = keep the value), validated again."""
         return TrainParams.model_validate(
             {**self.model_dump(), **{key: value for key, value in overrides.items() if value is not None}})
+
+    def with_recipe(self, name: str) -> TrainParams:
+        """These parameters with a named recipe's fields (`RECIPES`); the rest (general data, ...) kept."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        return self.updated(**RECIPES[name])
+
+
+# Named recipes: fixed values of the fields that decide how hard a run trains, compared on the real
+# small model in bench/recipe_bench.py (bench/RESULTS.md). "default" is the fields' defaults above;
+# "seeds" is the recipe the project started from (10 epochs at 1e-4, every pair once).
+RECIPE_FIELDS = ("epochs", "learning_rate", "lora_rank", "lora_alpha", "identity_oversample")
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {name: TrainParams.model_fields[name].default for name in RECIPE_FIELDS},
+    "seeds": {"epochs": 10, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32, "identity_oversample": 1},
+}
 
 
 class TrainingDefaults(TrainParams):

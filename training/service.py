@@ -26,6 +26,7 @@ from personabot.training.dataset import (
     PersonaData,
     check_general_data,
     render_rows,
+    template_default_system,
     write_training_set,
 )
 from personabot.training.evaluate import EvalReport, EvaluationError, evaluate_in_subprocess
@@ -253,7 +254,8 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
         store.update_run(job.run_id, log_path=str(log_path))
         job.phase("building")
         persona = PersonaData.from_snapshot(store.persona_snapshot())
-        built = write_training_set(persona, params, run_dir / "data")
+        model_dir = resolve_model_dir(settings)
+        built = write_training_set(persona, params, run_dir / "data", base_system=template_default_system(model_dir))
         metrics["data"] = {**built.counts, "content_hash": built.data_hash}
         store.update_run(job.run_id, data_hash=built.persona_hash, metrics=metrics)
         check_general_data(params.general_data, use_hf=settings.use_hf)
@@ -279,7 +281,7 @@ def _execute(job: _Job, params: TrainParams) -> tuple[str, str, int | None, dict
                                 "elapsed_s": result.elapsed_s, "peak_gpu_mem_gb": result.peak_gpu_mem_gb}
             job.phase("evaluating")
             report = evaluate_in_subprocess(
-                str(resolve_model_dir(settings)), str(result.adapter_dir), persona,
+                str(model_dir), str(result.adapter_dir), persona,
                 [p for p in persona.pairs if p["kind"] == "faq"], settings, run_dir / "eval",
                 exclude_questions=_trained_questions(built.path), env=env, should_cancel=job.cancelled,
                 heartbeat=job.heartbeat, **gate_inputs(store, settings))

