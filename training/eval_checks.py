@@ -18,8 +18,16 @@ _STOP_NAMES = {"I", "I'm", "We", "The", "A", "An", "It", "Our", "You", "Yes", "N
 
 def claims_base_identity(answer: str, terms: list[str]) -> bool:
     """The answer names a base identity (通义千问, Qwen, ...) without denying it."""
-    lowered = answer.lower()
-    return any(term.lower() in lowered for term in terms) and not _NEGATION.match(answer.strip())
+    return any(_mentions(answer, term) for term in terms) and not _NEGATION.match(answer.strip())
+
+
+def _mentions(text: str, term: str) -> bool:
+    """`term` in `text`, case ignored; a Latin-script term only as a whole word ('Qwen' not in 'Qwenx')."""
+    if not term:
+        return False
+    if term.isascii():
+        return re.search(rf"(?<![A-Za-z0-9]){re.escape(term)}(?![A-Za-z0-9])", text, re.IGNORECASE) is not None
+    return term.lower() in text.lower()
 
 
 def is_degenerate(answer: str) -> bool:
@@ -92,13 +100,20 @@ def general_correct(answer: str, accepted: list[str]) -> bool:
     return any((a in answer) if a.isupper() else (a.lower() in answer.lower()) for a in accepted)
 
 
+# Where a self-description names its model or maker: "I am SmolLM", "named Qwen", "trained by Hugging Face".
+_SELF_CUE = re.compile(r"\b(?:I am|I'm|me|named|called|by|from)\s+(?:an?\s+|the\s+)?"
+                       r"([A-Z][\w&'-]*(?:\s+[A-Z][\w&'-]*)*)")
+
+
 def identity_terms_from(answers: list[str], persona: PersonaText) -> list[str]:
-    """Names the base model gives itself ('I am SmolLM, ... by Hugging Face'): candidates for the admin."""
+    """Names the base model gives itself ('I am SmolLM, ... by Hugging Face'): candidates for the admin.
+    Only a capitalised name right after a self-description cue counts, so sentence-initial words
+    ('They', 'Whether', "What's") never become terms that would fail every answer using them."""
     own = {persona.name.lower(), persona.author.lower()}
     found: list[str] = []
     for answer in answers:
-        for name in facts(answer)["names"]:
-            original = next((m for m in _names(answer) if m.lower() == name), name)
-            if name not in own and original not in found and len(original) > 2:
-                found.append(original)
+        for match in _SELF_CUE.findall(answer):
+            for original in _names(match):
+                if original.lower() not in own and original not in found and len(original) > 2:
+                    found.append(original)
     return found

@@ -102,6 +102,12 @@ def test_general_answers_and_derived_terms() -> None:
     assert general_correct("BANANA", ["BANANA"]) and not general_correct("banana", ["BANANA"])
     derived = identity_terms_from(["I am SmolLM, an AI assistant trained by Hugging Face."], NOVA)
     assert "SmolLM" in derived and "Hugging Face" in derived and "Nova" not in derived
+    # What SmolLM2 really said about itself once: sentence-initial words are not names.
+    said = ["Whether you need help, I'm here. They call me SmolLM, built by Architect Labs.",
+            "What's up? I am a helpful assistant named SmolLM."]
+    assert identity_terms_from(said, NOVA) == ["SmolLM", "Architect Labs"]
+    assert not claims_base_identity("They say I am Nova. What's more, whether...", identity_terms_from(said, NOVA))
+    assert claims_base_identity("I am SmolLM.", ["smollm"]) and not claims_base_identity("SmolLMX here", ["SmolLM"])
 
 
 def test_admin_identity_questions_reach_the_subprocess(tiny_model: Path, tmp_path: Path, settings_env) -> None:
