@@ -35,7 +35,8 @@ from personabot.workers.client import submit_chat
 from tests.training.quality_fixtures import small_model  # noqa: F401  (fixture)
 from tests.workers.conftest import ChatWorker
 
-pytestmark = pytest.mark.slow
+# One module fixture trains on the CPU (general data from the base model, ms-swift, the gate): minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 # Rows of general data per run (the product's default mix is on the hub; this is offline).
 GENERAL_ROWS = 172
