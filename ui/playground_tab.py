@@ -32,6 +32,9 @@ def result_line(result: ChatResult) -> str:
     version = result.adapter_version or "base model"
     if result.finish_reason == "error":
         return notice(f"error from the chat worker: {result.error}", ok=False)
+    if not result.text.strip() and result.finish_reason == "stop":
+        return notice(f"{version} · empty reply: the model ended it at once (try again, or a lower temperature) · "
+                      f"{result.worker}", ok=False)
     return notice(f"{version} · {result.completion_tokens} tokens · first token {result.first_token_s:.2f}s · "
                   f"total {result.total_s:.2f}s · {result.worker}")
 
