@@ -76,6 +76,9 @@ class Turn:
 Backend = Callable[[list[tuple[str, list[int]]], int, str], tuple[list[int], float, list[float], bool, int]]
 
 
+PROGRESS_S = 30.0
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -130,8 +133,12 @@ def run_traffic(spec: TrafficSpec, backend: Backend, vocab: WordVocab) -> dict[s
     started = time.monotonic()
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    for thread in threads:  # a progress line every PROGRESS_S, so that a stalled run shows where it stands
+        while thread.is_alive():
+            thread.join(timeout=PROGRESS_S - (time.monotonic() - started) % PROGRESS_S)
+            if thread.is_alive():
+                print(f"  {time.monotonic() - started:.0f} s: {len(turns)} of {spec.chats * spec.turns} turns, "
+                      f"{len(errors)} users failed", flush=True)
     wall = time.monotonic() - started
     return {**summarize(spec, turns, wall), "errors": errors[:5], "lost_turns": spec.chats * spec.turns - len(turns)}
 
@@ -329,7 +336,7 @@ def card_rows(gib: float, dims: dict[str, Any], work: Path, context: int) -> int
 
 
 def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str, max_batch: int,
-                 context: int, reuse: bool, gpu_gib: float = 0,
+                 context: int, reuse: bool, gpu_gib: float = 0, log_level: str = "WARNING",
                  extra_env: dict[str, str] | None = None) -> tuple[Any, Callable[[], None], dict[str, Any]]:
     """redis-server + the store + one real chat worker (`extra_env`: more settings for it); returns a
     ChatClient, a stop function and the service's parts (work dir, worker environment, store, for
@@ -364,16 +371,18 @@ def start_celery(work: Path, model_dir: Path, adapter_dir: Path, *, device: str,
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "personabot.workers.chat_tasks:app", "worker",
                                "-Q", "chat", "--pool", "threads", "--concurrency", str(max_batch),
                                "--prefetch-multiplier", "1", "-n", "traffic@bench", "--without-gossip",
-                               "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"],
+                               "--without-mingle", "--without-heartbeat", "--loglevel", log_level],
                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
                               start_new_session=True)
-    deadline = time.monotonic() + 300
+    started = time.monotonic()
+    deadline = started + 300
     while not any(e.type == WorkerOnline.TYPE for e in recent(client, 1000)):
         failed = b"cannot start its engine" in (work / "chat-worker.log").read_bytes()
         if failed or worker.poll() is not None or time.monotonic() > deadline:
             stop_process(worker)
             raise RuntimeError("chat worker did not come online: " + (work / "chat-worker.log").read_text()[-2000:])
         time.sleep(0.5)
+    print(f"chat worker online after {time.monotonic() - started:.1f} s", flush=True)
 
     def stop() -> None:
         stop_process(worker)
@@ -428,6 +437,7 @@ def main() -> None:
     parser.add_argument("--gpu-gib", type=float, default=0,
                         help="hold the engines to this many GiB of the GPU (PERSONABOT_GPU_MEMORY_GIB), e.g. 24 "
                         "for a 24 GB card: KV rows sized from it, no merged copy unless it fits; --max-batch ignored")
+    parser.add_argument("--worker-log-level", default="WARNING", help="the chat worker's Celery log level")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -500,7 +510,7 @@ def main() -> None:
         path = backend_name if reuse else f"{backend_name}-no-reuse"
         chat, stop, service = start_celery(work / f"{path}-{chats}", model_dir, adapter_dir,
                                            device=device, max_batch=args.max_batch, context=context, reuse=reuse,
-                                           gpu_gib=args.gpu_gib)
+                                           gpu_gib=args.gpu_gib, log_level=args.worker_log_level)
         stops = [stop]
         try:
             if backend_name == "api":
