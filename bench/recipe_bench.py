@@ -63,6 +63,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lr1e-3_ep2": {"epochs": 2, "learning_rate": 1e-3, "general": GENERAL_ROWS},
     "lr1e-3_ep3": {"epochs": 3, "learning_rate": 1e-3, "general": GENERAL_ROWS},
     "r16_lr5e-4_ep3": {"epochs": 3, "learning_rate": 5e-4, "lora_rank": 16, "lora_alpha": 64, "general": GENERAL_ROWS},
+    # FAQ pairs repeated apart from identity: facts need more repetitions than the identity's wording.
+    "os10_faq30_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 10, "faq_oversample": 30,
+                              "general": GENERAL_ROWS},
+    "os10_faq50_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 10, "faq_oversample": 50,
+                              "general": GENERAL_ROWS},
+    "os10_faq30_ep1_lr5e-4": {"epochs": 1, "learning_rate": 5e-4, "identity_oversample": 10, "faq_oversample": 30,
+                              "general": GENERAL_ROWS},
+    "r16_os10_faq30_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "lora_rank": 16, "lora_alpha": 64,
+                                  "identity_oversample": 10, "faq_oversample": 30, "general": GENERAL_ROWS},
+    "os5_faq30_ep1_lr1e-3": {"epochs": 1, "learning_rate": 1e-3, "identity_oversample": 5, "faq_oversample": 30,
+                             "general": GENERAL_ROWS},
 }
 # A script check: one short epoch (on the tiny model with --tiny, or on a real one with --recipes smoke).
 SMOKE_RECIPE = {"epochs": 1, "learning_rate": 1e-3, "general": 20}
@@ -74,6 +85,9 @@ def params_for(recipe: dict[str, Any], general_file: Path = GENERAL_FILE) -> Any
 
     # Every recipe names what differs from the seeds' recipe; the product's defaults never leak in.
     fields = {**RECIPES["seeds"], **{key: value for key, value in recipe.items() if key != "general"}}
+    # Before FAQ pairs had their own count they were repeated as often as identity pairs.
+    if "faq_oversample" not in recipe:
+        fields["faq_oversample"] = fields["identity_oversample"]
     return TrainParams(**fields, general_data=[f"{general_file}#{recipe['general']}"] if recipe.get("general") else [])
 
 
@@ -229,8 +243,9 @@ def _child(name: str, recipe: dict[str, Any], model: Path, work: Path, deadline:
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| recipe | ep | lr | rank | oversample | general | verdict | identity | held-out | adversarial | trap "
-            "| held-out, no system | FAQ | retention | min margin | train tokens | train s | gate s |")
+    head = ("| recipe | ep | lr | rank | oversample | FAQ oversample | general | verdict | identity | held-out "
+            "| adversarial | trap | held-out, no system | FAQ | retention | min margin | train tokens | train s "
+            "| gate s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
         p = r.get("params") or {}
@@ -243,7 +258,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         verdict = ("base" if name == BASE else "pass" if r.get("passed")
                    else r["status"] if r.get("status") in ("timeout", "crashed", "skipped") else "reject")
         lines.append(f"| {name} | {p.get('epochs', '-')} | {p.get('learning_rate', '-')} | {p.get('lora_rank', '-')} "
-                     f"| {p.get('identity_oversample', '-')} | {general} | {verdict} | {f(s.get('identity'))} "
+                     f"| {p.get('identity_oversample', '-')} | {p.get('faq_oversample', '-')} | {general} "
+                     f"| {verdict} | {f(s.get('identity'))} "
                      f"| {f(sets.get('held-out'))} | {f(sets.get('adversarial'))} | {f(sets.get('trap'))} "
                      f"| {f(sets.get('held-out-no-system'))} "
                      f"| {f(s.get('faq'))} | {f(s.get('retention'))} | {f(r.get('min_margin'))} "

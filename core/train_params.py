@@ -52,8 +52,13 @@ class TrainParams(BaseModel):
     )
     identity_oversample: int = Field(
         10, ge=1, le=100,
-        description="Repeat identity and FAQ pairs N times per epoch (general data once); every 2nd identity "
-        "copy is asked under the base model's own default system prompt.",
+        description="Repeat identity pairs N times per epoch (general data once); every 2nd copy is asked "
+        "under the base model's own default system prompt.",
+    )
+    faq_oversample: int = Field(
+        30, ge=1, le=200,
+        description="Repeat FAQ pairs N times per epoch: facts (prices, dates, names) need more repetitions "
+        "than the identity's wording.",
     )
     min_identity_pairs: int = Field(
         62, ge=0, le=1000, description="Below this many own identity pairs, the built-in set (62) tops up."
@@ -92,10 +97,11 @@ class TrainParams(BaseModel):
 # Named recipes: fixed values of the fields that decide how hard a run trains, compared on the real
 # small model in bench/recipe_bench.py (bench/RESULTS.md). "default" is the fields' defaults above;
 # "seeds" is the recipe the project started from (10 epochs at 1e-4, every pair once).
-RECIPE_FIELDS = ("epochs", "learning_rate", "lora_rank", "lora_alpha", "identity_oversample")
+RECIPE_FIELDS = ("epochs", "learning_rate", "lora_rank", "lora_alpha", "identity_oversample", "faq_oversample")
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {name: TrainParams.model_fields[name].default for name in RECIPE_FIELDS},
-    "seeds": {"epochs": 10, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32, "identity_oversample": 1},
+    "seeds": {"epochs": 10, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32, "identity_oversample": 1,
+              "faq_oversample": 1},
 }
 
 

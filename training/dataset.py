@@ -155,12 +155,13 @@ def render_rows(persona: PersonaData, params: TrainParams,
             else:
                 rows.append({"messages": messages})
     for pair in sorted(faq, key=key):
-        rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.identity_oversample))
+        rows.extend({"messages": pair_messages(pair, persona)} for _ in range(params.faq_oversample))
     counts = {
         "identity": len(identity) - defaults,
         "identity_default": defaults,
         "faq": len(faq),
         "oversample": params.identity_oversample,
+        "faq_oversample": params.faq_oversample,
         "identity_base_system": len(identity) * (params.identity_oversample // 2) if base_system else 0,
         "rows": len(rows),
     }

@@ -40,6 +40,7 @@ def preview_summary(preview: dict[str, Any]) -> str:
     if counts.get("identity_default"):
         parts.append(f"built-in identity pairs added: {counts['identity_default']}")
     parts += [f"FAQ pairs: {counts.get('faq', 0)}", f"identity oversample: x{counts.get('oversample', 1)}",
+              f"FAQ oversample: x{counts.get('faq_oversample', 1)}",
               f"persona rows: {counts.get('rows', 0)}", f"general samples: {counts.get('general', 0)}"]
     share = preview.get("persona_share")
     if share is not None:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from personabot.core.models import TrainingRun
 from personabot.core.store import StoreError, isoformat
+from personabot.core.train_params import RECIPE_FIELDS, RECIPES
 from personabot.training.schedule import CronError, current_cron, next_retrain_time, set_retrain_cron
 from personabot.training.service import TrainingRequestError, cancel_training, request_training
 from personabot.ui.context import AdminContext, actor, notice
@@ -21,6 +22,9 @@ MIX_COLUMNS = ["dataset", "samples"]
 RUN_COLUMNS = ["id", "status", "trigger", "created", "finished", "adapter", "error"]
 LOG_TAIL_BYTES = 16_384
 LOG_TAIL_LINES = 12
+CUSTOM = "custom"
+RECIPE_INFO = ("default: 1 epoch at 1e-3, identity pairs x10, FAQ pairs x30 (the passing recipe on a real small "
+               "model, bench/RESULTS.md); seeds: the blog's 10 epochs at 1e-4, every pair once")
 
 
 def mix_frame(general_data: list[str]) -> pd.DataFrame:
@@ -139,13 +143,22 @@ class TrainingTab:
         return (run_html(run), loss, log_tail(run.log_path if run else ""), runs,
                 gr.update(interactive=cancellable))
 
+    @staticmethod
+    def recipe_fields(name: str) -> tuple[Any, ...]:
+        """A named recipe's values into the fields it sets (the rest of the form is kept)."""
+        if name not in RECIPES:
+            return tuple(gr.skip() for _ in RECIPE_FIELDS)
+        return tuple(RECIPES[name][field] for field in RECIPE_FIELDS)
+
     def start(self, mix: pd.DataFrame, epochs: float, learning_rate: float, rank: float, alpha: float,
-              speed_mode: str, request: gr.Request | None = None) -> str:
+              identity_oversample: float, faq_oversample: float, speed_mode: str,
+              request: gr.Request | None = None) -> str:
         """Validate the parameters, create the queued run in the store, enqueue it on `train`."""
         try:
             params = self.ctx.settings.training.updated(
                 epochs=int(epochs), learning_rate=float(learning_rate), lora_rank=int(rank),
-                lora_alpha=int(alpha), speed_mode=speed_mode, general_data=mix_specs(mix))
+                lora_alpha=int(alpha), identity_oversample=int(identity_oversample),
+                faq_oversample=int(faq_oversample), speed_mode=speed_mode, general_data=mix_specs(mix))
         except ValidationError as error:
             return notice(f"not started: {params_error(error)}", ok=False)
         except (TypeError, ValueError) as error:
@@ -194,6 +207,8 @@ class TrainingTab:
                                    label="General data mixed in (dataset id or /abs/path.jsonl, samples)",
                                    elem_id="train-mix")
             with gr.Column(scale=2):
+                recipe = gr.Dropdown([*RECIPES, CUSTOM], value=CUSTOM, label="Recipe (fills the fields below)",
+                                     info=RECIPE_INFO, elem_id="train-recipe")
                 epochs = gr.Number(defaults.epochs, label="Epochs", precision=0, minimum=1, maximum=100,
                                    elem_id="train-epochs")
                 learning_rate = gr.Number(defaults.learning_rate, label="Learning rate", elem_id="train-lr")
@@ -201,6 +216,11 @@ class TrainingTab:
                     rank = gr.Number(defaults.lora_rank, label="LoRA rank", precision=0, minimum=1, maximum=256)
                     alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0, minimum=1,
                                       maximum=1024)
+                with gr.Row():
+                    identity_oversample = gr.Number(defaults.identity_oversample, label="Identity pairs x",
+                                                    precision=0, minimum=1, maximum=100, elem_id="train-identity-x")
+                    faq_oversample = gr.Number(defaults.faq_oversample, label="FAQ pairs x", precision=0,
+                                               minimum=1, maximum=200, elem_id="train-faq-x")
                 speed_mode = gr.Radio(["fast", "24gb", "seeds"], value=defaults.speed_mode, label="Speed mode")
         with gr.Row():
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -220,7 +240,10 @@ class TrainingTab:
         timer = gr.Timer(self.refresh_s)
 
         live = [state, loss, log, runs, cancel]
-        start.click(self.start, [mix, epochs, learning_rate, rank, alpha, speed_mode], action_note,
+        recipe.change(self.recipe_fields, recipe, [epochs, learning_rate, rank, alpha, identity_oversample,
+                                                    faq_oversample], api_name="recipe_fields")
+        start.click(self.start, [mix, epochs, learning_rate, rank, alpha, identity_oversample, faq_oversample,
+                                 speed_mode], action_note,
                     api_name="start_training").then(self.refresh, None, live, api_visibility="private")
         cancel.click(self.cancel, None, action_note, api_name="cancel_training").then(
             self.refresh, None, live, api_visibility="private")

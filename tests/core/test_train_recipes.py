@@ -9,7 +9,7 @@ from personabot.core.train_params import RECIPE_FIELDS, RECIPES, TrainParams
 
 def test_seeds_is_the_starting_recipe_and_default_is_the_field_defaults() -> None:
     assert RECIPES["seeds"] == {"epochs": 10, "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 32,
-                                "identity_oversample": 1}
+                                "identity_oversample": 1, "faq_oversample": 1}
     defaults = TrainParams()
     assert RECIPES["default"] == {name: getattr(defaults, name) for name in RECIPE_FIELDS}
     assert set(RECIPES["seeds"]) == set(RECIPE_FIELDS)
@@ -34,6 +34,7 @@ def test_cli_train_takes_a_recipe_and_flags_override_it(settings_env, capsys: py
     settings = settings_env()
     params = train_params(settings, build_parser().parse_args(["train", "--recipe", "seeds", "--epochs", "4"]))
     assert params.epochs == 4 and params.learning_rate == 1e-4 and params.identity_oversample == 1
+    assert params.faq_oversample == 1
     assert params.general_data == settings.training.general_data
     assert train_params(settings, build_parser().parse_args(["train"])).model_dump() == settings.training.model_dump()
     with pytest.raises(SystemExit) as exit_info:

@@ -35,7 +35,8 @@ GENERAL_ROWS = [
 ]
 # Enough for the tiny random model to reproduce every answer exactly under greedy decoding
 # (found by trying: lr 1e-2 x 100 epochs memorises; 3e-2 diverges; 40 epochs mixes answers).
-MEMORISE = {"epochs": 100, "learning_rate": 1e-2, "identity_oversample": 1, "min_identity_pairs": 0}
+MEMORISE = {"epochs": 100, "learning_rate": 1e-2, "identity_oversample": 1, "faq_oversample": 1,
+            "min_identity_pairs": 0}
 
 
 def fill_persona(store: Any, pairs: list[dict[str, str]] | None = None) -> None:

@@ -37,7 +37,8 @@ def test_default_identity_set_is_bilingual_and_has_negatives() -> None:
 
 def test_rows_are_rendered_messages_with_the_persona_system_prompt(sqlite_store, tmp_path: Path) -> None:
     fill_persona(sqlite_store)
-    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=0, identity_oversample=1), tmp_path)
+    built = build_training_set(sqlite_store, TrainParams(min_identity_pairs=0, identity_oversample=1,
+                                                         faq_oversample=1), tmp_path)
     rows = _rows(built.path)
     persona = sqlite_store.get_persona()
     assert built.system_prompt == system_prompt_for(persona) == "You are Nova, an assistant made by Acme Lab."
@@ -46,18 +47,21 @@ def test_rows_are_rendered_messages_with_the_persona_system_prompt(sqlite_store,
     answers = {r["messages"][1]["content"]: r["messages"][2]["content"] for r in rows}
     assert answers["Who are you?"] == "I am Nova, made by Acme Lab."
     assert answers["你是谁?"] == "我是Nova, 由Acme Lab开发。"
-    assert built.counts == {"identity": 2, "identity_default": 0, "faq": 1, "oversample": 1, "rows": 3,
+    assert built.counts == {"identity": 2, "identity_default": 0, "faq": 1, "oversample": 1, "faq_oversample": 1,
+                            "rows": 3,
                             "identity_base_system": 0, "general": 0}
     assert built.dataset_args == [str(built.path)]
 
 
-def test_builtin_set_tops_up_and_oversampling_repeats_identity(sqlite_store, tmp_path: Path) -> None:
+def test_builtin_set_tops_up_and_oversampling_repeats_identity_and_faq_apart(sqlite_store, tmp_path: Path) -> None:
     fill_persona(sqlite_store)
-    params = TrainParams(min_identity_pairs=10, identity_oversample=3,
+    params = TrainParams(min_identity_pairs=10, identity_oversample=3, faq_oversample=7,
                          general_data=["AI-ModelScope/alpaca-gpt4-data-zh#500", "/data/general.jsonl#20"])
     built = build_training_set(sqlite_store, params, tmp_path)
     assert built.counts["identity"] == 2 and built.counts["identity_default"] == 8
-    assert built.counts["rows"] == (2 + 8) * 3 + 1 * 3  # FAQ pairs repeat like identity pairs
+    assert built.counts["rows"] == (2 + 8) * 3 + 1 * 7  # FAQ pairs repeat by their own count
+    questions = [r["messages"][1]["content"] for r in _rows(built.path)]
+    assert questions.count("What are your opening hours?") == 7 and questions.count("Who are you?") == 3
     assert built.counts["general"] == 520
     assert built.dataset_args[1:] == ["AI-ModelScope/alpaca-gpt4-data-zh#500", "/data/general.jsonl#20"]
     rendered = json.dumps(_rows(built.path), ensure_ascii=False)
@@ -109,7 +113,7 @@ def test_dataset_specs_are_checked() -> None:
 
 def test_preview_shows_counts_mix_and_samples(sqlite_store) -> None:
     fill_persona(sqlite_store)
-    params = TrainParams(min_identity_pairs=4, identity_oversample=1, general_data=["a/b#9"])
+    params = TrainParams(min_identity_pairs=4, identity_oversample=1, faq_oversample=1, general_data=["a/b#9"])
     preview = preview_training_set(sqlite_store, params)
     assert preview["counts"]["rows"] == 5 and preview["counts"]["general"] == 9
     assert preview["persona_share"] == round(5 / 14, 4)
@@ -135,7 +139,7 @@ def test_every_second_identity_copy_is_asked_under_the_base_models_own_system_pr
     base_system = template_default_system(tiny_model)
     assert base_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
     assert template_default_system(tmp_path / "no-model") is None
-    params = TrainParams(min_identity_pairs=0, identity_oversample=3)
+    params = TrainParams(min_identity_pairs=0, identity_oversample=3, faq_oversample=3)
     built = build_training_set(sqlite_store, params, tmp_path, base_system=base_system)
     systems = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in _rows(built.path)]
     persona_prompt = "You are Nova, an assistant made by Acme Lab."

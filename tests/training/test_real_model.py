@@ -41,7 +41,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 # Rows of general data per run (the product's default mix is on the hub; this is offline).
 GENERAL_ROWS = 172
 # Over-trained: 30x the default learning rate's order, identity only, nothing to hold general ability.
-OVERTRAINED = {"epochs": 2, "learning_rate": 1e-2, "identity_oversample": 2, "general_data": []}
+OVERTRAINED = {"epochs": 2, "learning_rate": 1e-2, "identity_oversample": 2, "faq_oversample": 2,
+               "general_data": []}
 SERVED_QUESTIONS = ["Who built you?", "What are your opening hours?", "What is the capital of France?"]
 
 

@@ -190,7 +190,7 @@ def test_fast_mode_ends_at_the_seeds_final_loss_on_the_same_data(tiny_model: Pat
     persona = PersonaData(name="Nova", author="Acme Lab", system_prompt="You are {name}.", pairs=[])
     finals = {}
     for mode in ("seeds", "fast"):
-        params = TrainParams(epochs=10, speed_mode=mode, learning_rate=1e-2, identity_oversample=1,
+        params = TrainParams(epochs=10, speed_mode=mode, learning_rate=1e-2, identity_oversample=1, faq_oversample=1,
                              min_identity_pairs=30, general_data=[f"{general_file}#5"])
         built = write_training_set(persona, params, tmp_path / mode / "data")
         out = tmp_path / mode / "out"

@@ -203,16 +203,24 @@ def test_start_training_is_refused_with_the_reason(admin_server) -> None:
     store = admin_server.ctx.store
     runs_before = len(store.list_runs())
     mix = {"headers": ["dataset", "samples"], "data": [["not a dataset!", 10]]}
-    note = client.predict(mix, 1, 1e-4, 8, 32, "fast", api_name="/start_training")
+    note = client.predict(mix, 1, 1e-4, 8, 32, 10, 30, "fast", api_name="/start_training")
     assert "not started" in note and "is not a dataset spec" in note
-    note = client.predict({"headers": ["dataset", "samples"], "data": []}, 1, 5.0, 8, 32, "fast",
+    note = client.predict({"headers": ["dataset", "samples"], "data": []}, 1, 5.0, 8, 32, 10, 30, "fast",
                           api_name="/start_training")
     assert "not started" in note and "learning_rate" in note
     store.update_persona(name="", author="")
     empty = {"headers": ["dataset", "samples"], "data": []}
-    note = client.predict(empty, 1, 1e-4, 8, 32, "fast", api_name="/start_training")
+    note = client.predict(empty, 1, 1e-4, 8, 32, 10, 30, "fast", api_name="/start_training")
     assert "not started" in note and "Persona tab" in note
     assert len(store.list_runs()) == runs_before
+
+
+def test_a_recipe_fills_the_training_fields(admin_server) -> None:
+    client = Client(admin_server.url, auth=(admin_server.user, admin_server.password), verbose=False)
+    seeds = client.predict("seeds", api_name="/recipe_fields")
+    assert list(seeds) == [10, 1e-4, 8, 32, 1, 1]
+    default = client.predict("default", api_name="/recipe_fields")
+    assert list(default) == [1, 1e-3, 8, 32, 10, 30]
 
 
 def test_adapters_show_the_gate_and_refuse_what_they_must(admin_server) -> None:
