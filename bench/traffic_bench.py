@@ -437,7 +437,7 @@ def main() -> None:
     parser.add_argument("--gpu-gib", type=float, default=0,
                         help="hold the engines to this many GiB of the GPU (PERSONABOT_GPU_MEMORY_GIB), e.g. 24 "
                         "for a 24 GB card: KV rows sized from it, no merged copy unless it fits; --max-batch ignored")
-    parser.add_argument("--worker-log-level", default="WARNING", help="the chat worker's Celery log level")
+    parser.add_argument("--worker-log-level", default="INFO", help="the chat worker's Celery log level")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

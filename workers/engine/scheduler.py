@@ -121,7 +121,11 @@ class HFEngine:
 
     # --- lifecycle ------------------------------------------------------------------------------
     def _build(self) -> None:
+        # Each start-up stage is logged (INFO) with its time, so that a slow start shows where it stands.
+        started = time.monotonic()
+        log.info("engine start-up: loading the model weights")
         model = self._loader()
+        log.info("engine start-up: weights loaded in %.1f s; building the decoder", time.monotonic() - started)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         self.eos_ids = set(self._extra_eos) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.decoder = Qwen2Decoder(
@@ -129,7 +133,10 @@ class HFEngine:
             lora_slots=self.lora_slots, lora_rank=self.lora_rank, merge=self._merge, fuse=self._fuse)
         del model
         gc.collect()
+        log.info("engine start-up: decoder built at %.1f s; capturing decode graphs for up to %d rows",
+                 time.monotonic() - started, self.max_batch)
         self.decoder.prepare(self.max_batch)
+        log.info("engine start-up: graphs ready at %.1f s", time.monotonic() - started)
         self.sampler = RowSampler(self.max_batch, self.decoder.dims.vocab, self.decoder.device)
         self._active_rows = torch.zeros(self.max_batch, dtype=torch.long, device=self.decoder.device)
         # Rows no request runs in decode at the one position whose KV is never kept (see _finish).
