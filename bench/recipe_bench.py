@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "recipe.json")
     parser.add_argument("--speed-mode", choices=["fast", "24gb", "seeds"],
                         help="train every recipe in this speed mode (default: TrainParams' default)")
-    parser.add_argument("--budget-s", type=float, default=3600.0,
+    parser.add_argument("--budget-s", type=float, default=10800.0,
                         help="stop recipes still running after this many seconds (their rows say timeout)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
     parser.add_argument("--general", choices=["self", "file"], default="self",
