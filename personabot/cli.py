@@ -160,7 +160,8 @@ def train_params(settings: Settings, args: argparse.Namespace) -> TrainParams:
     if args.recipe:
         params = params.with_recipe(args.recipe)
     return params.updated(**{key: getattr(args, key) for key in (
-        "epochs", "learning_rate", "lora_rank", "speed_mode", "general_data")})
+        "epochs", "learning_rate", "lora_rank", "identity_oversample", "faq_oversample", "speed_mode",
+        "general_data")})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -413,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--learning-rate", dest="learning_rate", type=float)
     train.add_argument("--lora-rank", dest="lora_rank", type=int)
+    train.add_argument("--identity-oversample", dest="identity_oversample", type=int,
+                       help="repeats of each identity pair per epoch")
+    train.add_argument("--faq-oversample", dest="faq_oversample", type=int, help="repeats of each FAQ pair per epoch")
     train.add_argument("--speed-mode", dest="speed_mode", choices=["fast", "24gb", "seeds"])
     train.add_argument("--general-data", dest="general_data", nargs="*",
                        help="datasets 'id#N' or local files; none = identity/FAQ only")

@@ -35,6 +35,9 @@ def test_cli_train_takes_a_recipe_and_flags_override_it(settings_env, capsys: py
     params = train_params(settings, build_parser().parse_args(["train", "--recipe", "seeds", "--epochs", "4"]))
     assert params.epochs == 4 and params.learning_rate == 1e-4 and params.identity_oversample == 1
     assert params.faq_oversample == 1
+    flags = ["train", "--recipe", "seeds", "--identity-oversample", "4", "--faq-oversample", "12"]
+    repeated = train_params(settings, build_parser().parse_args(flags))
+    assert (repeated.identity_oversample, repeated.faq_oversample, repeated.epochs) == (4, 12, 10)
     assert params.general_data == settings.training.general_data
     assert train_params(settings, build_parser().parse_args(["train"])).model_dump() == settings.training.model_dump()
     with pytest.raises(SystemExit) as exit_info:
