@@ -32,7 +32,7 @@ def test_recipe_bench_tiny_run_reports_the_gate_and_the_cost(tmp_path: Path) -> 
     # Tokens: persona rows plus 20 general rows, one epoch.
     assert tiny["tokens"]["total"] == tiny["tokens"]["per_epoch"] > tiny["tokens"]["persona_per_epoch"] > 0
     table = out.with_suffix(".md").read_text()
-    assert "| tiny | 1 | 0.001 | 8 | 1 | 20 |" in table and "held-out, no system" in table
+    assert "| tiny | 1 | 0.001 | 8 | 1 | 1 | 20 |" in table and "held-out, no system" in table
 
 
 def test_recipe_bench_refuses_an_unknown_recipe(tmp_path: Path) -> None:
