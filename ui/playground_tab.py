@@ -177,7 +177,7 @@ class PlaygroundTab:
         with gr.Row():
             adapter = self.selector("Chat with", "active", scale=3, elem_id="play-adapter")
             reload = gr.Button("Reload versions", scale=1)
-        with gr.Accordion("Sampling", open=False), gr.Row():
+        with gr.Accordion("Sampling", open=False, elem_id="play-sampling"), gr.Row():
             temperature = gr.Slider(0, 2, value=self.ctx.settings.temperature, step=0.05,
                                     label="Temperature (0 = greedy)", elem_id="play-temperature")
             max_new_tokens = gr.Number(min(self.ctx.settings.max_new_tokens, 256), label="Max new tokens",
