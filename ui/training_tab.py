@@ -23,8 +23,16 @@ RUN_COLUMNS = ["id", "status", "trigger", "created", "finished", "adapter", "err
 LOG_TAIL_BYTES = 16_384
 LOG_TAIL_LINES = 12
 CUSTOM = "custom"
-RECIPE_INFO = ("default: 1 epoch at 1e-3, identity pairs x10, FAQ pairs x30 (chosen on SmolLM2-135M; for 7B "
-               "models see the README's training recipe); seeds: the blog's 10 epochs at 1e-4, every pair once")
+
+
+def recipe_line(name: str) -> str:
+    r = RECIPES[name]
+    return (f"{name}: {r['epochs']} epoch(s) at {r['learning_rate']:g}, rank {r['lora_rank']}, identity pairs "
+            f"x{r['identity_oversample']}, FAQ pairs x{r['faq_oversample']}")
+
+
+RECIPE_INFO = "; ".join(recipe_line(name) for name in RECIPES) + (
+    " (default chosen on SmolLM2-135M; for 7B models see the README's training recipe)")
 
 
 def mix_frame(general_data: list[str]) -> pd.DataFrame:
