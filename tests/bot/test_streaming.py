@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -224,36 +225,43 @@ async def test_stop_cancels_the_reply_and_marks_it(settings: Settings, backend: 
 async def test_typing_lasts_until_the_first_visible_text(settings: Settings, backend: dict[str, Any],
                                                          fake_api: FakeBotApi,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    # Typing renewed every second here (Telegram's action lasts 5 s; the bot renews it every 4.5 s),
-    # so that a reply of a few seconds spans several renewals on any machine.
+    # Typing renewed every second here (Telegram's action lasts 5 s; the bot renews it every 4.5 s).
     every = 1.0
     monkeypatch.setattr(replies, "TYPING_EVERY_S", every)
-    # The first draft comes at least this long after the first token: longer than one typing
-    # action lasts, so typing must be renewed after the worker has picked the request up.
     settings = settings.model_copy(update={"draft_interval_s": every + 2})
-    # The reply must stream long enough for that; how long it streams depends on the machine's load,
-    # so a run where it finished too soon is repeated with a busier worker.
-    for chat_id, busy in ((104, 7), (105, 14), (106, 28)):
-        chat = fake_api.private_chat(chat_id)
-        results: list[ReplyTimings] = []
+    pause_s = every + 3
+    chat = fake_api.private_chat(104)
+    results: list[ReplyTimings] = []
+    worker = backend["worker"].process
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
         async with running_bot(settings, backend["store"], on_timings=results.append):
-            keep_worker_busy(backend, requests=busy)
             fake_api.user_says(chat, backend["long_prompt"])
-            await until(lambda: results, timeout=180, what="the reply")  # noqa: B023 - awaited here
-        assert results[0].generation is not None
-        client = redis.Redis.from_url(settings.redis_url)
-        try:
-            [(first_id, _)] = client.xrange(stream_key(results[0].generation.request_id), count=1)
-        finally:
-            client.close()
-        picked_up = int(first_id.split(b"-")[0]) / 1000  # the worker's opening entry (Redis clock)
-        shown_at = min(r.wall for r in fake_api.requests(chat_id=chat_id)
-                       if r.ok and r.method in ("sendMessageDraft", "sendMessage"))
-        typing = [r.wall for r in fake_api.requests("sendChatAction", chat_id=chat_id)]
-        if shown_at - picked_up > every + 1.5:
-            break
-    assert shown_at - picked_up > every + 1.5, "setup: the text shows late enough"
+            request_id = await until(lambda: pending_request(settings.redis_url, 104), timeout=60,
+                                     what="the reply being owed")
+            [(first_id, _)] = await until(lambda: client.xrange(stream_key(request_id), count=1),
+                                          timeout=60, what="the worker picking the request up")
+            # Picked up: freeze the worker (a slow prefill, a long queue ahead on the GPU), so the
+            # first text comes seconds after the opening entry on any machine, however fast.
+            os.killpg(worker.pid, signal.SIGSTOP)
+            try:
+                early = [r for r in fake_api.requests(chat_id=104)
+                         if r.method in ("sendMessageDraft", "sendMessage")]
+                await asyncio.sleep(pause_s)
+            finally:
+                os.killpg(worker.pid, signal.SIGCONT)
+            await until(lambda: results, timeout=180, what="the reply")
+    finally:
+        client.close()
+    assert not early, "setup: nothing shown before the worker was frozen"
+    assert results[0].generation is not None and results[0].generation.text.strip()
+    picked_up = int(first_id.split(b"-")[0]) / 1000  # the worker's opening entry (Redis clock)
+    shown_at = min(r.wall for r in fake_api.requests(chat_id=104)
+                   if r.ok and r.method in ("sendMessageDraft", "sendMessage"))
+    typing = [r.wall for r in fake_api.requests("sendChatAction", chat_id=104)]
+    assert shown_at - picked_up > pause_s, "setup: the text shows after the pause"
     # Renewed every `every` seconds up to the first text (not stopped at the opening entry).
+    assert len([at for at in typing if picked_up < at < shown_at]) >= pause_s / every - 1
     last = max(at for at in typing if at < shown_at)
     assert last > shown_at - every - 1, "typing renewed while the reply was being written"
     assert not [at for at in typing if at > shown_at + 1], "no typing once the text shows"
