@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from personabot.core.settings import Settings, SettingsError, get_settings
+from personabot.core.store_errors import StoreError
 from personabot.core.train_params import RECIPES, TrainParams
 
 if TYPE_CHECKING:
@@ -192,8 +193,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from personabot.workers.client import ChatClient
 
     url = settings.effective_redis_url
-    messages = [Message(role="system", content=args.system)] if args.system is not None else []
-    request = ChatRequest(messages=[*messages, Message(role="user", content=args.message)], adapter=args.adapter,
+    # --system replaces the persona's system prompt for this request (as the API's system message
+    # does); a system message in `messages` would be dropped, the persona's prompt always leads.
+    request = ChatRequest(messages=[Message(role="user", content=args.message)], adapter=args.adapter,
+                          system_prompt=args.system,
                           sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                                   max_new_tokens=args.max_new_tokens,
                                                   repetition_penalty=args.repetition_penalty, seed=args.seed),
@@ -235,8 +238,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             scores = ", ".join(f"{k}={v:.2f}" for k, v in sorted(a.eval_scores.items()) if isinstance(v, float))
             print(f"{a.id:>4} {a.name:<24} {state:<12} {scores}")
         return 0
-    if args.action == "promote" and not args.name:
-        print("error: name the version to promote (see `personabot adapters list`)", file=sys.stderr)
+    if args.action in ("promote", "delete") and not args.name:
+        print(f"error: name the version to {args.action} (see `personabot adapters list`)", file=sys.stderr)
         return 2
     import redis
 
@@ -250,20 +253,32 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def _adapter_action(args: argparse.Namespace, store: Store, registry: AdapterRegistry) -> int:
-    if args.action == "promote":
+    if args.action in ("promote", "delete"):
         adapter = store.find_adapter(args.name)
         if adapter is None:
             print(f"error: no adapter named {args.name!r}; see `personabot adapters list`", file=sys.stderr)
             return 1
-        print(f"activated {registry.promote(adapter.id, actor='cli').name}")
+        if args.action == "delete":
+            print(f"deleted {registry.delete(adapter.id, actor='cli').name}")
+        else:
+            print(f"activated {registry.promote(adapter.id, actor='cli').name}")
         return 0
-    previous = [a for a in store.list_adapters() if a.eval_passed and not a.active]
+    adapters = store.list_adapters()  # newest first
+    active = next((a for a in adapters if a.active), None)
     if args.name:
-        previous = [a for a in previous if a.name == args.name]
-    if not previous:
-        print("error: no earlier passing version to roll back to", file=sys.stderr)
-        return 1
-    print(f"rolled back to {registry.rollback(previous[0].id, actor='cli').name}")
+        target = next((a for a in adapters if a.name == args.name), None)
+        if target is None:
+            print(f"error: no adapter named {args.name!r}; see `personabot adapters list`", file=sys.stderr)
+            return 1
+    else:
+        # The newest passing version older than the active one: rolling back twice goes back twice.
+        earlier = [a for a in adapters if a.eval_passed and not a.active and (active is None or a.id < active.id)]
+        if not earlier:
+            print("error: no earlier passing version to roll back to; see `personabot adapters list`",
+                  file=sys.stderr)
+            return 1
+        target = earlier[0]
+    print(f"rolled back to {registry.rollback(target.id, actor='cli').name}")
     return 0
 
 
@@ -440,9 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=2)
     tiny.set_defaults(func=cmd_make_tiny_model)
 
-    adapters = sub.add_parser("adapters", help="list adapter versions, promote one, or roll back")
-    adapters.add_argument("action", choices=["list", "promote", "rollback"])
-    adapters.add_argument("name", nargs="?", help="version name (promote; rollback: default the newest earlier)")
+    adapters = sub.add_parser("adapters", help="list adapter versions, promote one, roll back, or delete one")
+    adapters.add_argument("action", choices=["list", "promote", "rollback", "delete"])
+    adapters.add_argument("name", nargs="?", help="version name (promote, delete; rollback: default the newest "
+                                                  "passing version older than the active one)")
     adapters.set_defaults(func=cmd_adapters)
 
     small = sub.add_parser("make-small-model",
@@ -487,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"personabot: {error}", file=sys.stderr)
         return 2
+    except StoreError as error:  # e.g. promoting a version that failed its gate: the store says why
+        print(f"personabot: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

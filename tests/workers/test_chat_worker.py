@@ -348,3 +348,23 @@ def test_cli_chat_streams_through_the_queue(setup: dict[str, Any], tmp_path: Pat
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "adapter base; 8 tokens" in result.stderr and "redelivered" not in result.stdout
+
+
+def test_cli_chat_sends_its_system_prompt_and_sampling_options(setup: dict[str, Any], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    system = "You are Zed, a pirate who answers in riddles."
+    sampling = {"temperature": 0.9, "top_p": 0.8, "repetition_penalty": 1.3, "seed": 5, "max_new_tokens": 12}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONABOT_")}
+    env.update(PERSONABOT_REDIS_URL=setup["server"].url, PERSONABOT_DATA_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "personabot.cli", "chat", "Hello!", "--adapter", "base",
+                             "--system", system, "--temperature", "0.9", "--top-p", "0.8",
+                             "--repetition-penalty", "1.3", "--seed", "5", "--max-new-tokens", "12",
+                             "--timeout", "60"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = ask(setup, "Hello!", adapter="base", system_prompt=system, sampling=sampling)[1].text
+    persona = ask(setup, "Hello!", adapter="base", sampling=sampling)[1].text
+    assert expected != persona, "setup: the system prompt changes the seeded reply"
+    assert result.stdout.rstrip("\n") == expected
