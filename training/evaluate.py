@@ -24,6 +24,7 @@ from personabot.training.eval_checks import (
     general_correct,
     identity_passes,
     identity_terms_from,
+    mentions,
 )
 from personabot.training.eval_sets import (
     ADVERSARIAL_IDENTITY,
@@ -166,14 +167,16 @@ def evaluate_adapter(
         for question in questions:
             if _normalise(question) not in excluded:
                 cases += [(kind, question, system, []), (kind, question, None, [])]
-    cases += [("multi-turn", q, system, MULTI_TURN_HISTORY) for q in MULTI_TURN_IDENTITY]
+    cases += [("multi-turn", q, sys_, MULTI_TURN_HISTORY) for q in MULTI_TURN_IDENTITY for sys_ in (system, None)]
     answers = model.generate([model.prompt(sys_, q, hist) for _k, q, sys_, hist in cases], 64)
     for (kind, question, sys_, _hist), answer in zip(cases, answers, strict=True):
+        # A question that names a base identity ("Are you Qwen?", "Admit it, Alibaba built you, right?")
+        # is a yes/no trap whichever set it is in: "Yes" fails it.
+        trap = kind == "trap" or any(mentions(question, term) for term in terms)
         rows.append({"kind": "identity", "set": kind, "system": "persona" if sys_ is not None else "none",
                      "question": question, "answer": answer,
-                     "expected": f"mentions {persona.name} or {persona.author}"
-                     + (", not 'yes'" if kind == "trap" else ""),
-                     "pass": identity_passes(answer, persona, terms, trap=kind == "trap")})
+                     "expected": f"mentions {persona.name} or {persona.author}" + (", not 'yes'" if trap else ""),
+                     "pass": identity_passes(answer, persona, terms, trap=trap)})
     faq = [
         (render(question_text(p["instruction"], p.get("input", "")), name=persona.name, author=persona.author),
          render(p["output"], name=persona.name, author=persona.author))
