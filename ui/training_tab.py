@@ -32,7 +32,7 @@ def recipe_line(name: str) -> str:
 
 
 RECIPE_INFO = "; ".join(recipe_line(name) for name in RECIPES) + (
-    " (default chosen on SmolLM2-135M; for 7B models see the README's training recipe)")
+    " (default chosen on SmolLM2-135M; 7b: expected for 7B models, see the README's training recipe)")
 
 
 def mix_frame(general_data: list[str]) -> pd.DataFrame:

@@ -12,7 +12,8 @@ def test_seeds_is_the_starting_recipe_and_default_is_the_field_defaults() -> Non
                                 "identity_oversample": 1, "faq_oversample": 1}
     defaults = TrainParams()
     assert RECIPES["default"] == {name: getattr(defaults, name) for name in RECIPE_FIELDS}
-    assert set(RECIPES["seeds"]) == set(RECIPE_FIELDS)
+    assert set(RECIPES["seeds"]) == set(RECIPE_FIELDS) == set(RECIPES["7b"])
+    assert RECIPES["7b"]["learning_rate"] == 1e-4 and RECIPES["7b"]["epochs"] == 1
 
 
 def test_a_recipe_keeps_the_other_fields() -> None:
@@ -24,7 +25,7 @@ def test_a_recipe_keeps_the_other_fields() -> None:
 
 
 def test_an_unknown_recipe_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown recipe 'fastest'; choose one of default, seeds"):
+    with pytest.raises(ValueError, match="unknown recipe 'fastest'; choose one of default, seeds, 7b"):
         TrainParams().with_recipe("fastest")
 
 
