@@ -81,3 +81,31 @@ def test_adapters_cli_promotes_rolls_back_step_by_step_and_deletes(settings_env,
     finally:
         client.close()
         store.close()
+
+
+@pytest.mark.slow
+def test_cli_train_prints_the_gate_table_when_the_gate_rejects(settings_env, tiny_model, redis_server,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.training.conftest import fill_persona
+
+    settings_env()
+    for key, value in {"MODEL": str(tiny_model), "DEVICE": "cpu", "GPU_SHARE": "concurrent",
+                       "GPU_RELEASE_WAIT_S": "0", "REDIS_URL": redis_server.url,
+                       "EVAL_IDENTITY_MIN": "0.8"}.items():  # the random tiny model never names the persona
+        monkeypatch.setenv(f"PERSONABOT_{key}", value)
+    settings = settings_env()
+    store = Store(settings.db_url)
+    fill_persona(store)
+    try:
+        code = main(["train", "--epochs", "1", "--identity-oversample", "1", "--faq-oversample", "1",
+                     "--general-data"])
+        out = capsys.readouterr().out
+        assert code == 1
+        [run] = store.list_runs()
+        assert run.status == "rejected" and f"run {run.id}: rejected — evaluation gate: identity" in out
+        assert gate_table(run.metrics["eval"]) in out, "the gate's table, not only its reason"
+        assert "identity   held-out     NO" in out, "the failing items are listed"
+        assert store.active_adapter() is None
+    finally:
+        store.close()
