@@ -316,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--general", choices=["self", "file"], default="self",
                         help="general data: self = the base model's own answers to the offline prompts "
                              "(training/self_general.py), file = the offline file's hand-made answers")
-    parser.add_argument("--general-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--general-file", type=Path,
+                        help="general rows to train on, e.g. an earlier run's general_self.jsonl of the same model "
+                             "(skips distilling them again)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--recipe-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -350,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         deadline = started + args.budget_s
         general_file = GENERAL_FILE
-        if args.general == "self" and not args.tiny:  # a random model's answers never end
+        if args.general_file is not None:  # answers distilled by an earlier run of the same model
+            general_file = args.general_file.resolve()
+            print(f"general data: {general_file} (given)", flush=True)
+        elif args.general == "self" and not args.tiny:  # a random model's answers never end
             from personabot.core.prompting import system_prompt_for
             from personabot.training.self_general import distill_general_data
 
