@@ -138,7 +138,7 @@ def evaluate_adapter(
     exclude_questions: list[str] | None = None,
     base_terms: list[str] | None = None,
     derive_terms: bool = True,
-    max_faq: int = 20,
+    max_faq: int = 200,
 ) -> EvalReport:
     """Run the gate. `identity_questions` (the admin's, per persona; {name}/{author} filled in) are asked
     besides the built-in held-out set; `exclude_questions` (the training questions) are dropped so the
