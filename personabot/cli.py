@@ -238,7 +238,9 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             scores = ", ".join(f"{k}={v:.2f}" for k, v in sorted(a.eval_scores.items()) if isinstance(v, float))
             print(f"{a.id:>4} {a.name:<24} {state:<12} {scores}")
         return 0
-    if args.action in ("promote", "delete") and not args.name:
+    if args.action == "show" and args.name:
+        return _show_adapter(store, args.name, every=args.all)
+    if args.action in ("show", "promote", "delete") and not args.name:
         print(f"error: name the version to {args.action} (see `personabot adapters list`)", file=sys.stderr)
         return 2
     import redis
@@ -250,6 +252,25 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         print(f"saved, but the swap event could not be sent ({type(error).__name__}); chat workers pick up "
               "the active version at their next sync", file=sys.stderr)
         return 0
+
+
+def _show_adapter(store: Store, name: str, *, every: bool) -> int:
+    """A version's gate: its verdict, scores and the items it failed (every item with --all)."""
+    from personabot.training.evaluate import gate_table
+
+    adapter = store.find_adapter(name)
+    if adapter is None:
+        print(f"error: no adapter named {name!r}; see `personabot adapters list`", file=sys.stderr)
+        return 1
+    run = store.get_run(adapter.run_id) if adapter.run_id else None
+    report = (run.metrics or {}).get("eval") if run else None
+    state = "active" if adapter.active else ("ready" if adapter.eval_passed else "failed gate")
+    print(f"{adapter.name}: {state}; run {adapter.run_id or '-'}; base {adapter.base_model}")
+    if not report:
+        print("no gate report stored for this version (it was registered without a training run)")
+        return 0
+    print(gate_table(report, failed_only=not every, limit=10_000 if every else 40))
+    return 0
 
 
 def _adapter_action(args: argparse.Namespace, store: Store, registry: AdapterRegistry) -> int:
@@ -455,10 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=2)
     tiny.set_defaults(func=cmd_make_tiny_model)
 
-    adapters = sub.add_parser("adapters", help="list adapter versions, promote one, roll back, or delete one")
-    adapters.add_argument("action", choices=["list", "promote", "rollback", "delete"])
-    adapters.add_argument("name", nargs="?", help="version name (promote, delete; rollback: default the newest "
-                                                  "passing version older than the active one)")
+    adapters = sub.add_parser("adapters", help="list adapter versions, show one's gate, promote one, roll back, "
+                                               "or delete one")
+    adapters.add_argument("action", choices=["list", "show", "promote", "rollback", "delete"])
+    adapters.add_argument("name", nargs="?", help="version name (show, promote, delete; rollback: default the "
+                                                  "newest passing version older than the active one)")
+    adapters.add_argument("--all", action="store_true", help="show: every item the gate asked, not only the failed")
     adapters.set_defaults(func=cmd_adapters)
 
     small = sub.add_parser("make-small-model",

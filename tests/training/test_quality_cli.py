@@ -21,6 +21,7 @@ def test_adapters_cli_on_an_empty_store(settings_env, capsys: pytest.CaptureFixt
     assert "no adapter named 'v-missing'" in capsys.readouterr().err
     assert main(["adapters", "rollback"]) == 1
     assert "no earlier passing version" in capsys.readouterr().err
+    assert main(["adapters", "show"]) == 2 and main(["adapters", "show", "v-missing"]) == 1
 
 
 def test_gate_table_lists_the_failing_items() -> None:
@@ -106,6 +107,15 @@ def test_cli_train_prints_the_gate_table_when_the_gate_rejects(settings_env, tin
         assert run.status == "rejected" and f"run {run.id}: rejected — evaluation gate: identity" in out
         assert gate_table(run.metrics["eval"]) in out, "the gate's table, not only its reason"
         assert "identity   held-out     NO" in out, "the failing items are listed"
+        # The same table later, from the adapter list (every item with --all).
+        rejected = store.get_adapter(run.adapter_id)
+        assert main(["adapters", "show", rejected.name]) == 0
+        shown = capsys.readouterr().out
+        assert shown.startswith(f"{rejected.name}: failed gate; run {run.id}")
+        assert gate_table(run.metrics["eval"]) in shown
+        assert main(["adapters", "show", rejected.name, "--all"]) == 0
+        everything = capsys.readouterr().out
+        assert everything.count("\n") > shown.count("\n") and " yes  " in everything
         assert store.active_adapter() is None
     finally:
         store.close()
