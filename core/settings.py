@@ -142,7 +142,8 @@ class Settings(BaseSettings):
     eval_identity_min: float = Field(0.8, ge=0, le=1, description="Identity pass rate needed.")
     eval_faq_min: float = Field(0.6, ge=0, le=1, description="FAQ pass rate needed.")
     eval_retention_min: float = Field(
-        0.8, ge=0, le=1, description="General retention (adapter vs base likelihood) needed."
+        0.8, ge=0, le=1, description="General retention needed: the lower of the share of the base model's right "
+        "general answers the adapter keeps and the likelihood it gives the base model's answers."
     )
     base_identity_terms: Annotated[list[str], NoDecode] = Field(
         list(DEFAULT_BASE_IDENTITY_TERMS),
