@@ -2,8 +2,8 @@
 
 Trained once with the default recipe (`TrainParams()`; general data = the base model's own answers
 to the offline prompts, training/self_general.py, as in bench/recipe_bench.py): the gate
-passes, the held-out identity questions pass while the base model fails them, and a real Celery
-chat worker serves exactly what HF/peft greedy decoding answers with the trained adapter. An
+passes and the adapter goes live, the held-out identity questions pass while the base model fails
+them, and a real Celery chat worker serves exactly what HF/peft greedy decoding answers with the trained adapter. An
 over-trained adapter (a very high learning rate, no general data) is rejected on retention.
 """
 
@@ -125,16 +125,15 @@ def test_the_default_recipe_teaches_the_identity_the_base_model_lacks(stack: dic
     assert trained >= 0.8 and base_rate <= 0.2, (trained, base_rate, base[:5])
 
 
-def test_the_default_recipe_learns_the_identity_and_the_faq_facts(stack: dict[str, Any], default_run: Any) -> None:
-    """Identity and FAQ facts clear their thresholds with margin (recipe bench, this CPU: 0.99 and 1.00).
-
-    The whole verdict is not asserted: retention lands on its threshold (12 of the 15 checks the base
-    model gets right, 0.80 against 0.80), so one token of drift between machines flips it (issue #15)."""
-    scores, settings = default_run.metrics["eval"]["scores"], stack["settings"]
-    assert scores["identity"] >= settings.eval_identity_min, scores
-    assert scores["faq"] >= settings.eval_faq_min, (scores, [
-        (r["question"], r["answer"]) for r in default_run.metrics["eval"]["rows"] if r["kind"] == "faq"])
-    assert scores["retention"] >= settings.eval_retention_min - 0.15, scores  # one or two checks either side
+def test_the_gate_passes_the_default_recipe_and_it_goes_live(stack: dict[str, Any], default_run: Any) -> None:
+    """Identity, FAQ facts and retention all clear their thresholds (recipe bench, this CPU, 2026-12-04:
+    0.99, 1.00 and 0.84 against 0.80: 26 of the 31 general checks the base model gets right are kept, two
+    checks of margin), so the run is promoted."""
+    report = default_run.metrics["eval"]
+    failed = [(r["kind"], r.get("set"), r["question"], r["answer"]) for r in report["rows"] if not r["pass"]]
+    assert default_run.status == "succeeded", (default_run.error, report["scores"], failed[:12])
+    active = stack["store"].active_adapter()
+    assert active is not None and active.id == default_run.adapter_id and active.eval_passed
 
 
 def test_the_chat_worker_serves_what_peft_greedy_answers(stack: dict[str, Any], default_run: Any) -> None:
