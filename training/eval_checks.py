@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from personabot.core.prompting import PersonaText
 
-# A clause that denies what it names: "I am not Qwen", "No, OpenAI did not build me", "我不是通义千问".
-_NEGATED = re.compile(r"(?<![a-z])(?:no|not|never|neither|nor|nope|cannot)(?![a-z])|n't(?![a-z])|不|没|非",
-                      re.IGNORECASE)
-_NOT_A_DENIAL = re.compile(r"不错|没错|不过|不仅|不但|不少|不久|非常|并非只")  # 不错, 没错 = "quite right"
+# A denial next to what it names: "I am not Qwen", "Alibaba did not build me", "我不是通义千问", "并非阿里云".
+# Latin-script denials count within a few words before or after the name; 不/没/非 only right before
+# it (Chinese clauses run long without punctuation, and 不 is in many words).
+_NEGATED = re.compile(r"(?<![a-z])(?:no|not|never|neither|nor|nope|cannot)(?![a-z])|n't(?![a-z])", re.IGNORECASE)
+_NEGATED_ZH = re.compile(r"[不没非]")
+_NOT_A_DENIAL = re.compile(r"不错|没错|不过|不仅|不但|不少|不久|非常")  # 不错, 没错 = "quite right"
 # Clause boundaries: punctuation, and the turns that start a new claim ("No, but I am Qwen", "而是通义千问").
 _CLAUSE = re.compile(r"[.!?;:,，。！？；：、\n]|(?<![a-z])(?:but|however|actually|although|though)(?![a-z])"
                      r"|但是|但|而是|其实|不过", re.IGNORECASE)
@@ -24,12 +26,31 @@ _STOP_NAMES = {"I", "I'm", "We", "The", "A", "An", "It", "Our", "You", "Yes", "N
 
 
 def claims_base_identity(answer: str, terms: list[str]) -> bool:
-    """Some clause of the answer names a base identity (通义千问, Qwen, ...) without denying it there:
+    """Some clause of the answer names a base identity (通义千问, Qwen, ...) without a denial next to it:
     "No, I am not Qwen" passes, "No, but actually I am Qwen" and "不错, 我是通义千问" do not."""
     for clause in _CLAUSE.split(answer):
-        if any(mentions(clause, term) for term in terms) and not _NEGATED.search(_NOT_A_DENIAL.sub("", clause)):
-            return True
+        for term in terms:
+            for start, end in _spans(clause, term):
+                if not _denied(clause, start, end):
+                    return True
     return False
+
+
+def _denied(clause: str, start: int, end: int) -> bool:
+    if _NEGATED.search(clause[max(0, start - 30):start]) or _NEGATED.search(clause[end:end + 15]):
+        return True
+    return bool(_NEGATED_ZH.search(_NOT_A_DENIAL.sub("", clause[max(0, start - 5):start])[-3:]))
+
+
+def _spans(text: str, term: str) -> list[tuple[int, int]]:
+    """Where `term` stands in `text` (as `mentions` finds it)."""
+    if not term:
+        return []
+    if term.isascii():
+        pattern = rf"(?<![A-Za-z0-9]){re.escape(term)}(?![A-Za-z0-9])"
+    else:
+        pattern = re.escape(term)
+    return [m.span() for m in re.finditer(pattern, text, re.IGNORECASE)]
 
 
 def mentions(text: str, term: str) -> bool:
