@@ -43,7 +43,7 @@ def _denied(clause: str, start: int, end: int) -> bool:
 
 
 def _spans(text: str, term: str) -> list[tuple[int, int]]:
-    """Where `term` stands in `text` (as `mentions` finds it)."""
+    """Where `term` stands in `text`, case ignored; a Latin-script term only as a whole word."""
     if not term:
         return []
     if term.isascii():
@@ -55,11 +55,7 @@ def _spans(text: str, term: str) -> list[tuple[int, int]]:
 
 def mentions(text: str, term: str) -> bool:
     """`term` in `text`, case ignored; a Latin-script term only as a whole word ('Qwen' not in 'Qwenx')."""
-    if not term:
-        return False
-    if term.isascii():
-        return re.search(rf"(?<![A-Za-z0-9]){re.escape(term)}(?![A-Za-z0-9])", text, re.IGNORECASE) is not None
-    return term.lower() in text.lower()
+    return bool(_spans(text, term))
 
 
 def is_degenerate(answer: str) -> bool:
