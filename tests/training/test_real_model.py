@@ -36,7 +36,7 @@ from tests.training.quality_fixtures import small_model  # noqa: F401  (fixture)
 from tests.workers.conftest import ChatWorker
 
 # One module fixture trains on the CPU (general data from the base model, ms-swift, the gate): minutes.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # the first test carries the training fixture
 
 # Rows of general data per run (the product's default mix is on the hub; this is offline).
 GENERAL_ROWS = 172
