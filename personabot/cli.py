@@ -16,6 +16,7 @@ from personabot.core.store_errors import StoreError
 from personabot.core.train_params import RECIPES, TrainParams
 
 if TYPE_CHECKING:
+    from personabot.core.models import AdapterVersion
     from personabot.core.store import Store
     from personabot.training.registry import AdapterRegistry
 
@@ -254,13 +255,20 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         return 0
 
 
+def _named(store: Store, name: str) -> AdapterVersion | None:
+    """The version called `name`; None (and the error said) when there is none."""
+    adapter = store.find_adapter(name)
+    if adapter is None:
+        print(f"error: no adapter named {name!r}; see `personabot adapters list`", file=sys.stderr)
+    return adapter
+
+
 def _show_adapter(store: Store, name: str, *, every: bool) -> int:
     """A version's gate: its verdict, scores and the items it failed (every item with --all)."""
     from personabot.training.evaluate import gate_table
 
-    adapter = store.find_adapter(name)
+    adapter = _named(store, name)
     if adapter is None:
-        print(f"error: no adapter named {name!r}; see `personabot adapters list`", file=sys.stderr)
         return 1
     run = store.get_run(adapter.run_id) if adapter.run_id else None
     report = (run.metrics or {}).get("eval") if run else None
@@ -275,9 +283,8 @@ def _show_adapter(store: Store, name: str, *, every: bool) -> int:
 
 def _adapter_action(args: argparse.Namespace, store: Store, registry: AdapterRegistry) -> int:
     if args.action in ("promote", "delete"):
-        adapter = store.find_adapter(args.name)
+        adapter = _named(store, args.name)
         if adapter is None:
-            print(f"error: no adapter named {args.name!r}; see `personabot adapters list`", file=sys.stderr)
             return 1
         if args.action == "delete":
             print(f"deleted {registry.delete(adapter.id, actor='cli').name}")
@@ -287,10 +294,10 @@ def _adapter_action(args: argparse.Namespace, store: Store, registry: AdapterReg
     adapters = store.list_adapters()  # newest first
     active = next((a for a in adapters if a.active), None)
     if args.name:
-        target = next((a for a in adapters if a.name == args.name), None)
-        if target is None:
-            print(f"error: no adapter named {args.name!r}; see `personabot adapters list`", file=sys.stderr)
+        named = _named(store, args.name)
+        if named is None:
             return 1
+        target = named
     else:
         # The newest passing version older than the active one: rolling back twice goes back twice.
         earlier = [a for a in adapters if a.eval_passed and not a.active and (active is None or a.id < active.id)]
